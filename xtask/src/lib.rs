@@ -1,4 +1,5 @@
 //! xesp's project automation, also used as a library by the integration tests
 //! (the reference lab, namespaces and process guards live here).
 
+pub mod netns;
 pub mod setup;

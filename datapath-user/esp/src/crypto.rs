@@ -208,7 +208,7 @@ fn check_cbc<C: BlockSizeUser>(iv: &[u8], buf: &[u8]) -> Result<usize, CryptoErr
             want: bs,
         });
     }
-    if buf.len() % bs != 0 {
+    if !buf.len().is_multiple_of(bs) {
         return Err(CryptoError::NotBlockAligned {
             len: buf.len(),
             block: bs,
