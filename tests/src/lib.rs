@@ -1,1 +1,1 @@
-//! xesp-tests
+//! Integration tests live under `tests/`; this crate has no library code.

@@ -1,1 +1,90 @@
-//! xesp-common
+//! What xesp's eBPF programs and user space agree on: map names, counter
+//! indices, and the `#[repr(C)]` layout of map keys and values. Explicit
+//! padding everywhere: the verifier and `aya::Pod` both need every byte defined.
+#![no_std]
+
+/// Map names, as the eBPF object declares them.
+pub mod map {
+    /// `PerCpuArray<u64>` of DMZ packet counters, indexed by [`crate::DmzCounter`].
+    pub const DMZ_COUNTERS: &str = "DMZ_COUNTERS";
+    /// `LpmTrie<[u8; 4], u32>`: IPv4 source prefixes allowed on the DMZ side.
+    pub const ALLOW_V4: &str = "ALLOW_V4";
+    /// `LpmTrie<[u8; 16], u32>`: IPv6 source prefixes allowed on the DMZ side.
+    pub const ALLOW_V6: &str = "ALLOW_V6";
+}
+
+/// Program names in the eBPF object.
+pub mod prog {
+    /// XDP on the DMZ (Microsoft-peering) interface.
+    pub const XDP_DMZ: &str = "xdp_dmz";
+}
+
+/// Capacity of each allowlist trie (Azure regional prefix lists are a few hundred).
+pub const ALLOW_MAX_ENTRIES: u32 = 16384;
+
+/// How the DMZ XDP program classified a packet; index into `DMZ_COUNTERS`.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DmzCounter {
+    /// IKE on UDP 500: passed to the stack (the IKE daemon).
+    Ike = 0,
+    /// IKE on UDP 4500 behind the 4-octet non-ESP marker (RFC 3948 §2.2): passed.
+    NattIke = 1,
+    /// NAT-keepalive (one 0xFF octet on UDP 4500, RFC 3948 §2.3): passed.
+    NattKeepalive = 2,
+    /// ESP in UDP 4500 (RFC 3948 §2.1, SPI != 0).
+    NattEsp = 3,
+    /// ESP as IP protocol 50 (RFC 4303).
+    Esp = 4,
+    /// Other traffic from an allowed Microsoft-peering prefix: passed.
+    Allowed = 5,
+    /// Dropped: the source address is in no allowed prefix.
+    DropNotAllowed = 6,
+    /// Dropped: truncated or inconsistent IP/UDP/ESP header.
+    DropMalformed = 7,
+    /// Not IP (ARP and the like): passed, the stack needs it.
+    NonIp = 8,
+}
+
+impl DmzCounter {
+    pub const COUNT: u32 = 9;
+    pub const ALL: [DmzCounter; Self::COUNT as usize] = [
+        Self::Ike,
+        Self::NattIke,
+        Self::NattKeepalive,
+        Self::NattEsp,
+        Self::Esp,
+        Self::Allowed,
+        Self::DropNotAllowed,
+        Self::DropMalformed,
+        Self::NonIp,
+    ];
+
+    /// Stable snake_case name for status output and JSON.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Ike => "ike",
+            Self::NattIke => "natt_ike",
+            Self::NattKeepalive => "natt_keepalive",
+            Self::NattEsp => "natt_esp",
+            Self::Esp => "esp",
+            Self::Allowed => "allowed",
+            Self::DropNotAllowed => "drop_not_allowed",
+            Self::DropMalformed => "drop_malformed",
+            Self::NonIp => "non_ip",
+        }
+    }
+}
+
+/// Protocol numbers and ports the classifier matches.
+pub mod wire {
+    pub const ETH_HLEN: usize = 14;
+    pub const ETH_P_IP: u16 = 0x0800;
+    pub const ETH_P_IPV6: u16 = 0x86DD;
+    pub const IPPROTO_UDP: u8 = 17;
+    pub const IPPROTO_ESP: u8 = 50;
+    /// RFC 7296 §2: IKE's port.
+    pub const IKE_PORT: u16 = 500;
+    /// RFC 3948: IKE and ESP after NAT-T floats.
+    pub const NATT_PORT: u16 = 4500;
+}

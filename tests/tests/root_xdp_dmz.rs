@@ -1,0 +1,191 @@
+//! Needs root: the DMZ XDP classifier, loaded from the real eBPF object and
+//! attached to a veth in a fresh namespace, classifies each kind of packet sent
+//! from a peer namespace into exactly the expected counter, and what it drops
+//! never reaches the kernel's IP stack.
+
+#![allow(clippy::unwrap_used)] // a test: a failed step is a failed test
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
+    time::Duration,
+};
+
+use datapath_user::dmz::{DmzCounters, DmzFilter, XdpAttach};
+use socket2::{Domain, Protocol, Socket, Type};
+use xesp_common::DmzCounter;
+use xtask::netns::{Netns, veth, wait_until};
+
+const DUT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// In the allowed prefix 192.0.2.0/26.
+const ALLOWED_SRC: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+/// Same link, outside the allowed prefix.
+const DENIED_SRC: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 66);
+const APP_PORT: u16 = 7777;
+
+struct Pair {
+    dut: Netns,
+    peer: Netns,
+}
+
+fn pair() -> Pair {
+    let dut = Netns::create("xdp-dut").unwrap();
+    let peer = Netns::create("xdp-peer").unwrap();
+    // No IPv6 on the link: its autoconfiguration traffic would muddy exact counts.
+    for ns in [&dut, &peer] {
+        ns.sysctl("net.ipv6.conf.all.disable_ipv6=1").unwrap();
+        ns.sysctl("net.ipv6.conf.default.disable_ipv6=1").unwrap();
+    }
+    veth(&dut, "dmz0", &peer, "peer0").unwrap();
+    dut.ip(&["addr", "add", "192.0.2.1/24", "dev", "dmz0"])
+        .unwrap();
+    peer.ip(&["addr", "add", "192.0.2.2/24", "dev", "peer0"])
+        .unwrap();
+    peer.ip(&["addr", "add", "192.0.2.66/24", "dev", "peer0"])
+        .unwrap();
+    Pair { dut, peer }
+}
+
+fn udp_from(src: Ipv4Addr) -> UdpSocket {
+    UdpSocket::bind(SocketAddrV4::new(src, 0)).unwrap()
+}
+
+fn send_udp(sock: &UdpSocket, dport: u16, payload: &[u8], n: usize) {
+    for _ in 0..n {
+        sock.send_to(payload, SocketAddrV4::new(DUT, dport))
+            .unwrap();
+    }
+}
+
+/// ESP as IP protocol 50 from `src`: SPI, sequence number, fake ciphertext.
+fn send_esp(src: Ipv4Addr, spi: u32, n: usize) {
+    let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(50))).unwrap();
+    s.bind(&SocketAddr::from(SocketAddrV4::new(src, 0)).into())
+        .unwrap();
+    for seq in 1..=n as u32 {
+        let mut pkt = Vec::new();
+        pkt.extend_from_slice(&spi.to_be_bytes());
+        pkt.extend_from_slice(&seq.to_be_bytes());
+        pkt.extend_from_slice(&[0xab; 32]);
+        s.send_to(&pkt, &SocketAddr::from(SocketAddrV4::new(DUT, 0)).into())
+            .unwrap();
+    }
+}
+
+/// The IPv4 `InReceives` counter of the calling thread's namespace.
+fn ip_in_receives() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp").unwrap();
+    let mut ip = snmp.lines().filter(|l| l.starts_with("Ip:"));
+    let (names, values) = (ip.next().unwrap(), ip.next().unwrap());
+    let i = names
+        .split_whitespace()
+        .position(|n| n == "InReceives")
+        .unwrap();
+    values.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+fn wait_for_total(filter: &DmzFilter, total: u64) -> DmzCounters {
+    let mut last = DmzCounters::default();
+    let ok = wait_until(Duration::from_secs(5), || {
+        last = filter.counters().unwrap();
+        last.iter()
+            .filter(|(n, _)| *n != DmzCounter::NonIp.name())
+            .map(|(_, v)| v)
+            .sum::<u64>()
+            >= total
+    });
+    assert!(
+        ok,
+        "the classifier saw fewer than {total} IP packets: {last:?}"
+    );
+    last
+}
+
+#[test]
+fn root_xdp_dmz_classifies_every_kind_and_drops_disallowed_sources() {
+    let Pair { dut, peer } = pair();
+    let mut filter = dut
+        .enter(|| DmzFilter::attach("dmz0", XdpAttach::Driver))
+        .unwrap()
+        .unwrap();
+    filter.allow("192.0.2.0/26".parse().unwrap()).unwrap();
+    let (app, in_receives_before) = dut
+        .enter(|| {
+            let app = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, APP_PORT)).unwrap();
+            app.set_read_timeout(Some(Duration::from_millis(300)))
+                .unwrap();
+            (app, ip_in_receives())
+        })
+        .unwrap();
+
+    let ike_header = [0u8; 28];
+    let mut natt_ike = vec![0u8; 4];
+    natt_ike.extend_from_slice(&ike_header);
+    let mut natt_esp = 0x1000u32.to_be_bytes().to_vec();
+    natt_esp.extend_from_slice(&1u32.to_be_bytes());
+    natt_esp.extend_from_slice(&[0xcd; 32]);
+    peer.enter(|| {
+        let ok = udp_from(ALLOWED_SRC);
+        send_udp(&ok, 500, &ike_header, 3);
+        send_udp(&ok, 4500, &natt_ike, 4);
+        send_udp(&ok, 4500, &[0xff], 2);
+        send_udp(&ok, 4500, &natt_esp, 5);
+        send_esp(ALLOWED_SRC, 0x2000, 6);
+        send_udp(&ok, APP_PORT, b"allowed", 7);
+        // Malformed: a 3-octet UDP-4500 payload, and ESP with a reserved SPI.
+        send_udp(&ok, 4500, &[1, 2, 3], 1);
+        send_esp(ALLOWED_SRC, 5, 1);
+        // Not allowed: application traffic and IKE alike.
+        let denied = udp_from(DENIED_SRC);
+        send_udp(&denied, APP_PORT, b"denied", 8);
+        send_udp(&denied, 500, &ike_header, 2);
+        send_esp(DENIED_SRC, 0x3000, 1);
+    })
+    .unwrap();
+
+    let c = wait_for_total(&filter, 3 + 4 + 2 + 5 + 6 + 7 + 2 + 11);
+    let expect = [
+        (DmzCounter::Ike, 3),
+        (DmzCounter::NattIke, 4),
+        (DmzCounter::NattKeepalive, 2),
+        (DmzCounter::NattEsp, 5),
+        (DmzCounter::Esp, 6),
+        (DmzCounter::Allowed, 7),
+        (DmzCounter::DropMalformed, 2),
+        (DmzCounter::DropNotAllowed, 11),
+    ];
+    for (counter, n) in expect {
+        assert_eq!(c.get(counter), n, "{} in {c:?}", counter.name());
+    }
+
+    // The application saw exactly the allowed datagrams, none of the denied ones.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    while let Ok((len, from)) = app.recv_from(&mut buf) {
+        got.push((buf[..len].to_vec(), from));
+    }
+    assert_eq!(got.len(), 7, "{got:?}");
+    assert!(
+        got.iter()
+            .all(|(p, from)| p == b"allowed" && from.ip() == ALLOWED_SRC)
+    );
+    // And the stack itself received only what XDP passed: 27 IP packets.
+    let passed = dut.enter(ip_in_receives).unwrap() - in_receives_before;
+    assert_eq!(
+        passed,
+        3 + 4 + 2 + 5 + 6 + 7,
+        "IP packets that reached the stack"
+    );
+
+    // Removing the prefix closes the door for that source too.
+    filter.disallow("192.0.2.0/26".parse().unwrap()).unwrap();
+    peer.enter(|| send_udp(&udp_from(ALLOWED_SRC), APP_PORT, b"late", 4))
+        .unwrap();
+    let c = wait_for_total(&filter, 40 + 4);
+    assert_eq!(c.get(DmzCounter::DropNotAllowed), 11 + 4);
+    assert!(
+        app.recv_from(&mut buf).is_err(),
+        "a datagram got through after disallow"
+    );
+    filter.flush_logs();
+    dut.enter(move || drop(filter)).unwrap();
+}
