@@ -1,7 +1,8 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-/// xesp project tasks.
+/// xesp's project tasks. Run as root on Debian 12; each command installs what
+/// it needs first.
 #[derive(Parser)]
 #[command(name = "cargo xtask", version, about)]
 struct Cli {
@@ -13,6 +14,8 @@ struct Cli {
 enum Cmd {
     /// Install what building and testing needs (Debian packages, bpf-linker); idempotent.
     Setup,
+    /// Run every check CI runs: lint, fuzz briefly, then all tests (needs root).
+    Test(xtask::test::TestArgs),
 }
 
 fn main() -> Result<()> {
@@ -20,6 +23,7 @@ fn main() -> Result<()> {
         Cmd::Setup => {
             xtask::setup::run(false)?;
         }
+        Cmd::Test(args) => xtask::test::run(&args)?,
     }
     Ok(())
 }

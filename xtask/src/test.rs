@@ -1,0 +1,91 @@
+//! `cargo xtask test`: everything CI runs, in the order that fails fastest.
+//!
+//! 1. setup (installs what is missing);
+//! 2. stale lab namespaces swept;
+//! 3. `cargo fmt --check` and `cargo clippy -D warnings`;
+//! 4. each fuzz target for a few seconds;
+//! 5. `cargo test` of the whole workspace, whose summary ends the output.
+//!
+//! Tests need root (namespaces, eBPF).
+
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+use crate::{
+    netns,
+    setup::{self, host_cargo, project_root, run_cmd},
+};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct TestArgs {
+    /// Skip `cargo fmt --check` and `cargo clippy`.
+    #[arg(long)]
+    pub no_lint: bool,
+    /// Seconds each fuzz target runs (0 skips fuzzing).
+    #[arg(long, default_value_t = 20)]
+    pub fuzz_secs: u32,
+    /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
+    #[arg(last = true)]
+    pub cargo_test_args: Vec<String>,
+}
+
+/// Fuzz workspaces and their targets: (directory under the project root, target).
+pub const FUZZ_TARGETS: &[(&str, &str)] = &[];
+
+pub fn run(args: &TestArgs) -> Result<()> {
+    setup::require_root("run the tests (they create network namespaces and load eBPF programs)")?;
+    setup::ensure()?;
+    let swept = netns::sweep_stale();
+    if !swept.is_empty() {
+        eprintln!(
+            "[test] removed {} namespace(s) left by dead runs: {}",
+            swept.len(),
+            swept.join(" ")
+        );
+    }
+    let root = project_root();
+    let cargo = host_cargo();
+    if !args.no_lint {
+        step("cargo fmt --check");
+        run_cmd(
+            Command::new(&cargo)
+                .current_dir(&root)
+                .args(["fmt", "--all", "--check"]),
+        )
+        .context("formatting differs: run `cargo fmt --all`")?;
+        step("cargo clippy");
+        run_cmd(Command::new(&cargo).current_dir(&root).args([
+            "clippy",
+            "--locked",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+    if args.fuzz_secs > 0 {
+        for (dir, target) in FUZZ_TARGETS {
+            step(&format!("fuzz {target} for {} s", args.fuzz_secs));
+            run_cmd(
+                Command::new(&cargo)
+                    .current_dir(root.join(dir))
+                    .args(["+nightly", "fuzz", "run", "--locked", target, "--"])
+                    .arg(format!("-max_total_time={}", args.fuzz_secs)),
+            )
+            .with_context(|| format!("fuzz target {target} found a crash (see {dir}/artifacts)"))?;
+        }
+    }
+    step("cargo test");
+    run_cmd(
+        Command::new(&cargo)
+            .current_dir(&root)
+            .args(["test", "--locked", "--"])
+            .args(&args.cargo_test_args),
+    )
+}
+
+fn step(what: &str) {
+    eprintln!("\n[test] ==> {what}");
+}
