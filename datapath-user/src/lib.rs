@@ -1,6 +1,8 @@
 //! xesp's user-space datapath: loads the eBPF programs and owns their maps.
 
 pub mod dmz;
+pub mod mss;
+pub mod tun;
 
 use aya::{Ebpf, maps::MapError, programs::ProgramError};
 
