@@ -10,13 +10,14 @@
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, xdp_action},
     macros::{map, xdp},
-    maps::{LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{HashMap, LpmTrie, PerCpuArray, XskMap, lpm_trie::Key},
     programs::XdpContext,
 };
 use aya_log_ebpf::debug;
 use xesp_common::{
-    ALLOW_MAX_ENTRIES, DmzCounter,
+    ALLOW_MAX_ENTRIES, DmzCounter, EspSteer, STEER_MAX_ENTRIES, SteerCounter, XSK_SLOTS,
     wire::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IKE_PORT, IPPROTO_ESP, IPPROTO_UDP, NATT_PORT},
+    xsk_slot,
 };
 
 use crate::parse::{be16, load};
@@ -32,17 +33,53 @@ static ALLOW_V4: LpmTrie<[u8; 4], u32> =
 static ALLOW_V6: LpmTrie<[u8; 16], u32> =
     LpmTrie::with_max_entries(ALLOW_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
+#[map(name = "ESP_STEER")]
+static ESP_STEER: HashMap<u32, EspSteer> = HashMap::with_max_entries(STEER_MAX_ENTRIES, 0);
+
+#[map(name = "DMZ_XSKS")]
+static DMZ_XSKS: XskMap = XskMap::with_max_entries(XSK_SLOTS, 0);
+
+#[map(name = "STEER_COUNTERS")]
+static STEER_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(SteerCounter::COUNT, 0);
+
 const PASS: u32 = xdp_action::XDP_PASS;
 const DROP: u32 = xdp_action::XDP_DROP;
 
 #[xdp]
 pub fn xdp_dmz(ctx: XdpContext) -> u32 {
     let (counter, action) = classify(&ctx);
-    if let Some(c) = DMZ_COUNTERS.get_ptr_mut(counter as u32) {
+    bump(&DMZ_COUNTERS, counter as u32);
+    action
+}
+
+#[inline(always)]
+fn bump(counters: &PerCpuArray<u64>, index: u32) {
+    if let Some(c) = counters.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
         unsafe { *c += 1 };
     }
-    action
+}
+
+/// ESP of a known inbound SA goes to its tunnel's AF_XDP socket on this
+/// queue; anything else goes to the stack (the daemon's slow path counts it).
+#[inline(always)]
+fn steer_esp(ctx: &XdpContext, spi: u32) -> u32 {
+    // SAFETY: the value is copied out before any other map operation.
+    let Some(steer) = (unsafe { ESP_STEER.get(spi) }).copied() else {
+        bump(&STEER_COUNTERS, SteerCounter::NoSa as u32);
+        return PASS;
+    };
+    let slot = xsk_slot(ctx.rx_queue_index(), steer.tunnel);
+    match DMZ_XSKS.redirect(slot, u64::from(PASS)) {
+        Ok(action) if action == xdp_action::XDP_REDIRECT => {
+            bump(&STEER_COUNTERS, SteerCounter::Redirected as u32);
+            action
+        }
+        _ => {
+            bump(&STEER_COUNTERS, SteerCounter::NoSocket as u32);
+            PASS
+        }
+    }
 }
 
 #[inline(always)]
@@ -107,7 +144,7 @@ fn transport(ctx: &XdpContext, proto: u8, l4: usize) -> (DmzCounter, u32) {
         // SPI then sequence number must be there; SPIs 1-255 are reserved and
         // 0 is never sent (RFC 4303 §2.1).
         IPPROTO_ESP => match load::<[u8; 8]>(ctx, l4) {
-            Ok(h) if spi(&h, 0) > 255 => (DmzCounter::Esp, PASS),
+            Ok(h) if spi(&h, 0) > 255 => (DmzCounter::Esp, steer_esp(ctx, spi(&h, 0))),
             _ => (DmzCounter::DropMalformed, DROP),
         },
         _ => (DmzCounter::Allowed, PASS),
@@ -140,7 +177,7 @@ fn udp(ctx: &XdpContext, l4: usize) -> (DmzCounter, u32) {
             0 | 2..8 => (DmzCounter::DropMalformed, DROP),
             _ => match load::<[u8; 16]>(ctx, l4) {
                 Ok(p) if spi(&p, 8) == 0 => (DmzCounter::NattIke, PASS),
-                Ok(p) if spi(&p, 8) > 255 => (DmzCounter::NattEsp, PASS),
+                Ok(p) if spi(&p, 8) > 255 => (DmzCounter::NattEsp, steer_esp(ctx, spi(&p, 8))),
                 _ => (DmzCounter::DropMalformed, DROP),
             },
         },

@@ -3,13 +3,17 @@
 
 use std::net::IpAddr;
 
+use std::os::fd::RawFd;
+
 use aya::{
     Ebpf,
-    maps::{LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    maps::{HashMap, LpmTrie, MapData, PerCpuArray, XskMap, lpm_trie::Key},
     programs::{Xdp, XdpMode},
 };
 use ipnet::IpNet;
-use xesp_common::{DmzCounter, map, prog};
+use xesp_common::{
+    DmzCounter, EspSteer, MAX_QUEUES, MAX_TUNNELS, SteerCounter, map, prog, xsk_slot,
+};
 
 use crate::{DatapathError, load_object};
 
@@ -151,18 +155,80 @@ impl DmzFilter {
 
     /// The counters now, summed over CPUs.
     pub fn counters(&self) -> Result<DmzCounters, DatapathError> {
-        let name = map::DMZ_COUNTERS;
+        let mut out = DmzCounters::default();
+        self.sum_per_cpu(map::DMZ_COUNTERS, &mut out.0)?;
+        Ok(out)
+    }
+
+    /// What happened to the ESP the classifier saw, indexed by [`SteerCounter`].
+    pub fn steer_counters(&self) -> Result<[u64; SteerCounter::COUNT as usize], DatapathError> {
+        let mut out = [0; SteerCounter::COUNT as usize];
+        self.sum_per_cpu(map::STEER_COUNTERS, &mut out)?;
+        Ok(out)
+    }
+
+    fn sum_per_cpu(&self, name: &'static str, out: &mut [u64]) -> Result<(), DatapathError> {
         let m = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
         let arr: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(m).map_err(|e| DatapathError::map(name, e))?;
-        let mut out = DmzCounters::default();
-        for c in DmzCounter::ALL {
+        for (i, slot) in out.iter_mut().enumerate() {
             let per_cpu = arr
-                .get(&(c as u32), 0)
+                .get(&(i as u32), 0)
                 .map_err(|e| DatapathError::map(name, e))?;
-            out.0[c as usize] = per_cpu.iter().sum();
+            *slot = per_cpu.iter().sum();
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// Sends ESP for inbound SPI `spi` to `tunnel`'s AF_XDP sockets.
+    pub fn steer(&mut self, spi: u32, tunnel: u32) -> Result<(), DatapathError> {
+        if tunnel >= MAX_TUNNELS {
+            return Err(DatapathError::TunnelIndex(tunnel));
+        }
+        let name = map::ESP_STEER;
+        let m = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        let mut steer: HashMap<&mut MapData, u32, EspSteer> =
+            HashMap::try_from(m).map_err(|e| DatapathError::map(name, e))?;
+        steer
+            .insert(spi, EspSteer { tunnel }, 0)
+            .map_err(|e| DatapathError::map(name, e))
+    }
+
+    /// Stops steering `spi` (its ESP then goes to the stack). Not an error if absent.
+    pub fn unsteer(&mut self, spi: u32) -> Result<(), DatapathError> {
+        let name = map::ESP_STEER;
+        let m = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        let mut steer: HashMap<&mut MapData, u32, EspSteer> =
+            HashMap::try_from(m).map_err(|e| DatapathError::map(name, e))?;
+        match steer.remove(&spi) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(DatapathError::map(name, e)),
+        }
+    }
+
+    /// Registers the AF_XDP socket `fd` (bound to this interface's receive
+    /// queue `queue`) as `tunnel`'s.
+    pub fn bind_xsk(&mut self, queue: u32, tunnel: u32, fd: RawFd) -> Result<(), DatapathError> {
+        if tunnel >= MAX_TUNNELS {
+            return Err(DatapathError::TunnelIndex(tunnel));
+        }
+        if queue >= MAX_QUEUES {
+            return Err(DatapathError::QueueIndex(queue));
+        }
+        let name = map::DMZ_XSKS;
+        let m = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap(name))?;
+        let mut xsks = XskMap::try_from(m).map_err(|e| DatapathError::map(name, e))?;
+        xsks.set(xsk_slot(queue, tunnel), fd, 0)
+            .map_err(|e| DatapathError::map(name, e))
     }
 
     /// Writes what the programs logged (aya-log) through the `log` crate.

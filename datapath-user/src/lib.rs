@@ -3,6 +3,7 @@
 pub mod dmz;
 pub mod mss;
 pub mod tun;
+pub mod xsk;
 
 use aya::{Ebpf, maps::MapError, programs::ProgramError};
 
@@ -34,6 +35,10 @@ pub enum DatapathError {
         name: &'static str,
         source: Box<MapError>,
     },
+    #[error("tunnel index {0} is out of range (at most {max} tunnels)", max = xesp_common::MAX_TUNNELS)]
+    TunnelIndex(u32),
+    #[error("receive queue {0} is out of range (at most {max} queues)", max = xesp_common::MAX_QUEUES)]
+    QueueIndex(u32),
     #[error("allowlist entry {prefix}: {source}")]
     Allowlist {
         prefix: ipnet::IpNet,

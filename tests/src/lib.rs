@@ -1,1 +1,77 @@
-//! Integration tests live under `tests/`; this crate has no library code.
+//! Helpers shared by the integration tests under `tests/`: a device under
+//! test wired to a peer over veth, and senders for the packets it classifies.
+#![allow(clippy::unwrap_used)] // test scaffolding: a failed step is a failed test
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use xtask::netns::{Netns, veth};
+
+/// The device under test's DMZ address.
+pub const DUT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// A peer address inside the prefix the tests allow, 192.0.2.0/26.
+pub const ALLOWED_SRC: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+/// A peer address on the same link, outside the allowed prefix.
+pub const DENIED_SRC: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 66);
+/// The prefix the tests allow.
+pub const ALLOWED_PREFIX: &str = "192.0.2.0/26";
+
+/// `dut` (interface `dmz0`, [`DUT`]) and `peer` (`peer0`, [`ALLOWED_SRC`] and
+/// [`DENIED_SRC`]) joined by veth, IPv6 off so that counts are exact.
+pub struct Pair {
+    pub dut: Netns,
+    pub peer: Netns,
+}
+
+pub fn pair() -> Pair {
+    let dut = Netns::create("dut").unwrap();
+    let peer = Netns::create("peer").unwrap();
+    for ns in [&dut, &peer] {
+        ns.sysctl("net.ipv6.conf.all.disable_ipv6=1").unwrap();
+        ns.sysctl("net.ipv6.conf.default.disable_ipv6=1").unwrap();
+    }
+    veth(&dut, "dmz0", &peer, "peer0").unwrap();
+    dut.ip(&["addr", "add", "192.0.2.1/24", "dev", "dmz0"])
+        .unwrap();
+    peer.ip(&["addr", "add", "192.0.2.2/24", "dev", "peer0"])
+        .unwrap();
+    peer.ip(&["addr", "add", "192.0.2.66/24", "dev", "peer0"])
+        .unwrap();
+    Pair { dut, peer }
+}
+
+/// A UDP socket bound to `src` (any port), in the calling thread's namespace.
+pub fn udp_from(src: Ipv4Addr) -> UdpSocket {
+    UdpSocket::bind(SocketAddrV4::new(src, 0)).unwrap()
+}
+
+/// Sends `payload` `n` times to [`DUT`]:`dport`.
+pub fn send_udp(sock: &UdpSocket, dport: u16, payload: &[u8], n: usize) {
+    for _ in 0..n {
+        sock.send_to(payload, SocketAddrV4::new(DUT, dport))
+            .unwrap();
+    }
+}
+
+/// An ESP header (SPI, sequence number) followed by 32 octets of fake ciphertext.
+pub fn fake_esp(spi: u32, seq: u32) -> Vec<u8> {
+    let mut pkt = Vec::with_capacity(40);
+    pkt.extend_from_slice(&spi.to_be_bytes());
+    pkt.extend_from_slice(&seq.to_be_bytes());
+    pkt.extend_from_slice(&[0xab; 32]);
+    pkt
+}
+
+/// Sends `n` ESP packets (IP protocol 50) from `src` to [`DUT`].
+pub fn send_esp(src: Ipv4Addr, spi: u32, n: usize) {
+    let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(50))).unwrap();
+    s.bind(&SocketAddr::from(SocketAddrV4::new(src, 0)).into())
+        .unwrap();
+    for seq in 1..=n as u32 {
+        s.send_to(
+            &fake_esp(spi, seq),
+            &SocketAddr::from(SocketAddrV4::new(DUT, 0)).into(),
+        )
+        .unwrap();
+    }
+}

@@ -6,70 +6,18 @@
 #![allow(clippy::unwrap_used)] // a test: a failed step is a failed test
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
     time::Duration,
 };
 
 use datapath_user::dmz::{DmzCounters, DmzFilter, XdpAttach};
-use socket2::{Domain, Protocol, Socket, Type};
 use xesp_common::DmzCounter;
-use xtask::netns::{Netns, veth, wait_until};
+use xesp_tests::{
+    ALLOWED_PREFIX, ALLOWED_SRC, DENIED_SRC, Pair, pair, send_esp, send_udp, udp_from,
+};
+use xtask::netns::wait_until;
 
-const DUT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
-/// In the allowed prefix 192.0.2.0/26.
-const ALLOWED_SRC: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
-/// Same link, outside the allowed prefix.
-const DENIED_SRC: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 66);
 const APP_PORT: u16 = 7777;
-
-struct Pair {
-    dut: Netns,
-    peer: Netns,
-}
-
-fn pair() -> Pair {
-    let dut = Netns::create("xdp-dut").unwrap();
-    let peer = Netns::create("xdp-peer").unwrap();
-    // No IPv6 on the link: its autoconfiguration traffic would muddy exact counts.
-    for ns in [&dut, &peer] {
-        ns.sysctl("net.ipv6.conf.all.disable_ipv6=1").unwrap();
-        ns.sysctl("net.ipv6.conf.default.disable_ipv6=1").unwrap();
-    }
-    veth(&dut, "dmz0", &peer, "peer0").unwrap();
-    dut.ip(&["addr", "add", "192.0.2.1/24", "dev", "dmz0"])
-        .unwrap();
-    peer.ip(&["addr", "add", "192.0.2.2/24", "dev", "peer0"])
-        .unwrap();
-    peer.ip(&["addr", "add", "192.0.2.66/24", "dev", "peer0"])
-        .unwrap();
-    Pair { dut, peer }
-}
-
-fn udp_from(src: Ipv4Addr) -> UdpSocket {
-    UdpSocket::bind(SocketAddrV4::new(src, 0)).unwrap()
-}
-
-fn send_udp(sock: &UdpSocket, dport: u16, payload: &[u8], n: usize) {
-    for _ in 0..n {
-        sock.send_to(payload, SocketAddrV4::new(DUT, dport))
-            .unwrap();
-    }
-}
-
-/// ESP as IP protocol 50 from `src`: SPI, sequence number, fake ciphertext.
-fn send_esp(src: Ipv4Addr, spi: u32, n: usize) {
-    let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(50))).unwrap();
-    s.bind(&SocketAddr::from(SocketAddrV4::new(src, 0)).into())
-        .unwrap();
-    for seq in 1..=n as u32 {
-        let mut pkt = Vec::new();
-        pkt.extend_from_slice(&spi.to_be_bytes());
-        pkt.extend_from_slice(&seq.to_be_bytes());
-        pkt.extend_from_slice(&[0xab; 32]);
-        s.send_to(&pkt, &SocketAddr::from(SocketAddrV4::new(DUT, 0)).into())
-            .unwrap();
-    }
-}
 
 /// The IPv4 `InReceives` counter of the calling thread's namespace.
 fn ip_in_receives() -> u64 {
@@ -107,7 +55,7 @@ fn root_xdp_dmz_classifies_every_kind_and_drops_disallowed_sources() {
         .enter(|| DmzFilter::attach("dmz0", XdpAttach::Driver))
         .unwrap()
         .unwrap();
-    filter.allow("192.0.2.0/26".parse().unwrap()).unwrap();
+    filter.allow(ALLOWED_PREFIX.parse().unwrap()).unwrap();
     let (app, in_receives_before) = dut
         .enter(|| {
             let app = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, APP_PORT)).unwrap();
@@ -120,9 +68,7 @@ fn root_xdp_dmz_classifies_every_kind_and_drops_disallowed_sources() {
     let ike_header = [0u8; 28];
     let mut natt_ike = vec![0u8; 4];
     natt_ike.extend_from_slice(&ike_header);
-    let mut natt_esp = 0x1000u32.to_be_bytes().to_vec();
-    natt_esp.extend_from_slice(&1u32.to_be_bytes());
-    natt_esp.extend_from_slice(&[0xcd; 32]);
+    let natt_esp = xesp_tests::fake_esp(0x1000, 1);
     peer.enter(|| {
         let ok = udp_from(ALLOWED_SRC);
         send_udp(&ok, 500, &ike_header, 3);
@@ -177,7 +123,7 @@ fn root_xdp_dmz_classifies_every_kind_and_drops_disallowed_sources() {
     );
 
     // Removing the prefix closes the door for that source too.
-    filter.disallow("192.0.2.0/26".parse().unwrap()).unwrap();
+    filter.disallow(ALLOWED_PREFIX.parse().unwrap()).unwrap();
     peer.enter(|| send_udp(&udp_from(ALLOWED_SRC), APP_PORT, b"late", 4))
         .unwrap();
     let c = wait_for_total(&filter, 40 + 4);

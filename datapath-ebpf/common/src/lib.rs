@@ -11,6 +11,66 @@ pub mod map {
     pub const ALLOW_V4: &str = "ALLOW_V4";
     /// `LpmTrie<[u8; 16], u32>`: IPv6 source prefixes allowed on the DMZ side.
     pub const ALLOW_V6: &str = "ALLOW_V6";
+    /// `HashMap<u32, EspSteer>`: inbound SPI (host order) to its tunnel; the IKE
+    /// controller fills it as it installs inbound CHILD_SAs.
+    pub const ESP_STEER: &str = "ESP_STEER";
+    /// `XskMap`: AF_XDP sockets receiving ESP, at [`crate::xsk_slot`]`(queue, tunnel)`.
+    pub const DMZ_XSKS: &str = "DMZ_XSKS";
+    /// `PerCpuArray<u64>` indexed by [`crate::SteerCounter`].
+    pub const STEER_COUNTERS: &str = "STEER_COUNTERS";
+}
+
+/// Most tunnels one device runs (two for an active-active Azure gateway).
+pub const MAX_TUNNELS: u32 = 8;
+/// Most receive queues per interface with AF_XDP sockets.
+pub const MAX_QUEUES: u32 = 64;
+/// Entries of an XSK map: one per (receive queue, tunnel).
+pub const XSK_SLOTS: u32 = MAX_QUEUES * MAX_TUNNELS;
+/// Inbound SAs the steering map holds (two per tunnel, more while rekeying).
+pub const STEER_MAX_ENTRIES: u32 = 1024;
+
+/// The XSK map slot of the socket for `tunnel` on receive queue `queue`: ESP
+/// of one tunnel lands in its own AF_XDP ring on every queue.
+pub const fn xsk_slot(queue: u32, tunnel: u32) -> u32 {
+    queue * MAX_TUNNELS + tunnel
+}
+
+/// Value of [`map::ESP_STEER`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EspSteer {
+    /// Tunnel index, below [`MAX_TUNNELS`].
+    pub tunnel: u32,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), one u32, no padding: every bit pattern is valid.
+unsafe impl aya::Pod for EspSteer {}
+
+/// What happened to ESP the DMZ program classified; index into `STEER_COUNTERS`.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SteerCounter {
+    /// Sent to the tunnel's AF_XDP socket.
+    Redirected = 0,
+    /// No inbound SA with this SPI in the steering map: passed to the stack.
+    NoSa = 1,
+    /// The SA is known but no socket is bound at its slot: passed to the stack.
+    NoSocket = 2,
+}
+
+impl SteerCounter {
+    pub const COUNT: u32 = 3;
+    pub const ALL: [SteerCounter; Self::COUNT as usize] =
+        [Self::Redirected, Self::NoSa, Self::NoSocket];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Redirected => "redirected",
+            Self::NoSa => "no_sa",
+            Self::NoSocket => "no_socket",
+        }
+    }
 }
 
 /// Program names in the eBPF object.

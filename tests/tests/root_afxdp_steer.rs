@@ -1,0 +1,151 @@
+//! Needs root: ESP of a known inbound SPI is steered by the DMZ XDP program
+//! into its tunnel's AF_XDP socket, and a frame received there can be
+//! rewritten in place and transmitted back out of the same interface.
+//! Unknown SPIs and tunnels without a socket go to the stack, counted.
+
+#![allow(clippy::unwrap_used)] // a test: a failed step is a failed test
+
+use std::time::{Duration, Instant};
+
+use datapath_user::{
+    dmz::{DmzFilter, XdpAttach},
+    xsk::{Port, PortConfig, Verdict},
+};
+use xesp_common::SteerCounter;
+use xesp_tests::{ALLOWED_PREFIX, ALLOWED_SRC, DUT, fake_esp, pair, send_esp, send_udp, udp_from};
+
+const TUNNEL: u32 = 1;
+const SPI: u32 = 0x1000;
+
+/// Turns an Ethernet/IPv4/UDP frame around: MACs, addresses and ports
+/// swapped, UDP checksum cleared (optional for IPv4, and what RFC 3948 uses).
+fn reflect_udp(f: &mut [u8]) {
+    let (dst, src) = f.split_at_mut(6);
+    dst.swap_with_slice(&mut src[..6]);
+    let ip = 14;
+    let ihl = usize::from(f[ip] & 0xf) * 4;
+    let (a, b) = f[ip + 12..ip + 20].split_at_mut(4);
+    a.swap_with_slice(b);
+    let udp = ip + ihl;
+    let (sp, dp) = f[udp..udp + 4].split_at_mut(2);
+    sp.swap_with_slice(dp);
+    f[udp + 6] = 0;
+    f[udp + 7] = 0;
+}
+
+#[test]
+fn root_afxdp_esp_is_steered_to_its_tunnel_socket_and_sent_back() {
+    let p = pair();
+    let mut filter = p
+        .dut
+        .enter(|| DmzFilter::attach("dmz0", XdpAttach::Driver))
+        .unwrap()
+        .unwrap();
+    filter.allow(ALLOWED_PREFIX.parse().unwrap()).unwrap();
+    filter.steer(SPI, TUNNEL).unwrap();
+    // Known SPI, but its tunnel has no socket: counted, passed to the stack.
+    filter.steer(0x3000, 2).unwrap();
+    let cfg = PortConfig {
+        frames: 512,
+        frame_size: 4096,
+        ring_size: 128,
+    };
+    let mut port = p.dut.enter(|| Port::new(cfg)).unwrap().unwrap();
+    let sock = p
+        .dut
+        .enter(|| port.add_socket("dmz0", 0, true, true))
+        .unwrap()
+        .unwrap();
+    filter.bind_xsk(0, TUNNEL, port.fd(sock).unwrap()).unwrap();
+
+    let peer_udp = p.peer.enter(|| udp_from(ALLOWED_SRC)).unwrap();
+    peer_udp
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let payloads: Vec<Vec<u8>> = (1..=5).map(|seq| fake_esp(SPI, seq)).collect();
+    p.peer
+        .enter(|| {
+            for pl in &payloads {
+                send_udp(&peer_udp, 4500, pl, 1);
+            }
+            send_esp(ALLOWED_SRC, SPI, 3);
+            send_udp(&peer_udp, 4500, &fake_esp(0x2000, 1), 2);
+            send_udp(&peer_udp, 4500, &fake_esp(0x3000, 1), 2);
+        })
+        .unwrap();
+
+    // The worker side: reflect ESP-in-UDP, drop plain ESP, check every SPI.
+    let (mut udp_seen, mut esp_seen, mut wrong) = (0, 0, Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while udp_seen + esp_seen < 8 && Instant::now() < deadline {
+        port.poll(100).unwrap();
+        port.recv(sock, 64, |f| {
+            let pkt = f.packet();
+            let ihl = usize::from(pkt[14] & 0xf) * 4;
+            let (proto, l4) = (pkt[23], 14 + ihl);
+            let spi_at = if proto == 17 { l4 + 8 } else { l4 };
+            let spi = u32::from_be_bytes(pkt[spi_at..spi_at + 4].try_into().unwrap());
+            if spi != SPI {
+                wrong.push(spi);
+                return Verdict::Drop;
+            }
+            if proto == 17 {
+                udp_seen += 1;
+                let (offset, len) = (f.offset, f.len);
+                reflect_udp(&mut f.buf[offset..offset + len]);
+                Verdict::Transmit {
+                    on: sock,
+                    offset: offset as u32,
+                    len: len as u32,
+                }
+            } else {
+                esp_seen += 1;
+                Verdict::Drop
+            }
+        });
+        port.flush();
+    }
+    assert!(
+        wrong.is_empty(),
+        "frames of other SPIs reached the tunnel socket: {wrong:x?}"
+    );
+    assert_eq!(
+        (udp_seen, esp_seen),
+        (5, 3),
+        "ESP-in-UDP and ESP frames received over AF_XDP"
+    );
+
+    // Every reflected datagram arrives back at the peer, unchanged.
+    let mut back = Vec::new();
+    let mut buf = [0u8; 256];
+    while back.len() < 5 {
+        let Ok((n, from)) = peer_udp.recv_from(&mut buf) else {
+            break;
+        };
+        assert_eq!(from.ip(), DUT);
+        back.push(buf[..n].to_vec());
+    }
+    back.sort();
+    assert_eq!(back, payloads, "datagrams transmitted back through AF_XDP");
+    let stats = port.stats();
+    assert_eq!((stats.rx, stats.tx), (8, 5), "{stats:?}");
+
+    let c = filter.steer_counters().unwrap();
+    assert_eq!(c[SteerCounter::Redirected as usize], 8);
+    assert_eq!(c[SteerCounter::NoSa as usize], 2);
+    assert_eq!(c[SteerCounter::NoSocket as usize], 2);
+
+    // Unsteered, the SPI's ESP goes to the stack again.
+    filter.unsteer(SPI).unwrap();
+    p.peer
+        .enter(|| send_udp(&peer_udp, 4500, &fake_esp(SPI, 9), 1))
+        .unwrap();
+    xtask::netns::wait_until(Duration::from_secs(3), || {
+        filter.steer_counters().unwrap()[SteerCounter::NoSa as usize] == 3
+    });
+    assert_eq!(
+        filter.steer_counters().unwrap()[SteerCounter::NoSa as usize],
+        3
+    );
+    p.dut.enter(move || drop((port, filter))).unwrap();
+}
