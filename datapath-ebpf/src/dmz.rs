@@ -15,12 +15,16 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use xesp_common::{
-    ALLOW_MAX_ENTRIES, DmzCounter, EspSteer, STEER_MAX_ENTRIES, SteerCounter, XSK_SLOTS,
+    ALLOW_MAX_ENTRIES, DmzCounter, EspSteer, STEER_MAX_ENTRIES, SteerCounter, TunnelCounter,
+    XSK_SLOTS,
     wire::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, IKE_PORT, IPPROTO_ESP, IPPROTO_UDP, NATT_PORT},
     xsk_slot,
 };
 
-use crate::parse::{be16, load};
+use crate::{
+    counters,
+    parse::{be16, load},
+};
 
 #[map(name = "DMZ_COUNTERS")]
 static DMZ_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DmzCounter::COUNT, 0);
@@ -48,16 +52,8 @@ const DROP: u32 = xdp_action::XDP_DROP;
 #[xdp]
 pub fn xdp_dmz(ctx: XdpContext) -> u32 {
     let (counter, action) = classify(&ctx);
-    bump(&DMZ_COUNTERS, counter as u32);
+    counters::add(&DMZ_COUNTERS, counter as u32, 1);
     action
-}
-
-#[inline(always)]
-fn bump(counters: &PerCpuArray<u64>, index: u32) {
-    if let Some(c) = counters.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
-        unsafe { *c += 1 };
-    }
 }
 
 /// ESP of a known inbound SA goes to its tunnel's AF_XDP socket on this
@@ -66,17 +62,24 @@ fn bump(counters: &PerCpuArray<u64>, index: u32) {
 fn steer_esp(ctx: &XdpContext, spi: u32) -> u32 {
     // SAFETY: the value is copied out before any other map operation.
     let Some(steer) = (unsafe { ESP_STEER.get(spi) }).copied() else {
-        bump(&STEER_COUNTERS, SteerCounter::NoSa as u32);
+        counters::add(&STEER_COUNTERS, SteerCounter::NoSa as u32, 1);
         return PASS;
     };
     let slot = xsk_slot(ctx.rx_queue_index(), steer.tunnel);
     match DMZ_XSKS.redirect(slot, u64::from(PASS)) {
         Ok(action) if action == xdp_action::XDP_REDIRECT => {
-            bump(&STEER_COUNTERS, SteerCounter::Redirected as u32);
+            counters::add(&STEER_COUNTERS, SteerCounter::Redirected as u32, 1);
+            let len = (ctx.data_end() - ctx.data()) as u64;
+            counters::tunnel(
+                steer.tunnel,
+                TunnelCounter::EspPackets,
+                TunnelCounter::EspBytes,
+                len,
+            );
             action
         }
         _ => {
-            bump(&STEER_COUNTERS, SteerCounter::NoSocket as u32);
+            counters::add(&STEER_COUNTERS, SteerCounter::NoSocket as u32, 1);
             PASS
         }
     }

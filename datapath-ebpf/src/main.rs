@@ -4,7 +4,9 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+mod counters;
 mod dmz;
+mod lan;
 mod parse;
 
 #[cfg(target_arch = "bpf")]

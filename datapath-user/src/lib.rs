@@ -1,8 +1,8 @@
 //! xesp's user-space datapath: loads the eBPF programs and owns their maps.
 
-pub mod dmz;
 pub mod mss;
 pub mod tun;
+pub mod xdp;
 pub mod xsk;
 
 use aya::{Ebpf, maps::MapError, programs::ProgramError};

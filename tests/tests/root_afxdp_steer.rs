@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use datapath_user::{
-    dmz::{DmzFilter, XdpAttach},
+    xdp::{XdpAttach, XdpPrograms},
     xsk::{Port, PortConfig, Verdict},
 };
 use xesp_common::SteerCounter;
@@ -56,7 +56,9 @@ fn root_afxdp_esp_is_steered_to_its_tunnel_socket_and_sent_back() {
         .enter(|| port.add_socket("dmz0", 0, true, true))
         .unwrap()
         .unwrap();
-    filter.bind_xsk(0, TUNNEL, port.fd(sock).unwrap()).unwrap();
+    filter
+        .bind_dmz_xsk(0, TUNNEL, port.fd(sock).unwrap())
+        .unwrap();
 
     let peer_udp = p.peer.enter(|| udp_from(ALLOWED_SRC)).unwrap();
     peer_udp

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use datapath_user::dmz::{DmzCounters, DmzFilter, XdpAttach};
+use datapath_user::xdp::{DmzCounters, XdpAttach, XdpPrograms};
 use xesp_common::DmzCounter;
 use xesp_tests::{
     ALLOWED_PREFIX, ALLOWED_SRC, DENIED_SRC, Pair, pair, send_esp, send_udp, udp_from,
@@ -31,10 +31,10 @@ fn ip_in_receives() -> u64 {
     values.split_whitespace().nth(i).unwrap().parse().unwrap()
 }
 
-fn wait_for_total(filter: &DmzFilter, total: u64) -> DmzCounters {
+fn wait_for_total(filter: &XdpPrograms, total: u64) -> DmzCounters {
     let mut last = DmzCounters::default();
     let ok = wait_until(Duration::from_secs(5), || {
-        last = filter.counters().unwrap();
+        last = filter.dmz_counters().unwrap();
         last.iter()
             .filter(|(n, _)| *n != DmzCounter::NonIp.name())
             .map(|(_, v)| v)

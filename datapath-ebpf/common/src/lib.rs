@@ -18,6 +18,16 @@ pub mod map {
     pub const DMZ_XSKS: &str = "DMZ_XSKS";
     /// `PerCpuArray<u64>` indexed by [`crate::SteerCounter`].
     pub const STEER_COUNTERS: &str = "STEER_COUNTERS";
+    /// `HashMap<u32, u32>`: ifindex of a tunnel's TUN device to the tunnel index.
+    pub const TUNNEL_IFINDEX: &str = "TUNNEL_IFINDEX";
+    /// `Array<u32>` of [`crate::MAX_TUNNELS`]: 1 while the tunnel's SAs are up.
+    pub const TUNNEL_LIVE: &str = "TUNNEL_LIVE";
+    /// `XskMap`: AF_XDP sockets receiving LAN traffic for a tunnel, at [`crate::xsk_slot`].
+    pub const LAN_XSKS: &str = "LAN_XSKS";
+    /// `PerCpuArray<u64>` indexed by [`crate::LanCounter`].
+    pub const LAN_COUNTERS: &str = "LAN_COUNTERS";
+    /// `PerCpuArray<u64>` indexed by [`crate::tunnel_counter`].
+    pub const TUNNEL_COUNTERS: &str = "TUNNEL_COUNTERS";
 }
 
 /// Most tunnels one device runs (two for an active-active Azure gateway).
@@ -77,6 +87,8 @@ impl SteerCounter {
 pub mod prog {
     /// XDP on the DMZ (Microsoft-peering) interface.
     pub const XDP_DMZ: &str = "xdp_dmz";
+    /// XDP on the LAN interfaces.
+    pub const XDP_LAN: &str = "xdp_lan";
 }
 
 /// Capacity of each allowlist trie (Azure regional prefix lists are a few hundred).
@@ -136,12 +148,84 @@ impl DmzCounter {
     }
 }
 
+/// What the LAN XDP program did with a packet; index into `LAN_COUNTERS`.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LanCounter {
+    /// Routed (by the kernel FIB) into a live tunnel: sent to its AF_XDP socket.
+    ToTunnel = 0,
+    /// The FIB chose a tunnel that is down; moved to a live one (counted in ToTunnel too).
+    Failover = 1,
+    /// Routed into a tunnel, but none is up: passed to the stack.
+    NoLiveTunnel = 2,
+    /// The tunnel has no AF_XDP socket on this queue: passed to the stack (slow path).
+    NoSocket = 3,
+    /// Not routed into a tunnel (local, other interfaces, no route): passed.
+    NotTunneled = 4,
+    /// Time to live would expire here: passed, so the stack answers with ICMP.
+    TtlExpired = 5,
+    /// Not IPv4: passed.
+    NotIpv4 = 6,
+    /// Truncated IPv4 header: dropped.
+    DropMalformed = 7,
+}
+
+impl LanCounter {
+    pub const COUNT: u32 = 8;
+    pub const ALL: [LanCounter; Self::COUNT as usize] = [
+        Self::ToTunnel,
+        Self::Failover,
+        Self::NoLiveTunnel,
+        Self::NoSocket,
+        Self::NotTunneled,
+        Self::TtlExpired,
+        Self::NotIpv4,
+        Self::DropMalformed,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::ToTunnel => "to_tunnel",
+            Self::Failover => "failover",
+            Self::NoLiveTunnel => "no_live_tunnel",
+            Self::NoSocket => "no_socket",
+            Self::NotTunneled => "not_tunneled",
+            Self::TtlExpired => "ttl_expired",
+            Self::NotIpv4 => "not_ipv4",
+            Self::DropMalformed => "drop_malformed",
+        }
+    }
+}
+
+/// Per-tunnel traffic the XDP programs steered; see [`tunnel_counter`].
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelCounter {
+    /// LAN packets sent to the tunnel's encryption socket.
+    LanPackets = 0,
+    LanBytes = 1,
+    /// ESP packets sent to the tunnel's decryption socket.
+    EspPackets = 2,
+    EspBytes = 3,
+}
+
+impl TunnelCounter {
+    pub const COUNT: u32 = 4;
+}
+
+/// Index in `TUNNEL_COUNTERS` of `counter` for `tunnel`.
+pub const fn tunnel_counter(tunnel: u32, counter: TunnelCounter) -> u32 {
+    tunnel * TunnelCounter::COUNT + counter as u32
+}
+
 /// Protocol numbers and ports the classifier matches.
 pub mod wire {
     pub const ETH_HLEN: usize = 14;
     pub const ETH_P_IP: u16 = 0x0800;
     pub const ETH_P_IPV6: u16 = 0x86DD;
+    pub const IPPROTO_TCP: u8 = 6;
     pub const IPPROTO_UDP: u8 = 17;
+    pub const AF_INET: u8 = 2;
     pub const IPPROTO_ESP: u8 = 50;
     /// RFC 7296 §2: IKE's port.
     pub const IKE_PORT: u16 = 500;

@@ -1,0 +1,332 @@
+//! The XDP programs and their maps, loaded once per device:
+//!
+//! * `xdp_dmz` on the Microsoft-peering interface: the allowlist of source
+//!   prefixes, per-class counters, and ESP steered by SPI to tunnel sockets;
+//! * `xdp_lan` on the LAN interfaces: traffic the FIB routes into a live
+//!   tunnel, steered to that tunnel's sockets.
+
+use std::net::IpAddr;
+
+use std::os::fd::RawFd;
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, XskMap, lpm_trie::Key},
+    programs::{Xdp, XdpMode},
+};
+use ipnet::IpNet;
+use xesp_common::{
+    DmzCounter, EspSteer, LanCounter, MAX_QUEUES, MAX_TUNNELS, SteerCounter, TunnelCounter, map,
+    prog, tunnel_counter, xsk_slot,
+};
+
+use crate::{DatapathError, load_object};
+
+/// How to attach XDP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum XdpAttach {
+    /// Driver (native) mode, falling back to generic (SKB) mode.
+    #[default]
+    Auto,
+    Driver,
+    Skb,
+}
+
+/// The loaded programs and their maps. Programs are detached when dropped.
+pub struct XdpPrograms {
+    ebpf: Ebpf,
+    attached: Vec<(String, &'static str, XdpMode)>,
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+}
+
+/// One snapshot of the DMZ counters, summed over CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DmzCounters([u64; DmzCounter::COUNT as usize]);
+
+impl DmzCounters {
+    pub fn get(&self, c: DmzCounter) -> u64 {
+        self.0[c as usize]
+    }
+
+    /// `(name, packets)` for every counter, in index order.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        DmzCounter::ALL.iter().map(|c| (c.name(), self.get(*c)))
+    }
+
+    /// Packets dropped for any reason.
+    pub fn dropped(&self) -> u64 {
+        self.get(DmzCounter::DropNotAllowed) + self.get(DmzCounter::DropMalformed)
+    }
+}
+
+impl XdpPrograms {
+    /// Loads the eBPF object (no program attached yet).
+    pub fn load() -> Result<Self, DatapathError> {
+        let mut ebpf = load_object()?;
+        let logger = aya_log::EbpfLogger::init(&mut ebpf)
+            .inspect_err(|e| log::debug!("eBPF logger not started: {e}"))
+            .ok();
+        Ok(Self {
+            ebpf,
+            attached: Vec::new(),
+            logger,
+        })
+    }
+
+    /// Attaches the DMZ classifier to `iface`, in the calling thread's network
+    /// namespace. The allowlist starts empty: every IP packet but IPv6
+    /// link-local is dropped until prefixes are allowed.
+    pub fn attach_dmz(&mut self, iface: &str, how: XdpAttach) -> Result<XdpMode, DatapathError> {
+        self.attach(prog::XDP_DMZ, iface, how)
+    }
+
+    /// Attaches the LAN steering program to `iface` (calling thread's namespace).
+    pub fn attach_lan(&mut self, iface: &str, how: XdpAttach) -> Result<XdpMode, DatapathError> {
+        self.attach(prog::XDP_LAN, iface, how)
+    }
+
+    fn attach(
+        &mut self,
+        name: &'static str,
+        iface: &str,
+        how: XdpAttach,
+    ) -> Result<XdpMode, DatapathError> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram(name))?
+            .try_into()
+            .map_err(|e| DatapathError::program(name, e))?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .map_err(|e| DatapathError::program(name, e))?;
+        }
+        let modes: &[XdpMode] = match how {
+            XdpAttach::Auto => &[XdpMode::Driver, XdpMode::Skb],
+            XdpAttach::Driver => &[XdpMode::Driver],
+            XdpAttach::Skb => &[XdpMode::Skb],
+        };
+        let mut last = None;
+        for &mode in modes {
+            match program.attach(iface, mode) {
+                Ok(_) => {
+                    log::info!("XDP {name} attached to {iface} in {mode:?} mode");
+                    self.attached.push((iface.to_string(), name, mode));
+                    return Ok(mode);
+                }
+                Err(e) => {
+                    log::debug!("XDP {name} {mode:?}-mode attach to {iface} failed: {e}");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(DatapathError::Attach {
+            iface: iface.to_string(),
+            source: last.map(Box::new),
+        })
+    }
+
+    /// `(interface, program, mode)` of every attachment.
+    pub fn attached(&self) -> &[(String, &'static str, XdpMode)] {
+        &self.attached
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut Map, DatapathError> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap(name))
+    }
+
+    /// Lets traffic from `prefix` through the DMZ classifier.
+    pub fn allow(&mut self, prefix: IpNet) -> Result<(), DatapathError> {
+        let prefix = prefix.trunc();
+        let len = u32::from(prefix.prefix_len());
+        let res = match prefix.addr() {
+            IpAddr::V4(a) => {
+                self.trie::<4>(map::ALLOW_V4)?
+                    .insert(&Key::new(len, a.octets()), 1, 0)
+            }
+            IpAddr::V6(a) => {
+                self.trie::<16>(map::ALLOW_V6)?
+                    .insert(&Key::new(len, a.octets()), 1, 0)
+            }
+        };
+        res.map_err(|e| DatapathError::Allowlist { prefix, source: e })
+    }
+
+    /// Stops letting traffic from exactly `prefix` through.
+    pub fn disallow(&mut self, prefix: IpNet) -> Result<(), DatapathError> {
+        let prefix = prefix.trunc();
+        let len = u32::from(prefix.prefix_len());
+        let res = match prefix.addr() {
+            IpAddr::V4(a) => self
+                .trie::<4>(map::ALLOW_V4)?
+                .remove(&Key::new(len, a.octets())),
+            IpAddr::V6(a) => self
+                .trie::<16>(map::ALLOW_V6)?
+                .remove(&Key::new(len, a.octets())),
+        };
+        res.map_err(|e| DatapathError::Allowlist { prefix, source: e })
+    }
+
+    fn trie<const N: usize>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<LpmTrie<&mut MapData, [u8; N], u32>, DatapathError> {
+        LpmTrie::try_from(self.map_mut(name)?).map_err(|e| DatapathError::map(name, e))
+    }
+
+    /// The DMZ classifier's counters now, summed over CPUs.
+    pub fn dmz_counters(&self) -> Result<DmzCounters, DatapathError> {
+        let mut out = DmzCounters::default();
+        self.sum_per_cpu(map::DMZ_COUNTERS, &mut out.0)?;
+        Ok(out)
+    }
+
+    /// What happened to the ESP the classifier saw, indexed by [`SteerCounter`].
+    pub fn steer_counters(&self) -> Result<[u64; SteerCounter::COUNT as usize], DatapathError> {
+        let mut out = [0; SteerCounter::COUNT as usize];
+        self.sum_per_cpu(map::STEER_COUNTERS, &mut out)?;
+        Ok(out)
+    }
+
+    /// The LAN program's counters, indexed by [`LanCounter`].
+    pub fn lan_counters(&self) -> Result<[u64; LanCounter::COUNT as usize], DatapathError> {
+        let mut out = [0; LanCounter::COUNT as usize];
+        self.sum_per_cpu(map::LAN_COUNTERS, &mut out)?;
+        Ok(out)
+    }
+
+    /// The traffic steered to `tunnel`'s sockets.
+    pub fn tunnel_counters(&self, tunnel: u32) -> Result<TunnelTraffic, DatapathError> {
+        check_tunnel(tunnel)?;
+        let mut all = [0; (MAX_TUNNELS * TunnelCounter::COUNT) as usize];
+        self.sum_per_cpu(map::TUNNEL_COUNTERS, &mut all)?;
+        let at = |c| all[tunnel_counter(tunnel, c) as usize];
+        Ok(TunnelTraffic {
+            lan_packets: at(TunnelCounter::LanPackets),
+            lan_bytes: at(TunnelCounter::LanBytes),
+            esp_packets: at(TunnelCounter::EspPackets),
+            esp_bytes: at(TunnelCounter::EspBytes),
+        })
+    }
+
+    fn sum_per_cpu(&self, name: &'static str, out: &mut [u64]) -> Result<(), DatapathError> {
+        let m = self.ebpf.map(name).ok_or(DatapathError::MissingMap(name))?;
+        let arr: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(m).map_err(|e| DatapathError::map(name, e))?;
+        for (i, slot) in out.iter_mut().enumerate() {
+            let per_cpu = arr
+                .get(&(i as u32), 0)
+                .map_err(|e| DatapathError::map(name, e))?;
+            *slot = per_cpu.iter().sum();
+        }
+        Ok(())
+    }
+
+    fn steer_map(&mut self) -> Result<HashMap<&mut MapData, u32, EspSteer>, DatapathError> {
+        let name = map::ESP_STEER;
+        HashMap::try_from(self.map_mut(name)?).map_err(|e| DatapathError::map(name, e))
+    }
+
+    /// Sends ESP for inbound SPI `spi` to `tunnel`'s AF_XDP sockets.
+    pub fn steer(&mut self, spi: u32, tunnel: u32) -> Result<(), DatapathError> {
+        check_tunnel(tunnel)?;
+        self.steer_map()?
+            .insert(spi, EspSteer { tunnel }, 0)
+            .map_err(|e| DatapathError::map(map::ESP_STEER, e))
+    }
+
+    /// Stops steering `spi` (its ESP then goes to the stack). Not an error if absent.
+    pub fn unsteer(&mut self, spi: u32) -> Result<(), DatapathError> {
+        match self.steer_map()?.remove(&spi) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(DatapathError::map(map::ESP_STEER, e)),
+        }
+    }
+
+    /// Registers the AF_XDP socket `fd`, bound to receive queue `queue` of the
+    /// DMZ interface, as `tunnel`'s decryption socket.
+    pub fn bind_dmz_xsk(
+        &mut self,
+        queue: u32,
+        tunnel: u32,
+        fd: RawFd,
+    ) -> Result<(), DatapathError> {
+        self.bind_xsk(map::DMZ_XSKS, queue, tunnel, fd)
+    }
+
+    /// Registers the AF_XDP socket `fd`, bound to receive queue `queue` of a
+    /// LAN interface, as `tunnel`'s encryption socket.
+    pub fn bind_lan_xsk(
+        &mut self,
+        queue: u32,
+        tunnel: u32,
+        fd: RawFd,
+    ) -> Result<(), DatapathError> {
+        self.bind_xsk(map::LAN_XSKS, queue, tunnel, fd)
+    }
+
+    fn bind_xsk(
+        &mut self,
+        name: &'static str,
+        queue: u32,
+        tunnel: u32,
+        fd: RawFd,
+    ) -> Result<(), DatapathError> {
+        check_tunnel(tunnel)?;
+        if queue >= MAX_QUEUES {
+            return Err(DatapathError::QueueIndex(queue));
+        }
+        let mut xsks =
+            XskMap::try_from(self.map_mut(name)?).map_err(|e| DatapathError::map(name, e))?;
+        xsks.set(xsk_slot(queue, tunnel), fd, 0)
+            .map_err(|e| DatapathError::map(name, e))
+    }
+
+    /// Declares the TUN device `ifindex` as `tunnel`'s: what the FIB routes
+    /// through it is steered to that tunnel.
+    pub fn set_tunnel_ifindex(&mut self, ifindex: u32, tunnel: u32) -> Result<(), DatapathError> {
+        check_tunnel(tunnel)?;
+        let name = map::TUNNEL_IFINDEX;
+        let mut h: HashMap<&mut MapData, u32, u32> =
+            HashMap::try_from(self.map_mut(name)?).map_err(|e| DatapathError::map(name, e))?;
+        h.insert(ifindex, tunnel, 0)
+            .map_err(|e| DatapathError::map(name, e))
+    }
+
+    /// Marks `tunnel` up (its SAs are installed) or down.
+    pub fn set_tunnel_live(&mut self, tunnel: u32, live: bool) -> Result<(), DatapathError> {
+        check_tunnel(tunnel)?;
+        let name = map::TUNNEL_LIVE;
+        let mut a: Array<&mut MapData, u32> =
+            Array::try_from(self.map_mut(name)?).map_err(|e| DatapathError::map(name, e))?;
+        a.set(tunnel, u32::from(live), 0)
+            .map_err(|e| DatapathError::map(name, e))
+    }
+
+    /// Writes what the programs logged (aya-log) through the `log` crate.
+    pub fn flush_logs(&mut self) {
+        if let Some(l) = self.logger.as_mut() {
+            l.flush();
+        }
+    }
+}
+
+/// Traffic the XDP programs steered to one tunnel's sockets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TunnelTraffic {
+    pub lan_packets: u64,
+    pub lan_bytes: u64,
+    pub esp_packets: u64,
+    pub esp_bytes: u64,
+}
+
+fn check_tunnel(tunnel: u32) -> Result<(), DatapathError> {
+    if tunnel < MAX_TUNNELS {
+        Ok(())
+    } else {
+        Err(DatapathError::TunnelIndex(tunnel))
+    }
+}
