@@ -71,13 +71,13 @@ fn steer(ctx: &XdpContext) -> (LanCounter, u32) {
     let proto = h[9];
     // Ports for the multipath hash (first fragments and unfragmented only).
     let (mut sport, mut dport) = (0u16, 0u16);
+    let first_fragment = u16::from_be_bytes([h[6], h[7]]) & 0x1fff == 0;
     if (proto == IPPROTO_TCP || proto == IPPROTO_UDP)
-        && u16::from_be_bytes([h[6], h[7]]) & 0x1fff == 0
+        && first_fragment
+        && let Ok(p) = load::<[u8; 4]>(ctx, ETH_HLEN + ihl)
     {
-        if let Ok(p) = load::<[u8; 4]>(ctx, ETH_HLEN + ihl) {
-            sport = u16::from_be_bytes([p[0], p[1]]);
-            dport = u16::from_be_bytes([p[2], p[3]]);
-        }
+        sport = u16::from_be_bytes([p[0], p[1]]);
+        dport = u16::from_be_bytes([p[2], p[3]]);
     }
 
     // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
@@ -106,7 +106,7 @@ fn steer(ctx: &XdpContext) -> (LanCounter, u32) {
         return (LanCounter::NotTunneled, PASS);
     }
     // SAFETY: the value is copied out at once.
-    let Some(mut tunnel) = (unsafe { TUNNEL_IFINDEX.get(&fib.ifindex) }).copied() else {
+    let Some(mut tunnel) = (unsafe { TUNNEL_IFINDEX.get(fib.ifindex) }).copied() else {
         return (LanCounter::NotTunneled, PASS);
     };
     if h[8] <= 1 {
