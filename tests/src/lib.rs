@@ -4,6 +4,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 
+use datapath_user::xdp::{XdpAttach, XdpPrograms};
 use socket2::{Domain, Protocol, Socket, Type};
 use xtask::netns::{Netns, veth};
 
@@ -74,4 +75,15 @@ pub fn send_esp(src: Ipv4Addr, spi: u32, n: usize) {
         )
         .unwrap();
     }
+}
+
+/// Loads the XDP programs and attaches the DMZ classifier to `dmz0` of `ns`
+/// in native (driver) mode.
+pub fn attach_dmz(ns: &Netns) -> XdpPrograms {
+    ns.enter(|| {
+        let mut x = XdpPrograms::load()?;
+        x.attach_dmz("dmz0", XdpAttach::Driver).map(|_| x)
+    })
+    .unwrap()
+    .unwrap()
 }

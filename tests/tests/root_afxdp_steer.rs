@@ -7,12 +7,11 @@
 
 use std::time::{Duration, Instant};
 
-use datapath_user::{
-    xdp::{XdpAttach, XdpPrograms},
-    xsk::{Port, PortConfig, Verdict},
-};
+use datapath_user::xsk::{Port, PortConfig, Verdict};
 use xesp_common::SteerCounter;
-use xesp_tests::{ALLOWED_PREFIX, ALLOWED_SRC, DUT, fake_esp, pair, send_esp, send_udp, udp_from};
+use xesp_tests::{
+    ALLOWED_PREFIX, ALLOWED_SRC, DUT, attach_dmz, fake_esp, pair, send_esp, send_udp, udp_from,
+};
 
 const TUNNEL: u32 = 1;
 const SPI: u32 = 0x1000;
@@ -36,11 +35,7 @@ fn reflect_udp(f: &mut [u8]) {
 #[test]
 fn root_afxdp_esp_is_steered_to_its_tunnel_socket_and_sent_back() {
     let p = pair();
-    let mut filter = p
-        .dut
-        .enter(|| DmzFilter::attach("dmz0", XdpAttach::Driver))
-        .unwrap()
-        .unwrap();
+    let mut filter = attach_dmz(&p.dut);
     filter.allow(ALLOWED_PREFIX.parse().unwrap()).unwrap();
     filter.steer(SPI, TUNNEL).unwrap();
     // Known SPI, but its tunnel has no socket: counted, passed to the stack.

@@ -10,10 +10,10 @@ use std::{
     time::Duration,
 };
 
-use datapath_user::xdp::{DmzCounters, XdpAttach, XdpPrograms};
+use datapath_user::xdp::{DmzCounters, XdpPrograms};
 use xesp_common::DmzCounter;
 use xesp_tests::{
-    ALLOWED_PREFIX, ALLOWED_SRC, DENIED_SRC, Pair, pair, send_esp, send_udp, udp_from,
+    ALLOWED_PREFIX, ALLOWED_SRC, DENIED_SRC, Pair, attach_dmz, pair, send_esp, send_udp, udp_from,
 };
 use xtask::netns::wait_until;
 
@@ -51,10 +51,7 @@ fn wait_for_total(filter: &XdpPrograms, total: u64) -> DmzCounters {
 #[test]
 fn root_xdp_dmz_classifies_every_kind_and_drops_disallowed_sources() {
     let Pair { dut, peer } = pair();
-    let mut filter = dut
-        .enter(|| DmzFilter::attach("dmz0", XdpAttach::Driver))
-        .unwrap()
-        .unwrap();
+    let mut filter = attach_dmz(&dut);
     filter.allow(ALLOWED_PREFIX.parse().unwrap()).unwrap();
     let (app, in_receives_before) = dut
         .enter(|| {
