@@ -1,6 +1,7 @@
 //! xesp's user-space datapath: loads the eBPF programs and owns their maps.
 
 pub mod mss;
+pub mod netlink;
 pub mod tun;
 pub mod xdp;
 pub mod xsk;

@@ -1,0 +1,207 @@
+//! The few rtnetlink questions the datapath asks the kernel: where does the
+//! FIB send this destination (`ip route get`), what is that neighbour's MAC
+//! (`ip neigh get`), what is this interface's MAC. Synchronous, on its own
+//! socket, in the network namespace of the thread that opens it.
+
+use std::{io, net::Ipv4Addr};
+
+use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    link::{LinkAttribute, LinkMessage},
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
+    route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+/// Errors talking rtnetlink.
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("rtnetlink socket: {0}")]
+    Io(#[from] io::Error),
+    #[error("rtnetlink {request}: the kernel answered {}", io::Error::from_raw_os_error(*.errno))]
+    Kernel { request: &'static str, errno: i32 },
+    #[error("rtnetlink {request}: undecodable answer: {detail}")]
+    Decode {
+        request: &'static str,
+        detail: String,
+    },
+    #[error("rtnetlink {0}: no answer")]
+    NoAnswer(&'static str),
+}
+
+/// Where the FIB sends a destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteHop {
+    /// Output interface.
+    pub oif: u32,
+    /// The next-hop router, or `None` when the destination is on-link.
+    pub gateway: Option<Ipv4Addr>,
+    /// True for addresses of this host (delivered locally).
+    pub local: bool,
+}
+
+impl RouteHop {
+    /// The address whose MAC frames to this destination carry.
+    pub fn neighbour(&self, dst: Ipv4Addr) -> Ipv4Addr {
+        self.gateway.unwrap_or(dst)
+    }
+}
+
+/// An rtnetlink socket.
+pub struct Rtnl {
+    sock: Socket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+impl Rtnl {
+    /// Opens a socket in the calling thread's network namespace.
+    pub fn open() -> Result<Self, NetlinkError> {
+        let mut sock = Socket::new(NETLINK_ROUTE)?;
+        sock.bind_auto()?;
+        sock.connect(&SocketAddr::new(0, 0))?;
+        Ok(Self {
+            sock,
+            seq: 0,
+            buf: vec![0; 16384],
+        })
+    }
+
+    /// `ip route get <dst>`.
+    pub fn route_get(&mut self, dst: Ipv4Addr) -> Result<RouteHop, NetlinkError> {
+        const REQ: &str = "route get";
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = AddressFamily::Inet;
+        msg.header.destination_prefix_length = 32;
+        msg.attributes
+            .push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
+        match self.ask(REQ, RouteNetlinkMessage::GetRoute(msg))? {
+            RouteNetlinkMessage::NewRoute(r) => {
+                let mut hop = RouteHop {
+                    oif: 0,
+                    gateway: None,
+                    local: r.header.kind == RouteType::Local,
+                };
+                for a in &r.attributes {
+                    match a {
+                        RouteAttribute::Oif(i) => hop.oif = *i,
+                        RouteAttribute::Gateway(RouteAddress::Inet(g)) => hop.gateway = Some(*g),
+                        _ => {}
+                    }
+                }
+                Ok(hop)
+            }
+            other => Err(NetlinkError::Decode {
+                request: REQ,
+                detail: format!("unexpected {other:?}"),
+            }),
+        }
+    }
+
+    /// `ip neigh get <ip> dev <ifindex>`: the MAC, if the entry is usable.
+    pub fn neighbour(
+        &mut self,
+        ifindex: u32,
+        ip: Ipv4Addr,
+    ) -> Result<Option<[u8; 6]>, NetlinkError> {
+        const REQ: &str = "neigh get";
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.ifindex = ifindex;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        match self.ask(REQ, RouteNetlinkMessage::GetNeighbour(msg)) {
+            Ok(RouteNetlinkMessage::NewNeighbour(n)) => {
+                let usable = !matches!(
+                    n.header.state,
+                    NeighbourState::Incomplete | NeighbourState::Failed | NeighbourState::None
+                );
+                let mac = n.attributes.iter().find_map(|a| match a {
+                    NeighbourAttribute::LinkLayerAddress(m) => {
+                        <[u8; 6]>::try_from(m.as_slice()).ok()
+                    }
+                    _ => None,
+                });
+                Ok(mac.filter(|_| usable))
+            }
+            Ok(other) => Err(NetlinkError::Decode {
+                request: REQ,
+                detail: format!("unexpected {other:?}"),
+            }),
+            Err(NetlinkError::Kernel { errno, .. }) if errno == libc::ENOENT => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The hardware address of interface `ifindex`.
+    pub fn link_mac(&mut self, ifindex: u32) -> Result<[u8; 6], NetlinkError> {
+        const REQ: &str = "link get";
+        let mut msg = LinkMessage::default();
+        msg.header.index = ifindex;
+        match self.ask(REQ, RouteNetlinkMessage::GetLink(msg))? {
+            RouteNetlinkMessage::NewLink(l) => l
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    LinkAttribute::Address(m) => <[u8; 6]>::try_from(m.as_slice()).ok(),
+                    _ => None,
+                })
+                .ok_or(NetlinkError::Decode {
+                    request: REQ,
+                    detail: format!("interface {ifindex} has no MAC"),
+                }),
+            other => Err(NetlinkError::Decode {
+                request: REQ,
+                detail: format!("unexpected {other:?}"),
+            }),
+        }
+    }
+
+    /// Sends one request and returns the one message that answers it.
+    fn ask(
+        &mut self,
+        request: &'static str,
+        msg: RouteNetlinkMessage,
+    ) -> Result<RouteNetlinkMessage, NetlinkError> {
+        self.seq = self.seq.wrapping_add(1);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST;
+        header.sequence_number = self.seq;
+        let mut req = NetlinkMessage::new(header, NetlinkPayload::from(msg));
+        req.finalize();
+        let mut out = vec![0; req.header.length as usize];
+        req.serialize(&mut out);
+        self.sock.send(&out, 0)?;
+        loop {
+            let n = self.sock.recv(&mut &mut self.buf[..], 0)?;
+            let mut off = 0;
+            while off < n {
+                let bytes = &self.buf[off..n];
+                let msg =
+                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(bytes).map_err(|e| {
+                        NetlinkError::Decode {
+                            request,
+                            detail: e.to_string(),
+                        }
+                    })?;
+                let len = msg.header.length as usize;
+                if msg.header.sequence_number == self.seq {
+                    match msg.payload {
+                        NetlinkPayload::InnerMessage(m) => return Ok(m),
+                        NetlinkPayload::Error(e) => {
+                            let errno = e.code.map(|c| -c.get()).unwrap_or(0);
+                            return Err(NetlinkError::Kernel { request, errno });
+                        }
+                        NetlinkPayload::Done(_) => return Err(NetlinkError::NoAnswer(request)),
+                        _ => {}
+                    }
+                }
+                if len == 0 {
+                    break;
+                }
+                off += len;
+            }
+        }
+    }
+}

@@ -1,0 +1,68 @@
+//! Needs root: the datapath's rtnetlink questions answered by a real kernel
+//! in a fresh namespace: routes via a gateway and on-link, local addresses,
+//! neighbours (resolved or not) and interface MACs.
+
+#![allow(clippy::unwrap_used)] // a test: a failed step is a failed test
+
+use std::net::Ipv4Addr;
+
+use datapath_user::netlink::Rtnl;
+use xtask::netns::{Netns, veth};
+
+#[test]
+fn root_netlink_routes_neighbours_and_macs() {
+    let a = Netns::create("nl-a").unwrap();
+    let b = Netns::create("nl-b").unwrap();
+    veth(&a, "a0", &b, "b0").unwrap();
+    a.ip(&["link", "set", "a0", "address", "02:00:00:00:00:0a"])
+        .unwrap();
+    b.ip(&["link", "set", "b0", "address", "02:00:00:00:00:0b"])
+        .unwrap();
+    a.ip(&["addr", "add", "192.0.2.1/24", "dev", "a0"]).unwrap();
+    b.ip(&["addr", "add", "192.0.2.254/24", "dev", "b0"])
+        .unwrap();
+    a.ip(&["route", "add", "203.0.113.0/24", "via", "192.0.2.254"])
+        .unwrap();
+    let ifindex: u32 = a
+        .exec("cat", &["/sys/class/net/a0/ifindex"])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+
+    a.enter(|| {
+        let mut nl = Rtnl::open().unwrap();
+        let via = nl.route_get(Ipv4Addr::new(203, 0, 113, 11)).unwrap();
+        assert_eq!(
+            (via.oif, via.gateway, via.local),
+            (ifindex, Some(Ipv4Addr::new(192, 0, 2, 254)), false)
+        );
+        let onlink = nl.route_get(Ipv4Addr::new(192, 0, 2, 7)).unwrap();
+        assert_eq!((onlink.oif, onlink.gateway), (ifindex, None));
+        assert!(nl.route_get(Ipv4Addr::new(192, 0, 2, 1)).unwrap().local);
+        assert!(
+            nl.route_get(Ipv4Addr::new(198, 51, 100, 1)).is_err(),
+            "no route: a kernel error"
+        );
+
+        assert_eq!(nl.link_mac(ifindex).unwrap(), [2, 0, 0, 0, 0, 0x0a]);
+        // Not resolved yet, then resolved by traffic through the stack.
+        assert_eq!(
+            nl.neighbour(ifindex, Ipv4Addr::new(192, 0, 2, 254))
+                .unwrap(),
+            None
+        );
+    })
+    .unwrap();
+    a.exec("ping", &["-c", "1", "-W", "2", "192.0.2.254"])
+        .unwrap();
+    a.enter(|| {
+        let mut nl = Rtnl::open().unwrap();
+        assert_eq!(
+            nl.neighbour(ifindex, Ipv4Addr::new(192, 0, 2, 254))
+                .unwrap(),
+            Some([2, 0, 0, 0, 0, 0x0b])
+        );
+    })
+    .unwrap();
+}
