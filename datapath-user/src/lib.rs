@@ -2,6 +2,7 @@
 
 pub mod mss;
 pub mod netlink;
+pub mod nexthop;
 pub mod tun;
 pub mod xdp;
 pub mod xsk;

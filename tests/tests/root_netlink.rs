@@ -6,7 +6,12 @@
 
 use std::net::Ipv4Addr;
 
-use datapath_user::netlink::Rtnl;
+use std::time::{Duration, Instant};
+
+use datapath_user::{
+    netlink::Rtnl,
+    nexthop::{NextHop, NextHops},
+};
 use xtask::netns::{Netns, veth};
 
 #[test]
@@ -65,4 +70,72 @@ fn root_netlink_routes_neighbours_and_macs() {
         );
     })
     .unwrap();
+}
+
+#[test]
+fn root_nexthops_resolve_cache_and_expire() {
+    let a = Netns::create("nh-a").unwrap();
+    let b = Netns::create("nh-b").unwrap();
+    veth(&a, "a0", &b, "b0").unwrap();
+    a.ip(&["link", "set", "a0", "address", "02:00:00:00:01:0a"])
+        .unwrap();
+    b.ip(&["link", "set", "b0", "address", "02:00:00:00:01:0b"])
+        .unwrap();
+    a.ip(&["addr", "add", "192.0.2.1/24", "dev", "a0"]).unwrap();
+    b.ip(&["addr", "add", "192.0.2.254/24", "dev", "b0"])
+        .unwrap();
+    a.ip(&["route", "add", "203.0.113.0/24", "via", "192.0.2.254"])
+        .unwrap();
+    let ifindex: u32 = a
+        .exec("cat", &["/sys/class/net/a0/ifindex"])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let gw_host = Ipv4Addr::new(203, 0, 113, 11);
+
+    let mut hops = a.enter(|| NextHops::new().unwrap()).unwrap();
+    let t0 = Instant::now();
+    assert_eq!(
+        hops.resolve(Ipv4Addr::new(192, 0, 2, 1), t0),
+        NextHop::Local
+    );
+    assert_eq!(
+        hops.resolve(gw_host, t0),
+        NextHop::Unresolved,
+        "neighbour not resolved yet"
+    );
+    a.exec("ping", &["-c", "1", "-W", "2", "192.0.2.254"])
+        .unwrap();
+    // The miss is cached briefly, then asked again.
+    assert_eq!(hops.resolve(gw_host, t0), NextHop::Unresolved);
+    let t1 = t0 + Duration::from_secs(1);
+    let want = NextHop::Ether {
+        ifindex,
+        src: [2, 0, 0, 0, 1, 0x0a],
+        dst: [2, 0, 0, 0, 1, 0x0b],
+    };
+    assert_eq!(hops.resolve(gw_host, t1), want);
+    // Cached: a changed neighbour is seen only after the entry expires.
+    a.ip(&[
+        "neigh",
+        "replace",
+        "192.0.2.254",
+        "lladdr",
+        "02:00:00:00:01:0c",
+        "dev",
+        "a0",
+    ])
+    .unwrap();
+    assert_eq!(hops.resolve(gw_host, t1 + Duration::from_secs(1)), want);
+    let later = hops.resolve(gw_host, t1 + Duration::from_secs(6));
+    assert_eq!(
+        later,
+        NextHop::Ether {
+            ifindex,
+            src: [2, 0, 0, 0, 1, 0x0a],
+            dst: [2, 0, 0, 0, 1, 0x0c]
+        }
+    );
+    a.enter(move || drop(hops)).unwrap();
 }
