@@ -87,3 +87,46 @@ pub fn attach_dmz(ns: &Netns) -> XdpPrograms {
     .unwrap()
     .unwrap()
 }
+
+/// The test data directory (`tests/data`).
+pub fn data_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data")
+}
+
+/// The packets of a classic pcap file (microsecond or nanosecond, either
+/// byte order), as captured (link-layer header included).
+pub fn read_pcap(path: &std::path::Path) -> Vec<Vec<u8>> {
+    let d = std::fs::read(path).unwrap();
+    let magic = u32::from_le_bytes(d[..4].try_into().unwrap());
+    let le = match magic {
+        0xa1b2_c3d4 | 0xa1b2_3c4d => true,
+        0xd4c3_b2a1 | 0x4d3c_b2a1 => false,
+        m => panic!("{}: not a pcap file (magic {m:#x})", path.display()),
+    };
+    let u32_at = |o: usize| {
+        let b: [u8; 4] = d[o..o + 4].try_into().unwrap();
+        if le {
+            u32::from_le_bytes(b)
+        } else {
+            u32::from_be_bytes(b)
+        }
+    };
+    let mut out = Vec::new();
+    let mut off = 24;
+    while off + 16 <= d.len() {
+        let caplen = u32_at(off + 8) as usize;
+        off += 16;
+        out.push(d[off..off + caplen].to_vec());
+        off += caplen;
+    }
+    out
+}
+
+/// Hex string (whitespace allowed) to bytes.
+pub fn unhex(s: &str) -> Vec<u8> {
+    let s: String = s.split_whitespace().collect();
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}

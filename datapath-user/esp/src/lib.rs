@@ -1,4 +1,16 @@
 //! xesp's ESP core (RFC 4303), sans-IO: buffers in, buffers out.
+//!
+//! * [`alg`]: the one table of transforms, shared with the IKE side;
+//! * [`crypto`]: keyed ciphers and MACs;
+//! * [`sa`]: one direction of a CHILD_SA, encapsulating or decapsulating in place;
+//! * [`replay`]: the anti-replay window, with extended sequence numbers;
+//! * [`wire`]: outer headers, checksums and the UDP-4500 demultiplexing of NAT-T.
 
 pub mod alg;
 pub mod crypto;
+pub mod replay;
+pub mod sa;
+pub mod wire;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,863 @@
+//! One direction of a CHILD_SA: ESP tunnel mode (RFC 4303) over IPv4, with
+//! optional UDP encapsulation (RFC 3948), processed in place.
+//!
+//! Encapsulation takes an inner IPv4 or IPv6 packet lying in a buffer with
+//! headroom before it and tailroom after it, and writes the outer IPv4 header,
+//! the UDP header (NAT-T), the ESP header and IV in front and the padding,
+//! trailer and ICV behind. Decapsulation verifies and decrypts in place and
+//! says where the inner packet is. Neither allocates.
+//!
+//! An SA is used by one thread at a time (`&mut self`): a worker owns it, or
+//! it sits behind a lock taken once per batch.
+
+use core::ops::Range;
+use std::{net::Ipv4Addr, time::Instant};
+
+use aes::cipher::{BlockEncrypt, KeyInit, generic_array::GenericArray};
+
+use crate::{
+    alg::{Encr, Suite},
+    crypto::{Cipher, CryptoError, Mac},
+    replay::{ReplayError, ReplayWindow},
+    wire::{
+        ESP_HLEN, ESP_TRAILER, IPPROTO_ESP, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_NONE, IPPROTO_UDP,
+        IPV4_HLEN, IPV6_HLEN, UDP_HLEN, write_ipv4,
+    },
+};
+
+/// UDP ports of an SA that is UDP-encapsulated (NAT-T).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NattPorts {
+    pub local: u16,
+    pub remote: u16,
+}
+
+/// The outer addresses of the tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tunnel {
+    pub local: Ipv4Addr,
+    pub remote: Ipv4Addr,
+    /// `Some` when ESP travels in UDP (RFC 3948).
+    pub natt: Option<NattPorts>,
+}
+
+/// Limits of one kind of lifetime; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub bytes: Option<u64>,
+    pub packets: Option<u64>,
+    pub seconds: Option<u64>,
+}
+
+/// Soft (rekey) and hard (stop) lifetimes (RFC 4301 §4.4.2.1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Lifetime {
+    pub soft: Limits,
+    pub hard: Limits,
+}
+
+/// Everything needed to create one direction of a CHILD_SA.
+#[derive(Clone, Copy)]
+pub struct SaParams<'a> {
+    pub spi: u32,
+    pub suite: Suite,
+    /// This direction's KEYMAT slice (RFC 7296 §2.17): encryption key (with
+    /// the salt for GCM), then the integrity key.
+    pub keymat: &'a [u8],
+    /// Extended (64-bit) sequence numbers, RFC 4304.
+    pub esn: bool,
+    /// Anti-replay window in packets (inbound; 0 disables it).
+    pub replay_window: u32,
+    pub tunnel: Tunnel,
+    pub lifetime: Lifetime,
+}
+
+impl core::fmt::Debug for SaParams<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("SaParams")
+            .field("spi", &format_args!("{:08x}", self.spi))
+            .field("suite", &self.suite)
+            .field("keymat", &format_args!("<{} octets>", self.keymat.len()))
+            .field("esn", &self.esn)
+            .field("replay_window", &self.replay_window)
+            .field("tunnel", &self.tunnel)
+            .field("lifetime", &self.lifetime)
+            .finish()
+    }
+}
+
+/// Errors creating an SA.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SaError {
+    #[error("SPI {0:#x} is reserved (RFC 4303 §2.1: SPIs 0-255 are not used)")]
+    ReservedSpi(u32),
+    #[error("key material: {0}")]
+    Key(#[from] CryptoError),
+    #[error("random number generator failed")]
+    Random,
+}
+
+/// Why a packet was not processed. Every drop is counted under its reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Truncated or inconsistent outer packet or ESP payload.
+    Malformed,
+    /// No SA has this SPI (counted by the SA table, not an SA).
+    UnknownSpi,
+    /// Outside the anti-replay window, or a duplicate.
+    Replay,
+    /// The ICV did not verify.
+    Authentication,
+    /// Padding not as RFC 4303 §2.4 says, after a valid ICV.
+    BadPadding,
+    /// A TFC dummy packet (Next Header 59): dropped by design.
+    Dummy,
+    /// The decrypted inner packet is not IPv4/IPv6 or its length is wrong.
+    BadInner,
+    /// Not enough headroom or tailroom for the ESP overhead.
+    NoRoom,
+    /// The SA's hard lifetime is over.
+    Expired,
+    /// The sequence number space is used up (rekey was due).
+    SequenceExhausted,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 10] = [
+        Self::Malformed,
+        Self::UnknownSpi,
+        Self::Replay,
+        Self::Authentication,
+        Self::BadPadding,
+        Self::Dummy,
+        Self::BadInner,
+        Self::NoRoom,
+        Self::Expired,
+        Self::SequenceExhausted,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::UnknownSpi => "unknown_spi",
+            Self::Replay => "replay",
+            Self::Authentication => "authentication",
+            Self::BadPadding => "bad_padding",
+            Self::Dummy => "dummy",
+            Self::BadInner => "bad_inner",
+            Self::NoRoom => "no_room",
+            Self::Expired => "expired",
+            Self::SequenceExhausted => "sequence_exhausted",
+        }
+    }
+}
+
+/// Drops, counted per reason.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DropCounters([u64; DropReason::ALL.len()]);
+
+impl DropCounters {
+    pub fn record(&mut self, r: DropReason) {
+        self.0[r as usize] += 1;
+    }
+    pub fn get(&self, r: DropReason) -> u64 {
+        self.0[r as usize]
+    }
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
+    /// `(reason, count)` for every reason.
+    pub fn iter(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
+        DropReason::ALL.iter().map(|r| (*r, self.get(*r)))
+    }
+    pub fn add(&mut self, other: &DropCounters) {
+        for (a, b) in self.0.iter_mut().zip(other.0) {
+            *a += b;
+        }
+    }
+}
+
+/// What one SA direction has done.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SaCounters {
+    /// Packets encapsulated (outbound) or decapsulated (inbound).
+    pub packets: u64,
+    /// Inner-packet octets of those packets.
+    pub bytes: u64,
+    pub drops: DropCounters,
+}
+
+/// Which limit a lifetime event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    Bytes,
+    Packets,
+    Seconds,
+    /// The sequence number space (RFC 4303 §3.3.3): soft at 7/8 of it.
+    Sequence,
+}
+
+/// A lifetime event; each fires once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// Time to rekey.
+    Soft(Limit),
+    /// The SA no longer processes packets.
+    Hard(Limit),
+}
+
+/// Lifetime accounting shared by both directions.
+#[derive(Debug, Clone)]
+struct Life {
+    lifetime: Lifetime,
+    created: Instant,
+    soft: Option<Limit>,
+    hard: Option<Limit>,
+    /// Events not yet taken by `poll_expiry`.
+    pending: [Option<Expiry>; 2],
+}
+
+impl Life {
+    fn new(lifetime: Lifetime, now: Instant) -> Self {
+        Self {
+            lifetime,
+            created: now,
+            soft: None,
+            hard: None,
+            pending: [None; 2],
+        }
+    }
+
+    fn fire(&mut self, e: Expiry) {
+        match e {
+            Expiry::Soft(l) if self.soft.is_none() && self.hard.is_none() => self.soft = Some(l),
+            Expiry::Hard(l) if self.hard.is_none() => self.hard = Some(l),
+            _ => return,
+        }
+        if let Some(slot) = self.pending.iter_mut().find(|p| p.is_none()) {
+            *slot = Some(e);
+        }
+    }
+
+    /// Checks the byte and packet limits after `c` changed.
+    fn account(&mut self, c: &SaCounters) {
+        let over = |l: &Limits| {
+            if l.bytes.is_some_and(|b| c.bytes >= b) {
+                Some(Limit::Bytes)
+            } else if l.packets.is_some_and(|p| c.packets >= p) {
+                Some(Limit::Packets)
+            } else {
+                None
+            }
+        };
+        if self.hard.is_none()
+            && let Some(l) = over(&self.lifetime.hard)
+        {
+            self.fire(Expiry::Hard(l));
+        } else if self.soft.is_none()
+            && let Some(l) = over(&self.lifetime.soft)
+        {
+            self.fire(Expiry::Soft(l));
+        }
+    }
+
+    fn poll(&mut self, now: Instant) -> Option<Expiry> {
+        let age = now.saturating_duration_since(self.created).as_secs();
+        if self.lifetime.hard.seconds.is_some_and(|s| age >= s) {
+            self.fire(Expiry::Hard(Limit::Seconds));
+        } else if self.lifetime.soft.seconds.is_some_and(|s| age >= s) {
+            self.fire(Expiry::Soft(Limit::Seconds));
+        }
+        let first = self.pending[0].take();
+        self.pending[0] = self.pending[1].take();
+        first
+    }
+}
+
+/// Unpredictable, unique CBC IVs: each is a counter encrypted under a random
+/// per-SA key (RFC 3602 §2 wants IVs that cannot be predicted).
+struct IvGen {
+    key: aes::Aes128,
+    counter: u128,
+}
+
+impl IvGen {
+    fn new() -> Result<Self, SaError> {
+        use ring::rand::SecureRandom;
+        let mut k = [0u8; 16];
+        ring::rand::SystemRandom::new()
+            .fill(&mut k)
+            .map_err(|_| SaError::Random)?;
+        Ok(Self {
+            key: aes::Aes128::new(GenericArray::from_slice(&k)),
+            counter: 0,
+        })
+    }
+
+    fn next(&mut self, out: &mut [u8]) {
+        self.counter = self.counter.wrapping_add(1);
+        let mut block = GenericArray::from(self.counter.to_be_bytes());
+        self.key.encrypt_block(&mut block);
+        let n = out.len().min(16);
+        out[..n].copy_from_slice(&block[..n]);
+    }
+}
+
+fn check_spi(spi: u32) -> Result<(), SaError> {
+    if spi < 256 {
+        Err(SaError::ReservedSpi(spi))
+    } else {
+        Ok(())
+    }
+}
+
+/// Keys one direction's cipher and MAC from its KEYMAT slice.
+fn key(suite: Suite, keymat: &[u8]) -> Result<(Cipher, Option<Mac>), SaError> {
+    if keymat.len() != suite.keymat_len() {
+        return Err(SaError::Key(CryptoError::KeyLength {
+            alg: "CHILD_SA",
+            got: keymat.len(),
+            want: suite.keymat_len(),
+        }));
+    }
+    let (ek, ik) = keymat.split_at(suite.encr.keymat_len());
+    let cipher = Cipher::new(suite.encr, ek)?;
+    let mac = match suite.integ {
+        Some(i) => Some(Mac::new(i, ik)?),
+        None => None,
+    };
+    Ok((cipher, mac))
+}
+
+/// The AAD of AES-GCM in ESP (RFC 4106 §5): SPI and sequence number, the
+/// high half of an extended sequence number between them. Returns the
+/// buffer and how much of it is used (8 or 12 octets).
+pub fn esp_aad(spi: u32, seq: u64, esn: bool) -> ([u8; 12], usize) {
+    let mut aad = [0u8; 12];
+    aad[..4].copy_from_slice(&spi.to_be_bytes());
+    if esn {
+        aad[4..8].copy_from_slice(&((seq >> 32) as u32).to_be_bytes());
+        aad[8..12].copy_from_slice(&(seq as u32).to_be_bytes());
+        (aad, 12)
+    } else {
+        aad[4..8].copy_from_slice(&(seq as u32).to_be_bytes());
+        (aad, 8)
+    }
+}
+
+/// Padding so that payload + pad + trailer is a multiple of the cipher's
+/// block and of 4 (RFC 4303 §2.4).
+fn pad_len(encr: Encr, payload: usize) -> usize {
+    let block = encr.block_len().max(4);
+    (block - (payload + ESP_TRAILER) % block) % block
+}
+
+/// What encapsulation takes from the inner header.
+#[derive(Clone, Copy)]
+struct InnerInfo {
+    next_header: u8,
+    tos: u8,
+    df: bool,
+}
+
+/// The outbound direction of a CHILD_SA.
+pub struct OutboundSa {
+    spi: u32,
+    suite: Suite,
+    cipher: Cipher,
+    mac: Option<Mac>,
+    esn: bool,
+    /// Next sequence number to send (starts at 1).
+    next_seq: u64,
+    tunnel: Tunnel,
+    ip_id: u16,
+    iv: Option<IvGen>,
+    life: Life,
+    counters: SaCounters,
+}
+
+impl core::fmt::Debug for OutboundSa {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "OutboundSa(spi {:08x}, {}, next seq {})",
+            self.spi, self.suite, self.next_seq
+        )
+    }
+}
+
+impl OutboundSa {
+    pub fn new(p: &SaParams<'_>, now: Instant) -> Result<Self, SaError> {
+        check_spi(p.spi)?;
+        let (cipher, mac) = key(p.suite, p.keymat)?;
+        let iv = if p.suite.encr.is_aead() {
+            None
+        } else {
+            Some(IvGen::new()?)
+        };
+        Ok(Self {
+            spi: p.spi,
+            suite: p.suite,
+            cipher,
+            mac,
+            esn: p.esn,
+            next_seq: 1,
+            tunnel: p.tunnel,
+            ip_id: 0,
+            iv,
+            life: Life::new(p.lifetime, now),
+            counters: SaCounters::default(),
+        })
+    }
+
+    pub fn spi(&self) -> u32 {
+        self.spi
+    }
+
+    pub fn suite(&self) -> Suite {
+        self.suite
+    }
+
+    pub fn tunnel(&self) -> Tunnel {
+        self.tunnel
+    }
+
+    /// Updates the outer addresses/ports (NAT-T port float, RFC 7296 §2.23).
+    pub fn set_tunnel(&mut self, tunnel: Tunnel) {
+        self.tunnel = tunnel;
+    }
+
+    pub fn counters(&self) -> SaCounters {
+        self.counters
+    }
+
+    /// The next sequence number this SA would send.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Octets needed in front of the inner packet.
+    pub fn headroom(&self) -> usize {
+        IPV4_HLEN
+            + if self.tunnel.natt.is_some() {
+                UDP_HLEN
+            } else {
+                0
+            }
+            + ESP_HLEN
+            + self.suite.encr.iv_len()
+    }
+
+    /// Octets needed behind an inner packet of `inner_len` octets.
+    pub fn tailroom(&self, inner_len: usize) -> usize {
+        pad_len(self.suite.encr, inner_len) + ESP_TRAILER + self.suite.icv_len()
+    }
+
+    fn max_seq(&self) -> u64 {
+        if self.esn {
+            u64::MAX
+        } else {
+            u64::from(u32::MAX)
+        }
+    }
+
+    /// Takes the next sequence number, or refuses when the space is used up.
+    fn take_seq(&mut self) -> Result<u64, DropReason> {
+        let seq = self.next_seq;
+        if seq > self.max_seq() || seq == 0 {
+            self.life.fire(Expiry::Hard(Limit::Sequence));
+            return Err(self.drop(DropReason::SequenceExhausted));
+        }
+        self.next_seq = seq.wrapping_add(1);
+        Ok(seq)
+    }
+
+    fn drop(&mut self, r: DropReason) -> DropReason {
+        self.counters.drops.record(r);
+        r
+    }
+
+    /// Encapsulates the inner packet at `buf[inner]` in place; returns where
+    /// the outer IPv4 packet now lies in `buf`.
+    pub fn encapsulate(
+        &mut self,
+        buf: &mut [u8],
+        inner: Range<usize>,
+    ) -> Result<Range<usize>, DropReason> {
+        let mut iv = [0u8; 16];
+        let iv_len = self.suite.encr.iv_len();
+        let info = self.check(buf, &inner)?;
+        if self.life.hard.is_some() {
+            return Err(self.drop(DropReason::Expired));
+        }
+        let seq = self.take_seq()?;
+        match self.iv.as_mut() {
+            Some(g) => g.next(&mut iv[..iv_len]),
+            // GCM: the sequence number is unique per key, which is all RFC 4106 §3.1 asks.
+            None => iv[..8].copy_from_slice(&seq.to_be_bytes()),
+        }
+        self.seal(buf, inner, info, seq, &iv[..iv_len])
+    }
+
+    /// Encapsulates with a given sequence number and IV, for known-answer
+    /// tests. The caller must never reuse a (key, IV) pair.
+    pub fn encapsulate_with(
+        &mut self,
+        buf: &mut [u8],
+        inner: Range<usize>,
+        seq: u64,
+        iv: &[u8],
+    ) -> Result<Range<usize>, DropReason> {
+        let info = self.check(buf, &inner)?;
+        if iv.len() != self.suite.encr.iv_len() {
+            return Err(self.drop(DropReason::Malformed));
+        }
+        self.next_seq = self.next_seq.max(seq.wrapping_add(1));
+        self.seal(buf, inner, info, seq, iv)
+    }
+
+    /// Checks the room around the inner packet and reads from its header the
+    /// Next Header value and the outer TOS and DF bit.
+    fn check(&mut self, buf: &[u8], inner: &Range<usize>) -> Result<InnerInfo, DropReason> {
+        let len = buf.len();
+        if inner.start > inner.end || inner.end > len {
+            return Err(self.drop(DropReason::Malformed));
+        }
+        if inner.start < self.headroom() || len - inner.end < self.tailroom(inner.len()) {
+            return Err(self.drop(DropReason::NoRoom));
+        }
+        let p = &buf[inner.clone()];
+        match p.first().map(|b| b >> 4) {
+            Some(4) if p.len() >= IPV4_HLEN => Ok(InnerInfo {
+                next_header: IPPROTO_IPIP,
+                tos: p[1],
+                df: p[6] & 0x40 != 0,
+            }),
+            Some(6) if p.len() >= IPV6_HLEN => Ok(InnerInfo {
+                next_header: IPPROTO_IPV6,
+                tos: (p[0] << 4) | (p[1] >> 4),
+                df: false,
+            }),
+            _ => Err(self.drop(DropReason::BadInner)),
+        }
+    }
+
+    fn seal(
+        &mut self,
+        buf: &mut [u8],
+        inner: Range<usize>,
+        InnerInfo {
+            next_header,
+            tos,
+            df,
+        }: InnerInfo,
+        seq: u64,
+        iv: &[u8],
+    ) -> Result<Range<usize>, DropReason> {
+        let encr = self.suite.encr;
+        let inner_len = inner.len();
+        if seq >= self.max_seq() / 8 * 7 {
+            self.life.fire(Expiry::Soft(Limit::Sequence));
+        }
+        let pad = pad_len(encr, inner_len);
+        let ct_start = inner.start;
+        let ct_end = inner.end + pad + ESP_TRAILER;
+        for (i, b) in buf[inner.end..inner.end + pad].iter_mut().enumerate() {
+            *b = (i + 1) as u8;
+        }
+        buf[ct_end - 2] = pad as u8;
+        buf[ct_end - 1] = next_header;
+
+        let iv_len = encr.iv_len();
+        let esp = ct_start - iv_len - ESP_HLEN;
+        let start =
+            esp - if self.tunnel.natt.is_some() {
+                UDP_HLEN
+            } else {
+                0
+            } - IPV4_HLEN;
+        buf[esp..esp + 4].copy_from_slice(&self.spi.to_be_bytes());
+        buf[esp + 4..esp + 8].copy_from_slice(&(seq as u32).to_be_bytes());
+        buf[esp + 8..ct_start].copy_from_slice(iv);
+        let icv = self.suite.icv_len();
+        let seq_hi = ((seq >> 32) as u32).to_be_bytes();
+        if encr.is_aead() {
+            let (aad, aad_len) = esp_aad(self.spi, seq, self.esn);
+            let aad = &aad[..aad_len];
+            let (head, rest) = buf.split_at_mut(ct_start);
+            let iv = &head[esp + 8..];
+            if self
+                .cipher
+                .aead_seal(iv, aad, &mut rest[..ct_end - ct_start + icv])
+                .is_err()
+            {
+                return Err(self.drop(DropReason::Malformed));
+            }
+        } else {
+            let (head, rest) = buf.split_at_mut(ct_start);
+            if self
+                .cipher
+                .cbc_encrypt(&head[esp + 8..], &mut rest[..ct_end - ct_start])
+                .is_err()
+            {
+                return Err(self.drop(DropReason::Malformed));
+            }
+            let Some(mac) = &self.mac else {
+                return Err(self.drop(DropReason::Malformed));
+            };
+            let (covered, tail) = buf.split_at_mut(ct_end);
+            // RFC 4303 §3.3.2.1: with ESN the high half is appended for the ICV only.
+            let hi: &[u8] = if self.esn { &seq_hi } else { &[] };
+            if mac.sign(&[&covered[esp..], hi], &mut tail[..icv]).is_err() {
+                return Err(self.drop(DropReason::Malformed));
+            }
+        }
+        let end = ct_end + icv;
+        let total = end - start;
+        let proto = if self.tunnel.natt.is_some() {
+            IPPROTO_UDP
+        } else {
+            IPPROTO_ESP
+        };
+        self.ip_id = self.ip_id.wrapping_add(1);
+        write_ipv4(
+            &mut buf[start..start + IPV4_HLEN],
+            tos,
+            total as u16,
+            self.ip_id,
+            df,
+            proto,
+            self.tunnel.local,
+            self.tunnel.remote,
+        );
+        if let Some(ports) = self.tunnel.natt {
+            let u = start + IPV4_HLEN;
+            buf[u..u + 2].copy_from_slice(&ports.local.to_be_bytes());
+            buf[u + 2..u + 4].copy_from_slice(&ports.remote.to_be_bytes());
+            buf[u + 4..u + 6].copy_from_slice(&((total - IPV4_HLEN) as u16).to_be_bytes());
+            // RFC 3948 §2.1: the checksum SHOULD be zero.
+            buf[u + 6..u + 8].copy_from_slice(&[0, 0]);
+        }
+        self.counters.packets += 1;
+        self.counters.bytes += inner_len as u64;
+        self.life.account(&self.counters);
+        Ok(start..end)
+    }
+
+    /// The next lifetime event, if any (call periodically with the time).
+    pub fn poll_expiry(&mut self, now: Instant) -> Option<Expiry> {
+        self.life.poll(now)
+    }
+}
+
+/// Where a decapsulated packet is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decapsulated {
+    /// The inner IP packet, TFC padding removed.
+    pub inner: Range<usize>,
+    /// 4 (IPv4) or 41 (IPv6).
+    pub next_header: u8,
+    /// Its full (ESN-inferred) sequence number.
+    pub seq: u64,
+}
+
+/// The inbound direction of a CHILD_SA.
+pub struct InboundSa {
+    spi: u32,
+    suite: Suite,
+    cipher: Cipher,
+    mac: Option<Mac>,
+    esn: bool,
+    replay: ReplayWindow,
+    tunnel: Tunnel,
+    life: Life,
+    counters: SaCounters,
+}
+
+impl core::fmt::Debug for InboundSa {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "InboundSa(spi {:08x}, {}, {:?})",
+            self.spi, self.suite, self.replay
+        )
+    }
+}
+
+impl InboundSa {
+    pub fn new(p: &SaParams<'_>, now: Instant) -> Result<Self, SaError> {
+        check_spi(p.spi)?;
+        let (cipher, mac) = key(p.suite, p.keymat)?;
+        Ok(Self {
+            spi: p.spi,
+            suite: p.suite,
+            cipher,
+            mac,
+            esn: p.esn,
+            replay: ReplayWindow::new(p.replay_window, p.esn),
+            tunnel: p.tunnel,
+            life: Life::new(p.lifetime, now),
+            counters: SaCounters::default(),
+        })
+    }
+
+    pub fn spi(&self) -> u32 {
+        self.spi
+    }
+
+    pub fn suite(&self) -> Suite {
+        self.suite
+    }
+
+    pub fn tunnel(&self) -> Tunnel {
+        self.tunnel
+    }
+
+    pub fn set_tunnel(&mut self, tunnel: Tunnel) {
+        self.tunnel = tunnel;
+    }
+
+    pub fn counters(&self) -> SaCounters {
+        self.counters
+    }
+
+    /// Counts a drop that happened before this SA could look at the packet
+    /// (e.g. the worker found the outer packet malformed after the SPI).
+    pub fn record_drop(&mut self, r: DropReason) {
+        self.counters.drops.record(r);
+    }
+
+    fn drop(&mut self, r: DropReason) -> DropReason {
+        self.counters.drops.record(r);
+        r
+    }
+
+    /// Verifies, decrypts and unwraps the ESP packet at `buf[esp]` (from the
+    /// ESP header to the end of the ICV) in place.
+    pub fn decapsulate(
+        &mut self,
+        buf: &mut [u8],
+        esp: Range<usize>,
+    ) -> Result<Decapsulated, DropReason> {
+        if esp.start > esp.end || esp.end > buf.len() {
+            return Err(self.drop(DropReason::Malformed));
+        }
+        if self.life.hard.is_some() {
+            return Err(self.drop(DropReason::Expired));
+        }
+        let encr = self.suite.encr;
+        let (iv_len, icv) = (encr.iv_len(), self.suite.icv_len());
+        let overhead = ESP_HLEN + iv_len + icv;
+        let ct_start = esp.start + ESP_HLEN + iv_len;
+        let Some(ct_len) = esp.len().checked_sub(overhead) else {
+            return Err(self.drop(DropReason::Malformed));
+        };
+        if ct_len < ESP_TRAILER || ct_len % encr.block_len().max(4) != 0 {
+            return Err(self.drop(DropReason::Malformed));
+        }
+        let ct_end = ct_start + ct_len;
+        let h = &buf[esp.start..esp.start + ESP_HLEN];
+        if u32::from_be_bytes([h[0], h[1], h[2], h[3]]) != self.spi {
+            return Err(self.drop(DropReason::UnknownSpi));
+        }
+        let seq_low = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+        // RFC 4303 §3.4.3: the replay check comes before the ICV check.
+        let seq = match self.replay.check(seq_low) {
+            Ok(s) => s,
+            Err(ReplayError::Duplicate | ReplayError::TooOld) => {
+                return Err(self.drop(DropReason::Replay));
+            }
+        };
+        let seq_hi = ((seq >> 32) as u32).to_be_bytes();
+        if encr.is_aead() {
+            let (aad, aad_len) = esp_aad(self.spi, seq, self.esn);
+            let aad = &aad[..aad_len];
+            let (head, rest) = buf.split_at_mut(ct_start);
+            if self
+                .cipher
+                .aead_open(
+                    &head[esp.start + ESP_HLEN..],
+                    aad,
+                    &mut rest[..ct_len + icv],
+                )
+                .is_err()
+            {
+                return Err(self.drop(DropReason::Authentication));
+            }
+        } else {
+            let Some(mac) = &self.mac else {
+                return Err(self.drop(DropReason::Malformed));
+            };
+            let hi: &[u8] = if self.esn { &seq_hi } else { &[] };
+            if mac
+                .verify(&[&buf[esp.start..ct_end], hi], &buf[ct_end..ct_end + icv])
+                .is_err()
+            {
+                return Err(self.drop(DropReason::Authentication));
+            }
+        }
+        if self.replay.commit(seq).is_err() {
+            return Err(self.drop(DropReason::Replay));
+        }
+        if !encr.is_aead() {
+            let (head, rest) = buf.split_at_mut(ct_start);
+            if self
+                .cipher
+                .cbc_decrypt(&head[esp.start + ESP_HLEN..], &mut rest[..ct_len])
+                .is_err()
+            {
+                return Err(self.drop(DropReason::Malformed));
+            }
+        }
+        let pad = usize::from(buf[ct_end - 2]);
+        let next_header = buf[ct_end - 1];
+        if pad + ESP_TRAILER > ct_len {
+            return Err(self.drop(DropReason::BadPadding));
+        }
+        let payload_end = ct_end - ESP_TRAILER - pad;
+        if buf[payload_end..payload_end + pad]
+            .iter()
+            .enumerate()
+            .any(|(i, b)| usize::from(*b) != i + 1)
+        {
+            return Err(self.drop(DropReason::BadPadding));
+        }
+        let payload = ct_start..payload_end;
+        let inner_len = match next_header {
+            IPPROTO_NONE => return Err(self.drop(DropReason::Dummy)),
+            IPPROTO_IPIP => match buf.get(payload.start..payload.start + IPV4_HLEN) {
+                Some(ih) if ih[0] >> 4 == 4 => usize::from(u16::from_be_bytes([ih[2], ih[3]])),
+                _ => return Err(self.drop(DropReason::BadInner)),
+            },
+            IPPROTO_IPV6 => match buf.get(payload.start..payload.start + IPV6_HLEN) {
+                Some(ih) if ih[0] >> 4 == 6 => {
+                    IPV6_HLEN + usize::from(u16::from_be_bytes([ih[4], ih[5]]))
+                }
+                _ => return Err(self.drop(DropReason::BadInner)),
+            },
+            _ => return Err(self.drop(DropReason::BadInner)),
+        };
+        // Anything past the inner packet's own length is TFC padding (RFC 4303 §2.7).
+        if inner_len > payload.len() || inner_len < IPV4_HLEN {
+            return Err(self.drop(DropReason::BadInner));
+        }
+        self.counters.packets += 1;
+        self.counters.bytes += inner_len as u64;
+        self.life.account(&self.counters);
+        Ok(Decapsulated {
+            inner: payload.start..payload.start + inner_len,
+            next_header,
+            seq,
+        })
+    }
+
+    /// The next lifetime event, if any.
+    pub fn poll_expiry(&mut self, now: Instant) -> Option<Expiry> {
+        self.life.poll(now)
+    }
+
+    /// Highest sequence number received so far.
+    pub fn highest_seq(&self) -> u64 {
+        self.replay.top()
+    }
+}
