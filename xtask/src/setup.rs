@@ -5,7 +5,8 @@
 //!   (the eBPF crate is built by it with `-Z build-std=core`), strongSwan and
 //!   BIRD for the reference lab, and the network tools the lab and tests use.
 //! * bpf-linker, built against the libLLVM that Debian's rustc itself links
-//!   (its major version is read from `/usr/bin/rustc -vV`, never pinned).
+//!   (its major version is read from `/usr/bin/rustc -vV`, never pinned);
+//! * cargo-fuzz, which runs the fuzz targets (with rustup's nightly).
 
 use std::{
     env,
@@ -41,6 +42,8 @@ pub const APT_PACKAGES: &[&str] = &[
 ];
 
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The fuzzing front end `cargo xtask test` runs the fuzz targets with.
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// LLVM majors bpf-linker 0.13 has a feature for.
 const BPF_LINKER_LLVM_MAJORS: &[u32] = &[21, 22, 23];
 
@@ -70,6 +73,29 @@ pub fn is_complete() -> bool {
     missing_packages().map(|m| m.is_empty()).unwrap_or(false)
         && debian_llvm_major().is_ok()
         && installed_bpf_linker().is_some()
+        && installed_cargo_fuzz()
+}
+
+fn installed_cargo_fuzz() -> bool {
+    Command::new(cargo_home().join("bin/cargo-fuzz"))
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION))
+}
+
+fn cargo_fuzz(quiet: bool) -> Result<()> {
+    if installed_cargo_fuzz() {
+        if !quiet {
+            println!("[setup] cargo-fuzz {CARGO_FUZZ_VERSION}: present");
+        }
+        return Ok(());
+    }
+    println!("[setup] cargo-fuzz {CARGO_FUZZ_VERSION}: installing (about a minute)");
+    run_cmd(
+        Command::new(host_cargo())
+            .args(["install", "cargo-fuzz", "--version", CARGO_FUZZ_VERSION, "--locked", "--root"])
+            .arg(cargo_home()),
+    )
 }
 
 /// Runs `setup` only if something is missing (quietly when nothing is).
