@@ -62,6 +62,7 @@ pub fn run(quiet: bool) -> Result<Toolchain> {
     apt(quiet)?;
     let llvm_major = debian_llvm_major()?;
     let bpf_linker = bpf_linker(llvm_major, quiet)?;
+    cargo_fuzz(quiet)?;
     Ok(Toolchain {
         bpf_linker,
         llvm_major,
