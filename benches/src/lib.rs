@@ -1,1 +1,1 @@
-//! xesp-benches
+//! Benchmarks live in `benches/`; `cargo bench -p xesp-benches` runs them.

@@ -94,7 +94,14 @@ fn cargo_fuzz(quiet: bool) -> Result<()> {
     println!("[setup] cargo-fuzz {CARGO_FUZZ_VERSION}: installing (about a minute)");
     run_cmd(
         Command::new(host_cargo())
-            .args(["install", "cargo-fuzz", "--version", CARGO_FUZZ_VERSION, "--locked", "--root"])
+            .args([
+                "install",
+                "cargo-fuzz",
+                "--version",
+                CARGO_FUZZ_VERSION,
+                "--locked",
+                "--root",
+            ])
             .arg(cargo_home()),
     )
 }

@@ -271,7 +271,15 @@ fn cbc_decrypt<C: BlockDecrypt>(c: &C, iv: &[u8], buf: &mut [u8]) -> Result<(), 
 /// One direction's integrity key (HMAC, truncated per the transform).
 pub struct Mac {
     integ: Integ,
-    key: ring::hmac::Key,
+    key: MacKey,
+}
+
+/// ring's SHA-2 HMACs are the fastest here; its SHA-1 has no assembly, so
+/// HMAC-SHA1 (the article's `esp-sha-hmac`) uses the RustCrypto SHA-1, which
+/// runs on the CPU's SHA extensions when it has them.
+enum MacKey {
+    Sha1(hmac::Hmac<sha1::Sha1>),
+    Ring(ring::hmac::Key),
 }
 
 impl core::fmt::Debug for Mac {
@@ -289,10 +297,19 @@ impl Mac {
                 want: integ.key_len(),
             });
         }
-        Ok(Self {
-            integ,
-            key: ring::hmac::Key::new(integ.ring_alg(), key),
-        })
+        let key = match integ {
+            Integ::HmacSha1_96 => MacKey::Sha1(
+                <hmac::Hmac<sha1::Sha1> as hmac::Mac>::new_from_slice(key).map_err(|_| {
+                    CryptoError::KeyLength {
+                        alg: "integrity",
+                        got: key.len(),
+                        want: integ.key_len(),
+                    }
+                })?,
+            ),
+            _ => MacKey::Ring(ring::hmac::Key::new(integ.ring_alg(), key)),
+        };
+        Ok(Self { integ, key })
     }
 
     pub fn integ(&self) -> Integ {
@@ -309,28 +326,43 @@ impl Mac {
                 icv: want,
             });
         }
-        let tag = self.tag(parts);
-        icv.copy_from_slice(&tag.as_ref()[..want]);
+        self.tag(parts, |t| icv.copy_from_slice(&t[..want]));
         Ok(())
     }
 
     /// Checks `icv` against the concatenation of `parts`, in constant time.
     pub fn verify(&self, parts: &[&[u8]], icv: &[u8]) -> Result<(), CryptoError> {
         let want = self.integ.icv_len();
-        let tag = self.tag(parts);
-        if icv.len() == want && bool::from(tag.as_ref()[..want].ct_eq(icv)) {
+        let mut ok = false;
+        self.tag(parts, |t| {
+            ok = icv.len() == want && bool::from(t[..want].ct_eq(icv))
+        });
+        if ok {
             Ok(())
         } else {
             Err(CryptoError::Authentication)
         }
     }
 
-    fn tag(&self, parts: &[&[u8]]) -> ring::hmac::Tag {
-        let mut ctx = ring::hmac::Context::with_key(&self.key);
-        for p in parts {
-            ctx.update(p);
+    /// Computes the full HMAC and hands it to `f` (no allocation).
+    fn tag(&self, parts: &[&[u8]], f: impl FnOnce(&[u8])) {
+        match &self.key {
+            MacKey::Sha1(k) => {
+                use hmac::Mac as _;
+                let mut m = k.clone();
+                for p in parts {
+                    m.update(p);
+                }
+                f(&m.finalize().into_bytes());
+            }
+            MacKey::Ring(k) => {
+                let mut ctx = ring::hmac::Context::with_key(k);
+                for p in parts {
+                    ctx.update(p);
+                }
+                f(ctx.sign().as_ref());
+            }
         }
-        ctx.sign()
     }
 }
 
@@ -430,6 +462,7 @@ mod tests {
         })
         .unwrap();
         // A 32-octet key zero-padded is the same HMAC key as "Jefe" (RFC 2104 §2).
+        // (RFC 2202 case 2 for SHA-1 is in `hmac_sha1_96_rfc2202`.)
         let mut icv = [0u8; 16];
         m.sign(&[b"what do ya want ", b"for nothing?"], &mut icv)
             .unwrap();
@@ -441,5 +474,21 @@ mod tests {
             Err(CryptoError::Authentication)
         );
         assert!(Mac::new(Integ::HmacSha1_96, &[0; 19]).is_err());
+    }
+
+    /// RFC 2202 test case 2 for HMAC-SHA1, truncated to 96 bits (RFC 2404).
+    #[test]
+    fn hmac_sha1_96_rfc2202() {
+        let mut k = [0u8; 20];
+        k[..4].copy_from_slice(b"Jefe");
+        let m = Mac::new(Integ::HmacSha1_96, &k).unwrap();
+        let mut icv = [0u8; 12];
+        m.sign(&[b"what do ya want for nothing?"], &mut icv)
+            .unwrap();
+        assert_eq!(icv.to_vec(), hex("effcdf6ae5eb2fa2d27416d5"));
+        m.verify(&[b"what do ya ", b"want for nothing?"], &icv)
+            .unwrap();
+        icv[11] ^= 0x80;
+        assert!(m.verify(&[b"what do ya want for nothing?"], &icv).is_err());
     }
 }
