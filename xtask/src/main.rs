@@ -16,6 +16,22 @@ enum Cmd {
     Setup,
     /// Run every check CI runs: lint, fuzz briefly, then all tests (needs root).
     Test(xtask::test::TestArgs),
+    /// The reference lab in network namespaces: without an action, bring it up
+    /// (if it is not) and show its status.
+    Lab {
+        #[command(subcommand)]
+        action: Option<LabAction>,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabAction {
+    /// Build the topology and start every daemon; it keeps running.
+    Up,
+    /// SAs, BGP sessions and routes on every side.
+    Status,
+    /// Stop the daemons and remove the namespaces.
+    Down,
 }
 
 fn main() -> Result<()> {
@@ -24,6 +40,15 @@ fn main() -> Result<()> {
             xtask::setup::run(false)?;
         }
         Cmd::Test(args) => xtask::test::run(&args)?,
+        Cmd::Lab { action } => match action {
+            None => {
+                xtask::lab::cli_up()?;
+                xtask::lab::cli_status()?;
+            }
+            Some(LabAction::Up) => xtask::lab::cli_up()?,
+            Some(LabAction::Status) => xtask::lab::cli_status()?,
+            Some(LabAction::Down) => xtask::lab::cli_down()?,
+        },
     }
     Ok(())
 }

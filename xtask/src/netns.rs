@@ -41,6 +41,19 @@ impl Netns {
         Ok(ns)
     }
 
+    /// Creates a namespace with exactly this name (for a lab that outlives
+    /// the process: such names are not swept as leftovers of dead runs).
+    pub fn create_named(name: &str) -> Result<Self> {
+        sh(Command::new("ip").args(["netns", "add", name]))
+            .with_context(|| format!("creating network namespace {name} (needs root)"))?;
+        let ns = Self {
+            name: name.to_string(),
+            keep: false,
+        };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
     /// Adopts an existing namespace (for `lab down`/`status` across processes).
     pub fn adopt(name: &str) -> Self {
         Self {
@@ -201,9 +214,13 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// Starts `cmd` in a process group of its own (a terminal's Ctrl-C
+    /// reaches the test, whose guards then stop the daemon).
     pub fn spawn(name: &str, cmd: &mut Command) -> Result<Self> {
+        use std::os::unix::process::CommandExt;
         let child = cmd
             .stdin(Stdio::null())
+            .process_group(0)
             .spawn()
             .with_context(|| format!("starting {name}: {cmd:?}"))?;
         Ok(Self {

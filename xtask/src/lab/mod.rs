@@ -1,0 +1,440 @@
+//! The reference lab: the article's topology in network namespaces, with two
+//! strongSwan + BIRD instances playing the active-active Azure VPN gateway and
+//! a VNet behind them. The on-prem device is whatever the caller puts in the
+//! `onprem` namespace: a strongSwan stand-in, or nothing (the caller starts
+//! its own daemon, e.g. xesp, there).
+//!
+//! A [`Lab`] tears everything down when dropped, also when a test panics.
+//! `cargo xtask lab up` keeps one running and records it in a state file, so
+//! that `status` and `down` find it again.
+
+pub mod bird;
+pub mod strongswan;
+pub mod topology;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use self::{
+    bird::{Bird, PeerRoute},
+    strongswan::Charon,
+    topology::{GW_BGP, GW_PUBLIC, Namespaces, ONPREM_PUBLIC},
+};
+use crate::{
+    netns::{self, Daemon, Netns, wait_until},
+    setup::project_root,
+};
+
+/// What runs on the on-prem device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OnpremMode {
+    /// strongSwan (libipsec) and BIRD, with per-tunnel selectors.
+    StrongSwan,
+    /// Nothing: the caller runs the device (xesp and its BIRD).
+    Bare,
+}
+
+/// How to build a lab.
+#[derive(Debug, Clone)]
+pub struct LabConfig {
+    pub onprem: OnpremMode,
+    pub psk: String,
+    /// IKE and ESP proposals the gateways accept (strongSwan syntax).
+    pub gateway_ike: String,
+    pub gateway_esp: String,
+    /// What the strongSwan stand-in proposes.
+    pub standin_ike: String,
+    pub standin_esp: String,
+}
+
+impl Default for LabConfig {
+    fn default() -> Self {
+        Self {
+            onprem: OnpremMode::StrongSwan,
+            psk: topology::DEFAULT_PSK.to_string(),
+            gateway_ike: strongswan::GATEWAY_IKE_PROPOSALS.to_string(),
+            gateway_esp: strongswan::GATEWAY_ESP_PROPOSALS.to_string(),
+            standin_ike: "aes256-sha256-modp2048".to_string(),
+            standin_esp: "aes256gcm16".to_string(),
+        }
+    }
+}
+
+/// One gateway instance's daemons' files.
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    pub charon: Charon,
+    pub bird: Bird,
+}
+
+/// A running lab.
+pub struct Lab {
+    /// Configuration files and logs of every daemon.
+    pub dir: PathBuf,
+    pub ns: Namespaces,
+    pub gateways: [Gateway; 2],
+    /// The stand-in's daemons, in [`OnpremMode::StrongSwan`].
+    pub onprem: Option<Gateway>,
+    pub config: LabConfig,
+    // Dropped before `ns`: daemons stop before their namespaces go.
+    daemons: Vec<Daemon>,
+}
+
+static LABS: AtomicU32 = AtomicU32::new(0);
+
+fn say(quiet: bool, what: &str) {
+    if !quiet {
+        eprintln!("[lab] {what}");
+    }
+}
+
+impl Lab {
+    /// Builds a lab whose namespaces are removed when it is dropped. Needs root.
+    pub fn up(config: LabConfig) -> Result<Self> {
+        let n = LABS.fetch_add(1, Ordering::Relaxed);
+        let dir = project_root().join(format!("target/lab/{}-{n}", std::process::id()));
+        Self::build(config, dir, |role| Netns::create(role), true)
+    }
+
+    fn build(
+        config: LabConfig,
+        dir: PathBuf,
+        make: impl Fn(&str) -> Result<Netns>,
+        quiet: bool,
+    ) -> Result<Self> {
+        crate::setup::require_root("build the lab (network namespaces)")?;
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        say(quiet, "creating namespaces and links");
+        let ns = topology::build(make)?;
+        let gateways = [0, 1].map(|i| Gateway {
+            charon: Charon::at(&dir.join(format!("azgw{}", i + 1))),
+            bird: Bird::at(&dir.join(format!("azgw{}", i + 1))),
+        });
+        let mut lab = Self {
+            dir,
+            ns,
+            gateways,
+            onprem: None,
+            config,
+            daemons: Vec::new(),
+        };
+        for i in 0..2 {
+            let gw = lab.gateways[i].clone();
+            say(
+                quiet,
+                &format!(
+                    "azgw{}: starting strongSwan ({}) and BIRD (AS 65000, {})",
+                    i + 1,
+                    GW_PUBLIC[i],
+                    GW_BGP[i]
+                ),
+            );
+            gw.charon.write_conf(0, false)?;
+            gw.charon.write_swanctl(&strongswan::gateway_swanctl(
+                GW_PUBLIC[i],
+                ONPREM_PUBLIC,
+                &lab.config.psk,
+                &lab.config.gateway_ike,
+                &lab.config.gateway_esp,
+            ))?;
+            let d = gw.charon.start(&lab.ns.azgw[i])?;
+            lab.daemons.push(d);
+            gw.bird
+                .write_conf(&bird::gateway_conf(&gw.bird, GW_BGP[i]))?;
+            let d = gw.bird.start(&lab.ns.azgw[i])?;
+            lab.daemons.push(d);
+        }
+        if lab.config.onprem == OnpremMode::StrongSwan {
+            say(
+                quiet,
+                "onprem: starting the strongSwan stand-in and BIRD (AS 65010)",
+            );
+            let gw = Gateway {
+                charon: Charon::at(&lab.dir.join("onprem")),
+                bird: Bird::at(&lab.dir.join("onprem")),
+            };
+            gw.charon.write_conf(220, false)?;
+            gw.charon.write_swanctl(&strongswan::standin_swanctl(
+                ONPREM_PUBLIC,
+                &[(GW_PUBLIC[0], GW_BGP[0]), (GW_PUBLIC[1], GW_BGP[1])],
+                &lab.config.psk,
+                &lab.config.standin_ike,
+                &lab.config.standin_esp,
+            ))?;
+            let d = gw.charon.start(&lab.ns.onprem)?;
+            lab.daemons.push(d);
+            gw.bird.write_conf(&bird::onprem_conf(
+                &gw.bird,
+                &[
+                    PeerRoute::OnLink("ipsec0".into()),
+                    PeerRoute::OnLink("ipsec0".into()),
+                ],
+            ))?;
+            // BIRD needs ipsec0, which libipsec creates at start-up.
+            if !wait_until(Duration::from_secs(10), || {
+                lab.ns.onprem.ip(&["link", "show", "ipsec0"]).is_ok()
+            }) {
+                bail!(
+                    "onprem: strongSwan created no ipsec0; see {}",
+                    gw.charon.log().display()
+                );
+            }
+            let d = gw.bird.start(&lab.ns.onprem)?;
+            lab.daemons.push(d);
+            lab.onprem = Some(gw);
+        }
+        Ok(lab)
+    }
+
+    /// Waits until the stand-in has its four CHILD_SAs and every BGP session
+    /// is Established on all three sides.
+    pub fn wait_standin_ready(&self, timeout: Duration) -> Result<()> {
+        let Some(onprem) = &self.onprem else {
+            bail!("the lab has no strongSwan stand-in")
+        };
+        let deadline = Instant::now() + timeout;
+        let left = || deadline.saturating_duration_since(Instant::now());
+        if !wait_until(left(), || onprem.charon.installed_children() >= 4) {
+            bail!(
+                "onprem: {} of 4 CHILD_SAs installed after {timeout:?}; see {}",
+                onprem.charon.installed_children(),
+                onprem.charon.log().display()
+            );
+        }
+        if !wait_until(left(), || {
+            onprem.bird.established() == 2
+                && self.gateways.iter().all(|g| g.bird.established() == 1)
+        }) {
+            bail!(
+                "BGP not Established everywhere after {timeout:?}:\n{}",
+                self.status()
+            );
+        }
+        Ok(())
+    }
+
+    /// Human status: SAs, BGP sessions and routes on every side.
+    pub fn status(&self) -> String {
+        status_of(&self.dir, &self.ns.onprem, self.config.onprem)
+    }
+
+    /// Keeps the lab running after this process exits; returns its state.
+    fn persist(mut self) -> State {
+        let pids = self
+            .daemons
+            .drain(..)
+            .map(|d| (d.name().to_string(), d.detach()))
+            .collect();
+        let namespaces = self
+            .ns
+            .all()
+            .iter()
+            .map(|(role, n)| (role.to_string(), n.name().to_string()))
+            .collect();
+        let state = State {
+            dir: self.dir.clone(),
+            onprem: self.config.onprem,
+            namespaces,
+            pids,
+        };
+        let Lab { ns, .. } = self;
+        let Namespaces {
+            lan,
+            onprem,
+            msee,
+            azgw: [a, b],
+            vnet,
+        } = ns;
+        for n in [lan, onprem, msee, a, b, vnet] {
+            n.persist();
+        }
+        state
+    }
+}
+
+fn section(out: &mut String, title: &str, body: &str) {
+    out.push_str(&format!("===== {title}\n{}\n", body.trim_end()));
+}
+
+fn status_of(dir: &Path, onprem: &Netns, mode: OnpremMode) -> String {
+    let mut out = String::new();
+    for i in 0..2 {
+        let d = dir.join(format!("azgw{}", i + 1));
+        let (c, b) = (Charon::at(&d), Bird::at(&d));
+        section(
+            &mut out,
+            &format!("azgw{}: swanctl --list-sas", i + 1),
+            &c.list_sas(),
+        );
+        let protos = b
+            .birdc(&["show", "protocols"])
+            .unwrap_or_else(|e| format!("{e:#}"));
+        section(
+            &mut out,
+            &format!("azgw{}: birdc show protocols", i + 1),
+            &protos,
+        );
+        let routes = b
+            .birdc(&["show", "route"])
+            .unwrap_or_else(|e| format!("{e:#}"));
+        section(
+            &mut out,
+            &format!("azgw{}: birdc show route", i + 1),
+            &routes,
+        );
+    }
+    if mode == OnpremMode::StrongSwan {
+        let d = dir.join("onprem");
+        let (c, b) = (Charon::at(&d), Bird::at(&d));
+        section(
+            &mut out,
+            "onprem (strongSwan stand-in): swanctl --list-sas",
+            &c.list_sas(),
+        );
+        let protos = b
+            .birdc(&["show", "protocols"])
+            .unwrap_or_else(|e| format!("{e:#}"));
+        section(&mut out, "onprem: birdc show protocols", &protos);
+    }
+    let route = onprem
+        .exec("ip", &["route", "show", topology::VNET])
+        .unwrap_or_else(|e| format!("{e:#}"));
+    section(
+        &mut out,
+        &format!("onprem: ip route show {}", topology::VNET),
+        &route,
+    );
+    out
+}
+
+/// A persistent lab, as `cargo xtask lab up` left it.
+#[derive(Debug, Serialize, Deserialize)]
+struct State {
+    dir: PathBuf,
+    onprem: OnpremMode,
+    namespaces: Vec<(String, String)>,
+    pids: Vec<(String, u32)>,
+}
+
+fn state_file() -> PathBuf {
+    project_root().join("target/lab/state.json")
+}
+
+fn load_state() -> Result<Option<State>> {
+    match fs::read_to_string(state_file()) {
+        Ok(s) => {
+            Ok(Some(serde_json::from_str(&s).with_context(|| {
+                format!("reading {}", state_file().display())
+            })?))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", state_file().display())),
+    }
+}
+
+impl State {
+    fn onprem_ns(&self) -> Option<Netns> {
+        self.namespaces
+            .iter()
+            .find(|(r, _)| r == "onprem")
+            .map(|(_, n)| Netns::adopt(n))
+    }
+
+    fn alive(&self) -> bool {
+        self.namespaces
+            .iter()
+            .all(|(_, n)| Path::new("/run/netns").join(n).exists())
+    }
+}
+
+/// `cargo xtask lab up`: builds the lab (if none runs) and leaves it running.
+pub fn cli_up() -> Result<()> {
+    crate::setup::require_root("build the lab (network namespaces)")?;
+    crate::setup::ensure()?;
+    if let Some(s) = load_state()? {
+        if s.alive() {
+            eprintln!(
+                "[lab] already up (namespaces {}); `cargo xtask lab down` removes it",
+                s.namespaces[0].1
+            );
+            return Ok(());
+        }
+        cli_down()?;
+    }
+    let started = Instant::now();
+    let id = std::process::id();
+    let dir = project_root().join(format!("target/lab/up-{id}"));
+    // Persistent names: not matched by the sweep of dead test runs.
+    let lab = Lab::build(
+        LabConfig::default(),
+        dir,
+        |role| Netns::create_named(&format!("{}-lab{id}-{role}", netns::PREFIX)),
+        false,
+    )?;
+    eprintln!("[lab] waiting for the tunnels (4 CHILD_SAs) and BGP (3 sessions)...");
+    let ready = lab.wait_standin_ready(Duration::from_secs(90));
+    let state = lab.persist();
+    fs::write(state_file(), serde_json::to_string_pretty(&state)?)?;
+    ready?;
+    eprintln!(
+        "[lab] up in {:.1} s; logs and configurations under {}",
+        started.elapsed().as_secs_f64(),
+        state.dir.display()
+    );
+    Ok(())
+}
+
+/// `cargo xtask lab status`.
+pub fn cli_status() -> Result<()> {
+    let Some(s) = load_state()? else {
+        bail!("no lab is up: `cargo xtask lab up` starts one")
+    };
+    let Some(onprem) = s.onprem_ns() else {
+        bail!("{} names no onprem namespace", state_file().display())
+    };
+    if !s.alive() {
+        bail!(
+            "the lab recorded in {} is gone: `cargo xtask lab down` cleans up",
+            state_file().display()
+        );
+    }
+    print!("{}", status_of(&s.dir, &onprem, s.onprem));
+    onprem.persist();
+    Ok(())
+}
+
+/// `cargo xtask lab down`: stops the persistent lab and sweeps leftovers.
+pub fn cli_down() -> Result<()> {
+    crate::setup::require_root("remove the lab (network namespaces)")?;
+    if let Some(s) = load_state()? {
+        for (name, pid) in &s.pids {
+            // SAFETY: kill has no memory-safety preconditions.
+            if unsafe { libc::kill(*pid as i32, libc::SIGTERM) } == 0 {
+                eprintln!("[lab] stopped {name} (pid {pid})");
+            }
+        }
+        for (_, n) in &s.namespaces {
+            netns::delete(n);
+        }
+        eprintln!("[lab] removed {} namespaces", s.namespaces.len());
+        fs::remove_file(state_file())?;
+    } else {
+        eprintln!("[lab] no lab recorded in {}", state_file().display());
+    }
+    let swept = netns::sweep_stale();
+    if !swept.is_empty() {
+        eprintln!(
+            "[lab] also removed namespaces of dead runs: {}",
+            swept.join(" ")
+        );
+    }
+    Ok(())
+}

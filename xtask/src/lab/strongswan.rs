@@ -1,0 +1,281 @@
+//! strongSwan 5.9.8 with kernel-libipsec (user-space ESP over a TUN device),
+//! one charon per namespace, each with its own configuration, vici socket and
+//! `/run` (its pid file path is fixed), driven through `swanctl`.
+
+use std::{
+    fmt::Write as _,
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::netns::{Daemon, Netns, output, wait_until};
+
+pub const CHARON: &str = "/usr/lib/ipsec/charon";
+
+/// A charon's files: configuration, sockets, logs.
+#[derive(Debug, Clone)]
+pub struct Charon {
+    pub dir: PathBuf,
+}
+
+impl Charon {
+    pub fn at(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn conf(&self) -> PathBuf {
+        self.dir.join("strongswan.conf")
+    }
+
+    pub fn vici(&self) -> PathBuf {
+        self.dir.join("charon.vici")
+    }
+
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("charon.log")
+    }
+
+    /// Writes strongswan.conf. `routing_table` 0 puts libipsec's routes in
+    /// the main table (the gateways: a 0.0.0.0/0 selector must not hide the
+    /// connected networks); `keylog` logs keys (for captures only).
+    pub fn write_conf(&self, routing_table: u32, keylog: bool) -> Result<()> {
+        fs::create_dir_all(self.dir.join("swanctl"))?;
+        fs::create_dir_all(self.dir.join("run"))?;
+        let d = self.dir.display();
+        let (ike, chd) = if keylog { (4, 4) } else { (2, 1) };
+        let conf = format!(
+            r#"# strongswan.conf of one lab namespace (selected with STRONGSWAN_CONF)
+charon {{
+    # kernel-libipsec must come before kernel-netlink: the first ESP backend wins.
+    load = random nonce openssl aes sha1 sha2 hmac gcm kdf pem pkcs1 x509 pubkey revocation constraints kernel-libipsec kernel-netlink socket-default updown vici
+    install_virtual_ip = no
+    routing_table = {routing_table}
+    retransmit_tries = 3
+    syslog {{
+        daemon {{
+            default = -1
+        }}
+    }}
+    filelog {{
+        lab {{
+            path = {d}/charon.log
+            time_format = %H:%M:%S
+            default = 1
+            ike = {ike}
+            chd = {chd}
+            cfg = 1
+            knl = 1
+            esp = 1
+            flush_line = yes
+            append = yes
+        }}
+    }}
+    plugins {{
+        vici {{
+            socket = unix://{d}/charon.vici
+        }}
+        kernel-libipsec {{
+            allow_peer_ts = no
+        }}
+    }}
+}}
+swanctl {{
+    socket = unix://{d}/charon.vici
+}}
+"#
+        );
+        fs::write(self.conf(), conf)?;
+        Ok(())
+    }
+
+    pub fn write_swanctl(&self, text: &str) -> Result<()> {
+        fs::write(self.dir.join("swanctl/swanctl.conf"), text)?;
+        Ok(())
+    }
+
+    /// Starts charon in `ns` and loads swanctl.conf.
+    pub fn start(&self, ns: &Netns) -> Result<Daemon> {
+        let _ = fs::remove_file(self.vici());
+        let stdout = fs::File::create(self.dir.join("charon.stdout"))?;
+        let stderr = stdout.try_clone()?;
+        let mut cmd = ns.cmd("sh");
+        cmd.arg("-c")
+            .arg(format!(
+                "mount --bind {} /run && exec {CHARON}",
+                self.dir.join("run").display()
+            ))
+            .env("STRONGSWAN_CONF", self.conf())
+            .stdout(stdout)
+            .stderr(stderr);
+        let mut d = Daemon::spawn(&format!("charon in {}", ns.name()), &mut cmd)?;
+        if !wait_until(Duration::from_secs(10), || {
+            self.vici().exists() || !d.is_running()
+        }) || !self.vici().exists()
+        {
+            bail!(
+                "charon in {} did not start; see {}",
+                ns.name(),
+                self.log().display()
+            );
+        }
+        self.swanctl(&["--load-all", "--noprompt"])
+            .with_context(|| format!("loading swanctl.conf in {}", ns.name()))?;
+        Ok(d)
+    }
+
+    /// Runs `swanctl` against this charon.
+    pub fn swanctl(&self, args: &[&str]) -> Result<String> {
+        output(
+            Command::new("swanctl")
+                .args(args)
+                .env("STRONGSWAN_CONF", self.conf())
+                .env("SWANCTL_DIR", self.dir.join("swanctl"))
+                .stdin(Stdio::null()),
+        )
+    }
+
+    pub fn list_sas(&self) -> String {
+        self.swanctl(&["--list-sas"])
+            .unwrap_or_else(|e| format!("(swanctl --list-sas failed: {e:#})"))
+    }
+
+    /// CHILD_SAs in state INSTALLED.
+    pub fn installed_children(&self) -> usize {
+        self.swanctl(&["--list-sas"])
+            .map(|s| s.matches("INSTALLED").count())
+            .unwrap_or(0)
+    }
+
+    /// IKE_SAs in state ESTABLISHED.
+    pub fn established_ike_sas(&self) -> usize {
+        self.swanctl(&["--list-sas"])
+            .map(|s| s.matches("ESTABLISHED").count())
+            .unwrap_or(0)
+    }
+}
+
+/// The IKE and ESP proposals a gateway accepts: Azure's defaults first, then
+/// the article's Cisco-style ones and the elliptic-curve groups.
+pub const GATEWAY_IKE_PROPOSALS: &str = "aes256-sha256-modp2048,aes256-sha1-modp1024,aes128-sha1-modp1024,\
+aes256-sha1-modp2048,aes256-sha256-modp1024,aes256-sha256-ecp256,aes256-sha384-ecp384,aes128-sha256-ecp256,\
+aes256gcm16-prfsha256-modp2048,aes256-sha256-curve25519";
+pub const GATEWAY_ESP_PROPOSALS: &str =
+    "aes256gcm16,aes128gcm16,aes256-sha1,aes128-sha1,aes256-sha256";
+
+/// swanctl.conf of a gateway instance: the Azure side, a responder with
+/// 0.0.0.0/0 selectors narrowed to what on-prem proposes.
+pub fn gateway_swanctl(me: Ipv4Addr, peer: Ipv4Addr, psk: &str, ike: &str, esp: &str) -> String {
+    format!(
+        r#"connections {{
+    onprem {{
+        version = 2
+        local_addrs = {me}
+        remote_addrs = {peer}
+        proposals = {ike}
+        mobike = no
+        rekey_time = 28800s
+        dpd_delay = 10s
+        local {{
+            auth = psk
+            id = {me}
+        }}
+        remote {{
+            auth = psk
+            id = {peer}
+        }}
+        children {{
+            s2s {{
+                local_ts = 0.0.0.0/0
+                remote_ts = 0.0.0.0/0
+                esp_proposals = {esp}
+                rekey_time = 27000s
+                start_action = none
+                dpd_action = clear
+            }}
+        }}
+    }}
+}}
+secrets {{
+    ike-onprem {{
+        id-a = {me}
+        id-b = {peer}
+        secret = "{psk}"
+    }}
+}}
+"#
+    )
+}
+
+/// swanctl.conf of the strongSwan stand-in for the on-prem device: one
+/// connection per gateway. libipsec is policy based, so each tunnel needs
+/// selectors of its own: one CHILD_SA for the BGP session (Loopback0 to the
+/// instance's BGP address) and one for the networks.
+pub fn standin_swanctl(
+    me: Ipv4Addr,
+    gateways: &[(Ipv4Addr, Ipv4Addr)],
+    psk: &str,
+    ike: &str,
+    esp: &str,
+) -> String {
+    let mut s = String::from("connections {\n");
+    for (i, (public, bgp)) in gateways.iter().enumerate() {
+        let name = format!("az{}", i + 1);
+        let _ = write!(
+            s,
+            r#"    {name} {{
+        version = 2
+        local_addrs = {me}
+        remote_addrs = {public}
+        proposals = {ike}
+        mobike = no
+        rekey_time = 28800s
+        dpd_delay = 10s
+        local {{
+            auth = psk
+            id = {me}
+        }}
+        remote {{
+            auth = psk
+            id = {public}
+        }}
+        children {{
+            {name} {{
+                local_ts = {lo}/32
+                remote_ts = {bgp}/32
+                esp_proposals = {esp}
+                start_action = start
+                dpd_action = restart
+                close_action = start
+            }}
+            {name}-net {{
+                local_ts = 10.0.0.0/24,10.1.10.0/25
+                remote_ts = 10.2.0.0/24
+                esp_proposals = {esp}
+                start_action = start
+                dpd_action = restart
+                close_action = start
+            }}
+        }}
+    }}
+"#,
+            lo = super::topology::ONPREM_LOOPBACK,
+        );
+    }
+    s.push_str("}\nsecrets {\n");
+    for (i, (public, _)) in gateways.iter().enumerate() {
+        let _ = write!(
+            s,
+            "    ike-az{} {{\n        id-a = {me}\n        id-b = {public}\n        secret = \"{psk}\"\n    }}\n",
+            i + 1
+        );
+    }
+    s.push_str("}\n");
+    s
+}
