@@ -100,7 +100,7 @@ impl Lab {
     pub fn up(config: LabConfig) -> Result<Self> {
         let n = LABS.fetch_add(1, Ordering::Relaxed);
         let dir = project_root().join(format!("target/lab/{}-{n}", std::process::id()));
-        Self::build(config, dir, |role| Netns::create(role), true)
+        Self::build(config, dir, Netns::create, true)
     }
 
     fn build(
