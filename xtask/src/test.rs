@@ -68,10 +68,11 @@ pub fn run(args: &TestArgs) -> Result<()> {
     if args.fuzz_secs > 0 {
         for (dir, target) in FUZZ_TARGETS {
             step(&format!("fuzz {target} for {} s", args.fuzz_secs));
+            // cargo-fuzz needs nightly (sanitizers); rustup picks it.
             run_cmd(
-                Command::new(&cargo)
+                Command::new("rustup")
                     .current_dir(root.join(dir))
-                    .args(["+nightly", "fuzz", "run", "--locked", target, "--"])
+                    .args(["run", "nightly", "cargo", "fuzz", "run", target, "--"])
                     .arg(format!("-max_total_time={}", args.fuzz_secs)),
             )
             .with_context(|| format!("fuzz target {target} found a crash (see {dir}/artifacts)"))?;
