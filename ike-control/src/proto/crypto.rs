@@ -13,6 +13,7 @@ use crypto_bigint::{
 };
 use ring::{agreement, hmac, rand::SecureRandom};
 use subtle::{ConstantTimeEq, ConstantTimeGreater, ConstantTimeLess};
+use xesp_esp::alg::Suite;
 use zeroize::{Zeroize, Zeroizing};
 
 /// Errors of the IKE cryptography.
@@ -57,7 +58,7 @@ impl Prf {
     }
 
     /// Output (and preferred key) length.
-    pub const fn len(self) -> usize {
+    pub const fn output_len(self) -> usize {
         match self {
             Self::HmacSha1 => 20,
             Self::HmacSha2_256 => 32,
@@ -88,7 +89,7 @@ impl Prf {
     /// prf+ (§2.13): T1 | T2 | ... with Tn = prf(K, Tn-1 | S | n), `len` octets.
     pub fn prf_plus(self, key: &[u8], seed: &[&[u8]], len: usize) -> Zeroizing<Vec<u8>> {
         let k = hmac::Key::new(self.alg(), key);
-        let mut out = Zeroizing::new(Vec::with_capacity(len + self.len()));
+        let mut out = Zeroizing::new(Vec::with_capacity(len + self.output_len()));
         let mut t: Vec<u8> = Vec::new();
         let mut n: u8 = 1;
         while out.len() < len {
@@ -437,7 +438,7 @@ pub fn rekey_skeyseed(
 }
 
 /// {SK_d | SK_ai | SK_ar | SK_ei | SK_er | SK_pi | SK_pr} = prf+(SKEYSEED,
-/// Ni | Nr | SPIi | SPIr) (§2.14). `encr_len` includes any salt.
+/// Ni | Nr | SPIi | SPIr) (§2.14), sized for `suite` (SK_e with any salt).
 pub fn derive_ike_keys(
     prf: Prf,
     skeyseed: &[u8],
@@ -445,10 +446,10 @@ pub fn derive_ike_keys(
     nr: &[u8],
     spi_i: u64,
     spi_r: u64,
-    integ_len: usize,
-    encr_len: usize,
+    suite: Suite,
 ) -> IkeKeys {
-    let p = prf.len();
+    let (integ_len, encr_len) = (suite.integ_key_len(), suite.encr.keymat_len());
+    let p = prf.output_len();
     let total = p + 2 * integ_len + 2 * encr_len + 2 * p;
     let km = prf.prf_plus(
         skeyseed,

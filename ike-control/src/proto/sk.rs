@@ -147,7 +147,7 @@ impl SkCipher {
                 &bytes[bytes.len() - icv_len..],
             )
             .map_err(|_| SkError::Integrity)?;
-            if ct_len % encr.block_len() != 0 {
+            if !ct_len.is_multiple_of(encr.block_len()) {
                 return Err(SkError::Padding);
             }
             let (head, rest) = buf.split_at_mut(ct_at);
