@@ -95,16 +95,7 @@ fn strongswan_capture_ike_keys_auth_and_child_keys() {
         Some(Integ::HmacSha2_256_128),
     )
     .unwrap();
-    let k = derive_ike_keys(
-        prf,
-        &seed,
-        &ni,
-        &nr,
-        spi_i,
-        spi_r,
-        suite.integ_key_len(),
-        suite.encr.keymat_len(),
-    );
+    let k = derive_ike_keys(prf, &seed, &ni, &nr, spi_i, spi_r, suite);
     for (name, got) in [
         ("sk_d", &k.sk_d),
         ("sk_ai", &k.sk_ai),
