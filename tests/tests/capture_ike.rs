@@ -35,7 +35,7 @@ fn ike_messages() -> Vec<Vec<u8>> {
         .collect()
 }
 
-fn find<'a>(payloads: &'a [Payload], f: impl Fn(&Body) -> bool) -> &'a Body {
+fn find(payloads: &[Payload], f: impl Fn(&Body) -> bool) -> &Body {
     &payloads.iter().find(|p| f(&p.body)).unwrap().body
 }
 
