@@ -2,6 +2,9 @@
 //!
 //! * [`proto`]: the sans-IO IKEv2 core (RFC 7296): no sockets, no clock, no
 //!   global randomness; datagrams and time go in, datagrams, timers and
-//!   events come out.
+//!   events come out;
+//! * [`backend`]: the [`backend::SaBackend`] trait between the controller and
+//!   a datapath, and a recording mock.
 
+pub mod backend;
 pub mod proto;
