@@ -424,12 +424,20 @@ mod tests {
         );
         assert_eq!(answer.number, 1);
         assert_eq!(
-            accepted_ike(&[ike("aes128-sha1-modp2048")], std::slice::from_ref(&answer), false),
+            accepted_ike(
+                &[ike("aes128-sha1-modp2048")],
+                std::slice::from_ref(&answer),
+                false
+            ),
             Some(suite)
         );
         // The initiator refuses an answer it did not offer, or with two of a kind.
         assert_eq!(
-            accepted_ike(&[ike("aes256-sha256-modp2048")], std::slice::from_ref(&answer), false),
+            accepted_ike(
+                &[ike("aes256-sha256-modp2048")],
+                std::slice::from_ref(&answer),
+                false
+            ),
             None
         );
         let mut two = answer;

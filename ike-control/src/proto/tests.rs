@@ -1,0 +1,804 @@
+//! Two connections talking in memory with a simulated clock: establishment,
+//! loss, duplication, reordering, rekeys and their collisions, DELETE, DPD,
+//! cookies, INVALID_KE_PAYLOAD, legacy proposals, NAT-T, authentication
+//! failure. After every delivered message the make-before-break invariant is
+//! checked: whatever SA a side sends on, the other side can receive on.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use ring::rand::SystemRandom;
+
+use super::{
+    config::{EspProposal, IkeProposal, PeerConfig},
+    connection::{Connection, Event, Level, Transmit},
+    crypto::Psk,
+    ts::TsRange,
+};
+use crate::backend::{BackendCall, Direction, RecordingBackend, SaBackend};
+
+const A_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+const B_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 11);
+/// A's address as seen behind a NAT.
+const NAT_IP: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+
+fn cfg_a() -> PeerConfig {
+    PeerConfig::new(
+        "Tunnel0",
+        0,
+        IpAddr::V4(A_IP),
+        IpAddr::V4(B_IP),
+        Psk::new(b"secret*1234"),
+    )
+}
+
+fn cfg_b() -> PeerConfig {
+    let mut c = PeerConfig::new(
+        "onprem",
+        7,
+        IpAddr::V4(B_IP),
+        IpAddr::V4(A_IP),
+        Psk::new(b"secret*1234"),
+    );
+    c.initiator = false;
+    c
+}
+
+struct Peer {
+    conn: Connection,
+    backend: RecordingBackend,
+    events: Vec<Event>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Side {
+    A,
+    B,
+}
+
+/// What the link does with the n-th datagram.
+type Filter = Box<dyn FnMut(usize, Side, &Transmit) -> Fate>;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Fate {
+    Deliver,
+    Drop,
+    /// Delivered twice.
+    Duplicate,
+    /// Delivered after this extra delay.
+    Delay(Duration),
+}
+
+struct Pair {
+    a: Peer,
+    b: Peer,
+    now: Instant,
+    latency: Duration,
+    flight: Vec<(Instant, Side, Transmit)>,
+    sent: usize,
+    filter: Filter,
+    /// A is behind a NAT mapping its ports to 6000 + port.
+    nat_a: bool,
+    delivered: usize,
+}
+
+impl Pair {
+    fn new(a: PeerConfig, b: PeerConfig) -> Self {
+        let now = Instant::now();
+        let rng = Arc::new(SystemRandom::new());
+        Self {
+            a: Peer {
+                conn: Connection::new(Arc::new(a), rng.clone(), now),
+                backend: RecordingBackend::new(0x1000),
+                events: vec![],
+            },
+            b: Peer {
+                conn: Connection::new(Arc::new(b), rng, now),
+                backend: RecordingBackend::new(0xc000_0000),
+                events: vec![],
+            },
+            now,
+            latency: Duration::from_millis(5),
+            flight: Vec::new(),
+            sent: 0,
+            filter: Box::new(|_, _, _| Fate::Deliver),
+            nat_a: false,
+            delivered: 0,
+        }
+    }
+
+    fn peer(&mut self, s: Side) -> &mut Peer {
+        match s {
+            Side::A => &mut self.a,
+            Side::B => &mut self.b,
+        }
+    }
+
+    fn collect(&mut self) {
+        for side in [Side::A, Side::B] {
+            while let Some(t) = self.peer(side).conn.poll_transmit() {
+                let n = self.sent;
+                self.sent += 1;
+                if t.data == [0xff] {
+                    continue; // NAT-keepalive: nothing to deliver
+                }
+                let at = self.now + self.latency;
+                match (self.filter)(n, side, &t) {
+                    Fate::Deliver => self.flight.push((at, side, t)),
+                    Fate::Drop => {}
+                    Fate::Duplicate => {
+                        self.flight.push((at, side, t.clone()));
+                        self.flight.push((at + Duration::from_millis(1), side, t));
+                    }
+                    Fate::Delay(d) => self.flight.push((at + d, side, t)),
+                }
+            }
+            while let Some(e) = self.peer(side).conn.poll_event() {
+                self.peer(side).events.push(e);
+            }
+        }
+    }
+
+    /// Runs until `until` (simulated), delivering and firing timers in order.
+    fn run_until(&mut self, until: Instant) {
+        loop {
+            self.collect();
+            let next_msg = self.flight.iter().map(|f| f.0).min();
+            let next_timer = [self.a.conn.poll_timeout(), self.b.conn.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .min();
+            let next = [next_msg, next_timer].into_iter().flatten().min();
+            let Some(next) = next.filter(|n| *n <= until) else {
+                self.now = until;
+                return;
+            };
+            self.now = self.now.max(next);
+            if next_msg == Some(next) {
+                let k = self.flight.iter().position(|f| f.0 == next).unwrap_or(0);
+                let (_, from, t) = self.flight.remove(k);
+                self.deliver(from, t);
+            } else {
+                let now = self.now;
+                for side in [Side::A, Side::B] {
+                    let p = self.peer(side);
+                    if p.conn.poll_timeout().is_some_and(|t| t <= now) {
+                        p.conn.handle_timeout(now, &mut p.backend);
+                    }
+                }
+            }
+            self.check_invariant();
+        }
+    }
+
+    fn run(&mut self, d: Duration) {
+        let until = self.now + d;
+        self.run_until(until);
+    }
+
+    fn deliver(&mut self, from: Side, t: Transmit) {
+        self.delivered += 1;
+        let now = self.now;
+        let (src_ip, src_port) = match from {
+            Side::A if self.nat_a => (NAT_IP, 6000 + t.local_port),
+            Side::A => (A_IP, t.local_port),
+            Side::B => (B_IP, t.local_port),
+        };
+        let (to, local_port) = match from {
+            Side::A => (Side::B, t.remote.port()),
+            // Back through the NAT: the external port maps to A's own.
+            Side::B if self.nat_a => (Side::A, t.remote.port().wrapping_sub(6000)),
+            Side::B => (Side::A, t.remote.port()),
+        };
+        let remote = SocketAddr::new(IpAddr::V4(src_ip), src_port);
+        let p = self.peer(to);
+        p.conn
+            .handle_datagram(now, local_port, remote, &t.data, &mut p.backend);
+    }
+
+    /// Make-before-break: once both sides carry traffic, the SA a side sends
+    /// on is installed, with the same keys, as the other side's inbound SA.
+    /// (During the very first IKE_AUTH the responder may route a round trip
+    /// before the initiator has installed anything: no traffic can be lost.)
+    fn check_invariant(&self) {
+        for (x, y) in [(&self.a, &self.b), (&self.b, &self.a)] {
+            let tunnel = x.conn.config().tunnel;
+            if y.backend.route_of(y.conn.config().tunnel).is_none() {
+                continue;
+            }
+            if let Some(spi) = x.backend.route_of(tunnel) {
+                let out = x
+                    .backend
+                    .spec(spi, Direction::Outbound)
+                    .expect("routed SA installed");
+                let inb = y.backend.spec(spi, Direction::Inbound).unwrap_or_else(|| {
+                    panic!(
+                        "{} sends on SPI {spi:08x} which {} cannot receive",
+                        x.conn.config().name,
+                        y.conn.config().name
+                    )
+                });
+                assert_eq!(*out.keymat, *inb.keymat, "keys of SPI {spi:08x} differ");
+                assert_eq!((out.suite, out.esn), (inb.suite, inb.esn));
+            }
+        }
+    }
+
+    fn up(&self) -> bool {
+        self.a.conn.is_up() && self.b.conn.is_up()
+    }
+
+    /// Installed CHILD_SA pairs on each side (inbound SPIs).
+    fn inbound(p: &Peer) -> Vec<u32> {
+        let mut v: Vec<u32> = p
+            .backend
+            .installed
+            .iter()
+            .filter(|s| s.direction == Direction::Inbound)
+            .map(|s| s.spi)
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn logs(p: &Peer, level: Level) -> Vec<String> {
+        p.events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Log { level: l, message } if *l >= level => Some(message.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Both sides settled on exactly one CHILD_SA pair, the same one.
+    fn assert_one_child_pair(&self) {
+        let (ia, ib) = (Self::inbound(&self.a), Self::inbound(&self.b));
+        assert_eq!(ia.len(), 1, "A inbound {ia:08x?}");
+        assert_eq!(ib.len(), 1, "B inbound {ib:08x?}");
+        assert_eq!(self.a.backend.route_of(0), Some(ib[0]));
+        assert_eq!(self.b.backend.route_of(7), Some(ia[0]));
+    }
+}
+
+fn established() -> Pair {
+    let mut p = Pair::new(cfg_a(), cfg_b());
+    p.run(Duration::from_secs(5));
+    assert!(
+        p.up(),
+        "not established: {:?} / {:?}",
+        p.a.events,
+        p.b.events
+    );
+    p
+}
+
+#[test]
+fn establishes_and_installs_matching_keys() {
+    let p = established();
+    p.assert_one_child_pair();
+    assert!(p.a.events.contains(&Event::TunnelUp { tunnel: 0 }));
+    assert!(p.b.events.contains(&Event::TunnelUp { tunnel: 7 }));
+    // Route-based: 0.0.0.0/0 both ways.
+    let spec = &p.a.backend.installed[0];
+    assert_eq!(spec.local_ts, vec![TsRange::any_v4()]);
+    assert!(!spec.udp_encap, "no NAT, no UDP encapsulation");
+    // Inbound installed before outbound, both before routing (per side).
+    let calls: Vec<&BackendCall> =
+        p.a.backend
+            .calls
+            .iter()
+            .filter(|c| !matches!(c, BackendCall::Allocate(_)))
+            .collect();
+    assert!(matches!(
+        calls[0],
+        BackendCall::Install {
+            direction: Direction::Inbound,
+            ..
+        }
+    ));
+    assert!(matches!(
+        calls[1],
+        BackendCall::Install {
+            direction: Direction::Outbound,
+            ..
+        }
+    ));
+    assert!(matches!(calls[2], BackendCall::Route { spi: Some(_), .. }));
+    let status = p.a.conn.status(p.now, &mut RecordingBackend::default());
+    let ike = status.ike.unwrap();
+    assert_eq!(ike.encryption.as_deref(), Some("AES-CBC-256"));
+    assert_eq!(ike.dh_group.as_deref(), Some("MODP_2048 (group 14)"));
+    assert_eq!(status.children.len(), 1);
+}
+
+#[test]
+fn survives_the_loss_of_each_message() {
+    for lost in 0..4 {
+        let mut p = Pair::new(cfg_a(), cfg_b());
+        p.filter = Box::new(move |n, _, _| if n == lost { Fate::Drop } else { Fate::Deliver });
+        p.run(Duration::from_secs(10));
+        assert!(p.up(), "message {lost} lost: not established");
+        p.assert_one_child_pair();
+        assert!(p.a.conn.stats.retransmits >= 1);
+    }
+}
+
+#[test]
+fn survives_duplication_and_late_copies_of_every_message() {
+    let mut p = Pair::new(cfg_a(), cfg_b());
+    p.filter = Box::new(|_, _, _| Fate::Duplicate);
+    p.run(Duration::from_secs(5));
+    assert!(p.up());
+    p.assert_one_child_pair();
+    // Old messages arriving late (reordered behind newer ones) change nothing.
+    let mut p = Pair::new(cfg_a(), cfg_b());
+    p.filter = Box::new(|n, _, t| {
+        if n % 3 == 0 {
+            Fate::Delay(Duration::from_millis(300))
+        } else {
+            let _ = t;
+            Fate::Deliver
+        }
+    });
+    p.run(Duration::from_secs(10));
+    assert!(p.up());
+    p.assert_one_child_pair();
+    p.a.conn.rekey_child(p.now, &mut p.a.backend);
+    p.run(Duration::from_secs(10));
+    p.assert_one_child_pair();
+}
+
+#[test]
+fn child_rekey_is_make_before_break() {
+    let mut p = established();
+    let before = Pair::inbound(&p.a);
+    p.a.conn.rekey_child(p.now, &mut p.a.backend);
+    p.run(Duration::from_secs(5));
+    p.assert_one_child_pair();
+    assert_ne!(
+        Pair::inbound(&p.a),
+        before,
+        "a new CHILD_SA replaced the old"
+    );
+    // On the rekey's initiator: new inbound before new routing before deleting the old.
+    let calls = &p.a.backend.calls;
+    let pos = |f: &dyn Fn(&BackendCall) -> bool| calls.iter().rposition(f).unwrap();
+    let new_in = pos(&|c| {
+        matches!(
+            c,
+            BackendCall::Install {
+                direction: Direction::Inbound,
+                ..
+            }
+        )
+    });
+    let routed = pos(&|c| matches!(c, BackendCall::Route { spi: Some(_), .. }));
+    let old_gone = pos(
+        &|c| matches!(c, BackendCall::Delete { spi, direction: Direction::Inbound } if *spi == before[0]),
+    );
+    assert!(new_in < routed && routed < old_gone, "{calls:?}");
+    assert_eq!(p.a.conn.stats.rekeys, 1);
+    // And from the responder's side too.
+    p.b.conn.rekey_child(p.now, &mut p.b.backend);
+    p.run(Duration::from_secs(5));
+    p.assert_one_child_pair();
+}
+
+#[test]
+fn child_rekey_with_pfs() {
+    let mut a = cfg_a();
+    let mut b = cfg_b();
+    a.esp_proposals = vec![EspProposal::parse("aes256gcm16-ecp256").unwrap()];
+    b.esp_proposals = vec![EspProposal::parse("aes256gcm16-modp2048-ecp256").unwrap()];
+    let mut p = Pair::new(a, b);
+    p.run(Duration::from_secs(5));
+    assert!(p.up());
+    p.a.conn.rekey_child(p.now, &mut p.a.backend);
+    p.run(Duration::from_secs(5));
+    p.assert_one_child_pair();
+    let status = p.a.conn.status(p.now, &mut RecordingBackend::default());
+    assert!(
+        status.children[0].suite.contains("ECP_256"),
+        "{}",
+        status.children[0].suite
+    );
+}
+
+#[test]
+fn ike_rekey_moves_the_children() {
+    let mut p = established();
+    let spi_before =
+        p.a.conn
+            .status(p.now, &mut RecordingBackend::default())
+            .ike
+            .unwrap()
+            .spi_i;
+    let children = Pair::inbound(&p.a);
+    p.b.conn.rekey_ike(p.now, &mut p.b.backend);
+    p.run(Duration::from_secs(5));
+    let sa =
+        p.a.conn
+            .status(p.now, &mut RecordingBackend::default())
+            .ike
+            .unwrap();
+    assert_ne!(sa.spi_i, spi_before);
+    assert_eq!(
+        sa.role, "responder",
+        "the rekey's initiator is the new IKE_SA's initiator (§2.18)"
+    );
+    assert_eq!(Pair::inbound(&p.a), children, "CHILD_SAs are untouched");
+    // The new IKE_SA works: rekey a CHILD_SA on it.
+    p.a.conn.rekey_child(p.now, &mut p.a.backend);
+    p.run(Duration::from_secs(5));
+    p.assert_one_child_pair();
+    assert_eq!(
+        p.a.conn
+            .status(p.now, &mut RecordingBackend::default())
+            .children
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn simultaneous_child_rekeys_leave_one_pair() {
+    for _ in 0..8 {
+        let mut p = established();
+        let old = Pair::inbound(&p.a);
+        p.a.conn.rekey_child(p.now, &mut p.a.backend);
+        p.b.conn.rekey_child(p.now, &mut p.b.backend);
+        p.run(Duration::from_secs(10));
+        p.assert_one_child_pair();
+        assert_ne!(Pair::inbound(&p.a), old);
+        let lost = Pair::logs(&p.a, Level::Info)
+            .iter()
+            .chain(Pair::logs(&p.b, Level::Info).iter())
+            .any(|l| l.contains("collision"));
+        assert!(lost, "a collision was seen");
+    }
+}
+
+#[test]
+fn simultaneous_ike_rekeys_leave_one_ike_sa() {
+    for _ in 0..8 {
+        let mut p = established();
+        let children = Pair::inbound(&p.a);
+        p.a.conn.rekey_ike(p.now, &mut p.a.backend);
+        p.b.conn.rekey_ike(p.now, &mut p.b.backend);
+        p.run(Duration::from_secs(10));
+        let (sa, sb) = (
+            p.a.conn
+                .status(p.now, &mut RecordingBackend::default())
+                .ike
+                .unwrap(),
+            p.b.conn
+                .status(p.now, &mut RecordingBackend::default())
+                .ike
+                .unwrap(),
+        );
+        assert_eq!(
+            (sa.spi_i.clone(), sa.spi_r.clone()),
+            (sb.spi_i, sb.spi_r),
+            "both sides use the same IKE_SA"
+        );
+        assert_eq!(Pair::inbound(&p.a), children);
+        // It still works.
+        p.a.conn.rekey_child(p.now, &mut p.a.backend);
+        p.run(Duration::from_secs(5));
+        p.assert_one_child_pair();
+    }
+}
+
+#[test]
+fn delete_takes_everything_down_on_both_sides() {
+    let mut p = established();
+    p.a.conn.close(p.now);
+    p.run(Duration::from_secs(5));
+    assert!(!p.a.conn.is_up() && !p.b.conn.is_up());
+    assert!(Pair::inbound(&p.a).is_empty() && Pair::inbound(&p.b).is_empty());
+    assert!(
+        p.b.events
+            .iter()
+            .any(|e| matches!(e, Event::TunnelDown { tunnel: 7, .. }))
+    );
+    p.run(Duration::from_secs(60));
+    assert!(!p.a.conn.is_up(), "closed on purpose: no restart");
+}
+
+#[test]
+fn dpd_detects_a_dead_peer_and_restarts() {
+    let mut p = established();
+    // The peer vanishes; we keep sending traffic (on-demand DPD needs outbound).
+    p.filter = Box::new(|_, _, _| Fate::Drop);
+    let start = p.now;
+    let out = p.a.backend.route_of(0).unwrap();
+    for s in 1..=30u64 {
+        p.a.backend
+            .counters
+            .entry((out, Direction::Outbound))
+            .or_default()
+            .packets = s * 100;
+        p.run(Duration::from_secs(1));
+        if !p.a.conn.is_up() {
+            break;
+        }
+    }
+    assert!(!p.a.conn.is_up(), "DPD did not notice");
+    let took = p.now - start;
+    // interval 10 s + 5 probes 2 s apart, give or take the check granularity.
+    assert!(
+        took >= Duration::from_secs(10) && took <= Duration::from_secs(25),
+        "took {took:?}"
+    );
+    assert_eq!(p.a.conn.stats.dpd_failures, 1);
+    assert!(Pair::inbound(&p.a).is_empty());
+    // The peer comes back: the initiator re-establishes on its own.
+    p.filter = Box::new(|_, _, _| Fate::Deliver);
+    p.b = Peer {
+        conn: Connection::new(Arc::new(cfg_b()), Arc::new(SystemRandom::new()), p.now),
+        backend: RecordingBackend::new(0xd000_0000),
+        events: vec![],
+    };
+    p.run(Duration::from_secs(40));
+    assert!(p.up(), "re-established after the peer returned");
+}
+
+#[test]
+fn on_demand_dpd_is_quiet_without_traffic() {
+    let mut p = established();
+    let sent = p.sent;
+    p.run(Duration::from_secs(60));
+    assert_eq!(p.sent, sent, "no traffic, no probes");
+    let mut a = cfg_a();
+    a.dpd.on_demand = false;
+    let mut p = Pair::new(a, cfg_b());
+    p.run(Duration::from_secs(5));
+    let sent = p.sent;
+    p.run(Duration::from_secs(25));
+    assert!(p.sent >= sent + 4, "periodic DPD probes an idle peer");
+    assert!(p.up());
+}
+
+#[test]
+fn cookie_is_echoed() {
+    let mut b = cfg_b();
+    b.require_cookie = true;
+    let mut p = Pair::new(cfg_a(), b);
+    p.run(Duration::from_secs(5));
+    assert!(p.up());
+    assert!(
+        Pair::logs(&p.a, Level::Info)
+            .iter()
+            .any(|l| l.contains("COOKIE"))
+    );
+    assert_eq!(
+        p.sent, 6,
+        "IKE_SA_INIT, COOKIE, IKE_SA_INIT again, its response, IKE_AUTH both ways"
+    );
+}
+
+#[test]
+fn invalid_ke_payload_retries_with_the_responders_group() {
+    let mut a = cfg_a();
+    a.ike_proposals = vec![IkeProposal::parse("aes256-sha256-ecp256-modp2048").unwrap()];
+    let mut b = cfg_b();
+    b.ike_proposals = vec![IkeProposal::parse("aes256-sha256-modp2048").unwrap()];
+    let mut p = Pair::new(a, b);
+    p.run(Duration::from_secs(5));
+    assert!(p.up());
+    let ike =
+        p.a.conn
+            .status(p.now, &mut RecordingBackend::default())
+            .ike
+            .unwrap();
+    assert_eq!(ike.dh_group.as_deref(), Some("MODP_2048 (group 14)"));
+}
+
+#[test]
+fn legacy_proposals_only_when_both_allow_them() {
+    let cisco = || {
+        vec![
+            IkeProposal::parse("aes256-sha1-modp1024").unwrap(),
+            IkeProposal::parse("aes128-sha1-modp1024").unwrap(),
+        ]
+    };
+    let esp = || vec![EspProposal::parse("aes256-sha1").unwrap()];
+    // Not allowed here: nothing to offer.
+    let mut a = cfg_a();
+    a.ike_proposals = cisco();
+    let mut p = Pair::new(a, cfg_b());
+    p.run(Duration::from_secs(5));
+    assert!(!p.up());
+    assert!(
+        Pair::logs(&p.a, Level::Error)
+            .iter()
+            .any(|l| l.contains("legacy"))
+    );
+    // Allowed here, not there: NO_PROPOSAL_CHOSEN.
+    let mut a = cfg_a();
+    a.ike_proposals = cisco();
+    a.allow_legacy = true;
+    let mut b = cfg_b();
+    b.ike_proposals = cisco();
+    let mut p = Pair::new(a, b);
+    p.run(Duration::from_secs(5));
+    assert!(!p.up());
+    assert!(
+        Pair::logs(&p.a, Level::Warn)
+            .iter()
+            .any(|l| l.contains("NO_PROPOSAL_CHOSEN")),
+        "{:?}",
+        p.a.events
+    );
+    // Both allow it: up, with a warning, on the article's algorithms.
+    let mut a = cfg_a();
+    a.ike_proposals = cisco();
+    a.esp_proposals = esp();
+    a.allow_legacy = true;
+    let mut b = cfg_b();
+    b.ike_proposals = cisco();
+    b.esp_proposals = esp();
+    b.allow_legacy = true;
+    let mut p = Pair::new(a, b);
+    p.run(Duration::from_secs(5));
+    assert!(p.up());
+    assert!(
+        Pair::logs(&p.a, Level::Warn)
+            .iter()
+            .any(|l| l.contains("legacy"))
+    );
+    let s = p.a.conn.status(p.now, &mut RecordingBackend::default());
+    assert_eq!(
+        s.ike.unwrap().dh_group.as_deref(),
+        Some("MODP_1024 (group 2)")
+    );
+    assert_eq!(s.children[0].suite, "AES-CBC-256/HMAC-SHA1-96");
+}
+
+#[test]
+fn nat_detected_floats_to_4500_and_encapsulates_esp() {
+    // The responder knows the initiator by its NAT's public address, and by its identity.
+    let mut b = cfg_b();
+    b.remote = IpAddr::V4(NAT_IP);
+    b.remote_id = Some(super::config::Identity::Ipv4(A_IP));
+    let mut p = Pair::new(cfg_a(), b);
+    p.nat_a = true;
+    p.run(Duration::from_secs(5));
+    assert!(p.up(), "{:?}\n{:?}", p.a.events, p.b.events);
+    for peer in [&p.a, &p.b] {
+        assert!(
+            peer.backend.installed.iter().all(|s| s.udp_encap),
+            "ESP in UDP"
+        );
+    }
+    let b_in =
+        p.b.backend
+            .installed
+            .iter()
+            .find(|s| s.direction == Direction::Outbound)
+            .unwrap();
+    assert_eq!(
+        b_in.remote,
+        SocketAddr::new(IpAddr::V4(NAT_IP), 6000 + 4500),
+        "B sends to A's NAT mapping"
+    );
+    assert_eq!(b_in.local.port(), 4500);
+    // A is behind the NAT: it sends keepalives.
+    let sent = p.sent;
+    p.run(Duration::from_secs(45));
+    assert!(p.sent >= sent + 2);
+}
+
+#[test]
+fn wrong_psk_fails_authentication_and_retries_later() {
+    let mut b = cfg_b();
+    b.psk = Psk::new(b"another key");
+    let mut p = Pair::new(cfg_a(), b);
+    p.run(Duration::from_secs(5));
+    assert!(!p.up());
+    // Tried, and tried again with backoff (1 s, 2 s, ...), not hammering.
+    assert!(
+        (1..=3).contains(&p.b.conn.stats.auth_failures),
+        "{}",
+        p.b.conn.stats.auth_failures
+    );
+    assert!(
+        Pair::logs(&p.a, Level::Warn)
+            .iter()
+            .any(|l| l.contains("AUTHENTICATION_FAILED"))
+    );
+    assert!(
+        Pair::logs(&p.b, Level::Error)
+            .iter()
+            .any(|l| l.contains("authentication"))
+    );
+    // No key material reaches the logs.
+    for l in Pair::logs(&p.a, Level::Debug)
+        .iter()
+        .chain(Pair::logs(&p.b, Level::Debug).iter())
+    {
+        assert!(
+            !l.contains("secret*1234") && !l.contains("another key"),
+            "{l}"
+        );
+    }
+    let tries = p.sent;
+    p.run(Duration::from_secs(10));
+    assert!(p.sent > tries, "the initiator tries again");
+}
+
+#[test]
+fn narrowed_traffic_selectors() {
+    let mut a = cfg_a();
+    a.local_ts = vec![
+        TsRange::parse("10.0.0.0/24").unwrap(),
+        TsRange::parse("10.1.10.0/25").unwrap(),
+    ];
+    a.remote_ts = vec![TsRange::parse("10.2.0.0/24").unwrap()];
+    let mut p = Pair::new(a, cfg_b());
+    p.run(Duration::from_secs(5));
+    assert!(p.up());
+    let b_out =
+        p.b.backend
+            .installed
+            .iter()
+            .find(|s| s.direction == Direction::Outbound)
+            .unwrap();
+    assert_eq!(b_out.local_ts, vec![TsRange::parse("10.2.0.0/24").unwrap()]);
+    assert_eq!(b_out.remote_ts.len(), 2);
+    // Selectors the responder does not allow are refused, the IKE_SA stays.
+    let mut a = cfg_a();
+    a.local_ts = vec![TsRange::parse("10.0.0.0/24").unwrap()];
+    let mut b = cfg_b();
+    b.remote_ts = vec![TsRange::parse("192.168.0.0/16").unwrap()];
+    let mut p = Pair::new(a, b);
+    p.run(Duration::from_secs(5));
+    assert!(!p.a.conn.is_up());
+    assert!(
+        Pair::logs(&p.a, Level::Warn)
+            .iter()
+            .any(|l| l.contains("TS_UNACCEPTABLE"))
+    );
+}
+
+#[test]
+fn lifetimes_rekey_on_their_own_with_jitter() {
+    let mut a = cfg_a();
+    let mut b = cfg_b();
+    for c in [&mut a, &mut b] {
+        c.lifetimes.ike = Duration::from_secs(90);
+        c.lifetimes.child = Duration::from_secs(40);
+    }
+    let mut p = Pair::new(a, b);
+    p.run(Duration::from_secs(300));
+    assert!(p.up());
+    p.assert_one_child_pair();
+    let rekeys = p.a.conn.stats.rekeys + p.b.conn.stats.rekeys;
+    assert!(rekeys >= 8, "CHILD and IKE rekeys happened: {rekeys}");
+}
+
+#[test]
+fn garbage_and_replayed_messages_change_nothing() {
+    let mut p = established();
+    let before = Pair::inbound(&p.a);
+    let now = p.now;
+    let from = SocketAddr::new(IpAddr::V4(B_IP), 500);
+    let mut junk: Vec<Vec<u8>> = vec![vec![], vec![0; 28], vec![0xff; 200]];
+    let mut m = vec![0u8; 28];
+    m[17] = 0x20;
+    m[18] = 37;
+    m[27] = 28;
+    junk.push(m);
+    for j in &junk {
+        p.a.conn
+            .handle_datagram(now, 500, from, j, &mut p.a.backend);
+    }
+    assert!(p.a.conn.stats.invalid_messages >= junk.len() as u64 - 1);
+    assert_eq!(Pair::inbound(&p.a), before);
+    assert!(p.up());
+    let _ = p.a.backend.allocate_spi();
+}
