@@ -31,7 +31,11 @@ pub struct TestArgs {
 }
 
 /// Fuzz workspaces and their targets: (directory under the project root, target).
-pub const FUZZ_TARGETS: &[(&str, &str)] = &[("fuzz", "esp_decap")];
+pub const FUZZ_TARGETS: &[(&str, &str)] = &[
+    ("fuzz", "esp_decap"),
+    ("fuzz", "ike_parse"),
+    ("fuzz", "ike_datagram"),
+];
 
 pub fn run(args: &TestArgs) -> Result<()> {
     setup::require_root("run the tests (they create network namespaces and load eBPF programs)")?;
