@@ -3,6 +3,8 @@
 pub mod mss;
 pub mod netlink;
 pub mod nexthop;
+pub mod sadb;
+pub mod slowpath;
 pub mod tun;
 pub mod xdp;
 pub mod xsk;

@@ -1,14 +1,19 @@
 //! The few rtnetlink questions the datapath asks the kernel: where does the
 //! FIB send this destination (`ip route get`), what is that neighbour's MAC
-//! (`ip neigh get`), what is this interface's MAC. Synchronous, on its own
+//! (`ip neigh get`), what is this interface's MAC; and the tunnel interfaces'
+//! setup (`ip link set up mtu`, `ip addr replace`). Synchronous, on its own
 //! socket, in the network namespace of the thread that opens it.
 
 use std::{io, net::Ipv4Addr};
 
-use netlink_packet_core::{NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload,
+};
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
-    link::{LinkAttribute, LinkMessage},
+    address::{AddressAttribute, AddressMessage},
+    link::{LinkAttribute, LinkFlags, LinkMessage},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
     route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
 };
@@ -158,15 +163,72 @@ impl Rtnl {
         }
     }
 
+    /// `ip link set <ifindex> mtu <mtu> up`.
+    pub fn set_link_up(&mut self, ifindex: u32, mtu: u32) -> Result<(), NetlinkError> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = ifindex;
+        msg.header.flags = LinkFlags::Up;
+        msg.header.change_mask = LinkFlags::Up;
+        msg.attributes.push(LinkAttribute::Mtu(mtu));
+        self.act("link set", RouteNetlinkMessage::SetLink(msg), 0)
+    }
+
+    /// `ip addr replace <addr>/<prefix_len> dev <ifindex>`.
+    pub fn replace_address(
+        &mut self,
+        ifindex: u32,
+        addr: Ipv4Addr,
+        prefix_len: u8,
+    ) -> Result<(), NetlinkError> {
+        let mut msg = AddressMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.prefix_len = prefix_len;
+        msg.header.index = ifindex;
+        msg.attributes.push(AddressAttribute::Local(addr.into()));
+        msg.attributes.push(AddressAttribute::Address(addr.into()));
+        self.act(
+            "addr replace",
+            RouteNetlinkMessage::NewAddress(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+    }
+
+    /// Sends a change and waits for the kernel's acknowledgement.
+    fn act(
+        &mut self,
+        request: &'static str,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<(), NetlinkError> {
+        match self.exchange(request, msg, flags | NLM_F_ACK) {
+            Err(NetlinkError::Kernel { errno: 0, .. }) => Ok(()),
+            Err(e) => Err(e),
+            Ok(other) => Err(NetlinkError::Decode {
+                request,
+                detail: format!("unexpected {other:?}"),
+            }),
+        }
+    }
+
     /// Sends one request and returns the one message that answers it.
     fn ask(
         &mut self,
         request: &'static str,
         msg: RouteNetlinkMessage,
     ) -> Result<RouteNetlinkMessage, NetlinkError> {
+        self.exchange(request, msg, 0)
+    }
+
+    /// Sends one request; the answer, or its error (errno 0: an ACK).
+    fn exchange(
+        &mut self,
+        request: &'static str,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<RouteNetlinkMessage, NetlinkError> {
         self.seq = self.seq.wrapping_add(1);
         let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST;
+        header.flags = NLM_F_REQUEST | flags;
         header.sequence_number = self.seq;
         let mut req = NetlinkMessage::new(header, NetlinkPayload::from(msg));
         req.finalize();

@@ -4,7 +4,12 @@
 //!   global randomness; datagrams and time go in, datagrams, timers and
 //!   events come out;
 //! * [`backend`]: the [`backend::SaBackend`] trait between the controller and
-//!   a datapath, and a recording mock.
+//!   a datapath, and a recording mock;
+//! * [`config`]: the `xesp.toml` file;
+//! * [`daemon`]: `xesp run`, the tokio driver, and [`control`], its socket.
 
 pub mod backend;
+pub mod config;
+pub mod control;
+pub mod daemon;
 pub mod proto;

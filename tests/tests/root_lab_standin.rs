@@ -8,13 +8,17 @@
 use std::{path::Path, time::Duration};
 
 use xtask::lab::{
-    Lab, LabConfig,
+    Lab, LabConfig, OnpremMode,
     topology::{LAN_HOSTS, VM, VNET},
 };
 
 #[test]
 fn root_lab_standin_tunnels_bgp_ecmp_and_pings() {
-    let lab = Lab::up(LabConfig::default()).unwrap();
+    let lab = Lab::up(LabConfig {
+        onprem: OnpremMode::StrongSwan,
+        ..LabConfig::default()
+    })
+    .unwrap();
     lab.wait_standin_ready(Duration::from_secs(60)).unwrap();
     for gw in &lab.gateways {
         assert_eq!(gw.charon.established_ike_sas(), 1);

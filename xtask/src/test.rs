@@ -4,7 +4,8 @@
 //! 2. stale lab namespaces swept;
 //! 3. `cargo fmt --check` and `cargo clippy -D warnings`;
 //! 4. each fuzz target for a few seconds;
-//! 5. `cargo test` of the whole workspace, whose summary ends the output.
+//! 5. the xesp binary built, for the lab tests;
+//! 6. `cargo test` of the whole workspace, whose summary ends the output.
 //!
 //! Tests need root (namespaces, eBPF).
 
@@ -82,6 +83,15 @@ pub fn run(args: &TestArgs) -> Result<()> {
             .with_context(|| format!("fuzz target {target} found a crash (see {dir}/artifacts)"))?;
         }
     }
+    step("cargo build of the xesp binary (the lab tests run it)");
+    run_cmd(Command::new(&cargo).current_dir(&root).args([
+        "build",
+        "--locked",
+        "-p",
+        "ike-control",
+        "--bin",
+        "xesp",
+    ]))?;
     step("cargo test");
     run_cmd(
         Command::new(&cargo)

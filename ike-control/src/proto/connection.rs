@@ -328,7 +328,7 @@ pub struct Connection {
 }
 
 /// What the connection counted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ConnStats {
     pub ike_sas_established: u64,
     pub child_sas_installed: u64,

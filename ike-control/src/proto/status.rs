@@ -2,12 +2,12 @@
 //! connection status, IKE_SA details, CHILD_SA counters. Serializable for
 //! `xesp status --json`.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::connection::ConnStats;
 
 /// One tunnel.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConnStatus {
     pub name: String,
     pub tunnel: u32,
@@ -22,7 +22,7 @@ pub struct ConnStatus {
 }
 
 /// The IKE_SA (`show crypto ikev2 sa detailed`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct IkeStatus {
     pub spi_i: String,
     pub spi_r: String,
@@ -43,7 +43,7 @@ pub struct IkeStatus {
 }
 
 /// One CHILD_SA (`show crypto ipsec sa`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChildStatus {
     pub spi_in: String,
     pub spi_out: String,

@@ -1,8 +1,8 @@
 //! The reference lab: the article's topology in network namespaces, with two
 //! strongSwan + BIRD instances playing the active-active Azure VPN gateway and
 //! a VNet behind them. The on-prem device is whatever the caller puts in the
-//! `onprem` namespace: a strongSwan stand-in, or nothing (the caller starts
-//! its own daemon, e.g. xesp, there).
+//! `onprem` namespace: xesp with BIRD beside it (the product), a strongSwan
+//! stand-in (the lab proving itself), or nothing (the caller starts its own).
 //!
 //! A [`Lab`] tears everything down when dropped, also when a test panics.
 //! `cargo xtask lab up` keeps one running and records it in a state file, so
@@ -11,6 +11,7 @@
 pub mod bird;
 pub mod strongswan;
 pub mod topology;
+pub mod xesp;
 
 use std::{
     fs,
@@ -26,6 +27,7 @@ use self::{
     bird::{Bird, PeerRoute},
     strongswan::Charon,
     topology::{GW_BGP, GW_PUBLIC, Namespaces, ONPREM_PUBLIC},
+    xesp::{TUNNEL_IFS, Xesp, XespSettings},
 };
 use crate::{
     netns::{self, Daemon, Netns, wait_until},
@@ -35,6 +37,8 @@ use crate::{
 /// What runs on the on-prem device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OnpremMode {
+    /// xesp, with BIRD running BGP over its tunnel interfaces.
+    Xesp,
     /// strongSwan (libipsec) and BIRD, with per-tunnel selectors.
     StrongSwan,
     /// Nothing: the caller runs the device (xesp and its BIRD).
@@ -52,17 +56,23 @@ pub struct LabConfig {
     /// What the strongSwan stand-in proposes.
     pub standin_ike: String,
     pub standin_esp: String,
+    /// xesp's settings, in [`OnpremMode::Xesp`].
+    pub xesp: XespSettings,
+    /// The gateways start their CHILD_SA themselves (xesp then responds).
+    pub gateway_initiates: bool,
 }
 
 impl Default for LabConfig {
     fn default() -> Self {
         Self {
-            onprem: OnpremMode::StrongSwan,
+            onprem: OnpremMode::Xesp,
             psk: topology::DEFAULT_PSK.to_string(),
             gateway_ike: strongswan::GATEWAY_IKE_PROPOSALS.to_string(),
             gateway_esp: strongswan::GATEWAY_ESP_PROPOSALS.to_string(),
             standin_ike: "aes256-sha256-modp2048".to_string(),
             standin_esp: "aes256gcm16".to_string(),
+            xesp: XespSettings::default(),
+            gateway_initiates: false,
         }
     }
 }
@@ -82,6 +92,8 @@ pub struct Lab {
     pub gateways: [Gateway; 2],
     /// The stand-in's daemons, in [`OnpremMode::StrongSwan`].
     pub onprem: Option<Gateway>,
+    /// xesp and its BIRD, in [`OnpremMode::Xesp`].
+    pub xesp: Option<(Xesp, Bird)>,
     pub config: LabConfig,
     // Dropped before `ns`: daemons stop before their namespaces go.
     daemons: Vec<Daemon>,
@@ -123,6 +135,7 @@ impl Lab {
             ns,
             gateways,
             onprem: None,
+            xesp: None,
             config,
             daemons: Vec::new(),
         };
@@ -144,6 +157,7 @@ impl Lab {
                 &lab.config.psk,
                 &lab.config.gateway_ike,
                 &lab.config.gateway_esp,
+                lab.config.gateway_initiates,
             ))?;
             let d = gw.charon.start(&lab.ns.azgw[i])?;
             lab.daemons.push(d);
@@ -191,7 +205,84 @@ impl Lab {
             lab.daemons.push(d);
             lab.onprem = Some(gw);
         }
+        if lab.config.onprem == OnpremMode::Xesp {
+            say(
+                quiet,
+                "onprem: starting xesp (Tunnel0, Tunnel1) and BIRD (AS 65010)",
+            );
+            let dir = lab.dir.join("onprem");
+            let (x, bird) = (Xesp::at(&dir), Bird::at(&dir));
+            x.write_conf(&x.config(&lab.config.psk, &lab.config.xesp, &bird.ctl()))?;
+            let d = x.start(&lab.ns.onprem)?;
+            lab.daemons.push(d);
+            bird.write_conf(&bird::onprem_conf(
+                &bird,
+                &TUNNEL_IFS.map(|t| PeerRoute::Device(t.into())),
+            ))?;
+            let d = bird.start(&lab.ns.onprem)?;
+            lab.daemons.push(d);
+            lab.xesp = Some((x, bird));
+        }
         Ok(lab)
+    }
+
+    /// Waits until the on-prem device has both tunnels up (xesp) or its four
+    /// CHILD_SAs (stand-in), and every BGP session is Established.
+    pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        match self.config.onprem {
+            OnpremMode::StrongSwan => self.wait_standin_ready(timeout),
+            OnpremMode::Xesp => self.wait_xesp_ready(timeout),
+            OnpremMode::Bare => bail!("a bare lab has no on-prem device to wait for"),
+        }
+    }
+
+    /// xesp: both tunnels up, one CHILD_SA at each gateway, three BGP sessions.
+    pub fn wait_xesp_ready(&self, timeout: Duration) -> Result<()> {
+        let Some((x, bird)) = &self.xesp else {
+            bail!("the lab runs no xesp")
+        };
+        let deadline = Instant::now() + timeout;
+        let left = || deadline.saturating_duration_since(Instant::now());
+        if !wait_until(left(), || {
+            x.tunnels_up() == 2
+                && self
+                    .gateways
+                    .iter()
+                    .all(|g| g.charon.installed_children() >= 1)
+        }) {
+            bail!(
+                "xesp: {} of 2 tunnels up after {timeout:?}; see {}\n{}",
+                x.tunnels_up(),
+                x.log().display(),
+                self.status()
+            );
+        }
+        if !wait_until(left(), || {
+            bird.established() == 2 && self.gateways.iter().all(|g| g.bird.established() == 1)
+        }) {
+            bail!(
+                "BGP not Established everywhere after {timeout:?}:\n{}",
+                self.status()
+            );
+        }
+        Ok(())
+    }
+
+    /// Stops gateway `i`'s strongSwan (as a failed instance would).
+    pub fn stop_gateway_ike(&mut self, i: usize) {
+        let name = format!("charon in {}", self.ns.azgw[i].name());
+        for d in self.daemons.iter_mut().filter(|d| d.name() == name) {
+            d.stop();
+        }
+        self.daemons
+            .retain_mut(|d| d.is_running() || d.name() != name);
+    }
+
+    /// Starts gateway `i`'s strongSwan again.
+    pub fn start_gateway_ike(&mut self, i: usize) -> Result<()> {
+        let d = self.gateways[i].charon.start(&self.ns.azgw[i])?;
+        self.daemons.push(d);
+        Ok(())
     }
 
     /// Waits until the stand-in has its four CHILD_SAs and every BGP session
@@ -291,6 +382,10 @@ fn status_of(dir: &Path, onprem: &Netns, mode: OnpremMode) -> String {
             &routes,
         );
     }
+    if mode == OnpremMode::Xesp {
+        let d = dir.join("onprem");
+        section(&mut out, "onprem: xesp status", &Xesp::at(&d).status_text());
+    }
     if mode == OnpremMode::StrongSwan {
         let d = dir.join("onprem");
         let (c, b) = (Charon::at(&d), Bird::at(&d));
@@ -379,8 +474,8 @@ pub fn cli_up() -> Result<()> {
         |role| Netns::create_named(&format!("{}-lab{id}-{role}", netns::PREFIX)),
         false,
     )?;
-    eprintln!("[lab] waiting for the tunnels (4 CHILD_SAs) and BGP (3 sessions)...");
-    let ready = lab.wait_standin_ready(Duration::from_secs(90));
+    eprintln!("[lab] waiting for both tunnels and the three BGP sessions...");
+    let ready = lab.wait_ready(Duration::from_secs(90));
     let state = lab.persist();
     fs::write(state_file(), serde_json::to_string_pretty(&state)?)?;
     ready?;

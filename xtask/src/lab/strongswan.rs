@@ -171,7 +171,15 @@ pub const GATEWAY_ESP_PROPOSALS: &str =
 
 /// swanctl.conf of a gateway instance: the Azure side, a responder with
 /// 0.0.0.0/0 selectors narrowed to what on-prem proposes.
-pub fn gateway_swanctl(me: Ipv4Addr, peer: Ipv4Addr, psk: &str, ike: &str, esp: &str) -> String {
+pub fn gateway_swanctl(
+    me: Ipv4Addr,
+    peer: Ipv4Addr,
+    psk: &str,
+    ike: &str,
+    esp: &str,
+    initiate: bool,
+) -> String {
+    let start_action = if initiate { "start" } else { "none" };
     format!(
         r#"connections {{
     onprem {{
@@ -196,7 +204,7 @@ pub fn gateway_swanctl(me: Ipv4Addr, peer: Ipv4Addr, psk: &str, ike: &str, esp: 
                 remote_ts = 0.0.0.0/0
                 esp_proposals = {esp}
                 rekey_time = 27000s
-                start_action = none
+                start_action = {start_action}
                 dpd_action = clear
             }}
         }}

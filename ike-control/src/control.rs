@@ -1,0 +1,281 @@
+//! The daemon's control socket: a Unix stream socket where a client writes
+//! one request line (`status`) and reads one JSON document back. `xesp
+//! status` is its client; it prints the article's verification answers per
+//! tunnel (connection status, ingress/egress bytes, last established time in
+//! UTC, IKE_SA details, CHILD_SA counters) as tables, or the JSON.
+
+use std::{
+    fmt::Write as _,
+    io::{self, Read, Write},
+    os::unix::net::UnixStream,
+    path::Path,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use datapath_user::sadb::TunnelTotals;
+use serde::{Deserialize, Serialize};
+
+use crate::proto::status::ConnStatus;
+
+/// The one request there is.
+pub const STATUS_REQUEST: &str = "status";
+
+/// Everything `xesp status` shows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    pub version: String,
+    pub public_address: String,
+    pub datapath: String,
+    pub started_utc: String,
+    pub tunnels: Vec<TunnelStatus>,
+    /// The DMZ XDP classifier's counters (`xdp` datapath only).
+    pub dmz: Vec<(String, u64)>,
+    /// The socket datapath's counters.
+    pub socket_path: Vec<(String, u64)>,
+    /// ESP whose SPI no SA has; tunnel packets with no outbound SA.
+    pub unknown_spi: u64,
+    pub no_outbound_sa: u64,
+    /// `birdc show protocols`, when a BIRD socket is configured.
+    pub bgp: Option<String>,
+}
+
+/// One tunnel (the article's Tunnel0 / Tunnel1).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TunnelStatus {
+    pub name: String,
+    pub address: String,
+    pub remote: String,
+    pub bgp_peer: Option<String>,
+    pub up: bool,
+    pub last_established_utc: Option<String>,
+    /// Over every SA the tunnel had, rekeys included.
+    pub totals: TunnelTotals,
+    /// Drops per reason, both directions.
+    pub drops: Vec<(String, u64)>,
+    pub connection: ConnStatus,
+}
+
+/// Errors of the client side.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("connecting to {path}: {source} (is `xesp run` running, with this control_socket?)")]
+    Connect { path: String, source: io::Error },
+    #[error("talking to the daemon: {0}")]
+    Io(#[from] io::Error),
+    #[error("the daemon's answer is not a status document: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+/// Asks the daemon at `path` for its status.
+pub fn query_status(path: &Path) -> Result<DeviceStatus, ControlError> {
+    let mut s = UnixStream::connect(path).map_err(|source| ControlError::Connect {
+        path: path.display().to_string(),
+        source,
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(format!("{STATUS_REQUEST}\n").as_bytes())?;
+    s.shutdown(std::net::Shutdown::Write)?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// `secs` since the Unix epoch as `YYYY-MM-DD HH:MM:SS UTC`.
+pub fn utc(secs: u64) -> String {
+    // Days to civil date (proleptic Gregorian), after H. Hinnant's algorithm.
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// The UTC time `ago` seconds before now.
+pub fn utc_ago(ago: u64) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    utc(now.saturating_sub(ago))
+}
+
+fn duration(secs: u64) -> String {
+    match secs {
+        s if s >= 3600 => format!("{}h{:02}m{:02}s", s / 3600, s / 60 % 60, s % 60),
+        s if s >= 60 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// The human rendering of `xesp status`.
+pub fn render(st: &DeviceStatus) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "xesp {}  public address {}  datapath {}  running since {}",
+        st.version, st.public_address, st.datapath, st.started_utc
+    );
+    let _ = writeln!(
+        o,
+        "\n{:<10} {:<5} {:<16} {:<15} {:>14} {:>14} {:>9}  LAST ESTABLISHED",
+        "TUNNEL", "STATE", "PEER", "ADDRESS", "INGRESS BYTES", "EGRESS BYTES", "DROPS"
+    );
+    for t in &st.tunnels {
+        let drops: u64 = t.drops.iter().map(|(_, n)| n).sum();
+        let _ = writeln!(
+            o,
+            "{:<10} {:<5} {:<16} {:<15} {:>14} {:>14} {:>9}  {}",
+            t.name,
+            if t.up { "UP" } else { "DOWN" },
+            t.remote,
+            t.address,
+            t.totals.bytes_in,
+            t.totals.bytes_out,
+            drops,
+            t.last_established_utc.as_deref().unwrap_or("never")
+        );
+    }
+    for t in &st.tunnels {
+        let c = &t.connection;
+        let _ = writeln!(o, "\n{} (peer {}):", t.name, c.peer);
+        match &c.ike {
+            Some(i) => {
+                let _ = writeln!(
+                    o,
+                    "  IKE_SA {}  {}  SPIs {}/{}  {} -> {}{}",
+                    i.state,
+                    i.role,
+                    i.spi_i,
+                    i.spi_r,
+                    i.local,
+                    i.remote,
+                    if i.nat_t { "  NAT-T" } else { "" }
+                );
+                let _ = writeln!(
+                    o,
+                    "    encryption {}, keysize {}, PRF {}, integrity {}, DH group {}, auth {}",
+                    i.encryption.as_deref().unwrap_or("-"),
+                    i.key_size.map_or("-".into(), |k| k.to_string()),
+                    i.prf.as_deref().unwrap_or("-"),
+                    i.integrity.as_deref().unwrap_or("none (AEAD)"),
+                    i.dh_group.as_deref().unwrap_or("-"),
+                    i.auth
+                );
+                let _ = writeln!(
+                    o,
+                    "    lifetime {}, active {}{}",
+                    duration(i.lifetime_secs),
+                    i.active_secs.map_or("-".into(), duration),
+                    i.rekey_in_secs
+                        .map_or(String::new(), |r| format!(", rekey in {}", duration(r)))
+                );
+            }
+            None => {
+                let _ = writeln!(o, "  no IKE_SA");
+            }
+        }
+        for ch in &c.children {
+            let _ = writeln!(
+                o,
+                "  CHILD_SA {}{}  SPI in {} out {}  {}  {} === {}",
+                ch.state,
+                if ch.routed { " (routed)" } else { "" },
+                ch.spi_in,
+                ch.spi_out,
+                ch.suite,
+                ch.local_ts.join(","),
+                ch.remote_ts.join(",")
+            );
+            let _ = writeln!(
+                o,
+                "    #pkts encaps {}, #bytes {}; #pkts decaps {}, #bytes {}; drops in {} out {}; age {}, rekey in {}",
+                ch.packets_out,
+                ch.bytes_out,
+                ch.packets_in,
+                ch.bytes_in,
+                ch.drops_in,
+                ch.drops_out,
+                duration(ch.age_secs),
+                duration(ch.rekey_in_secs)
+            );
+        }
+        let nonzero: Vec<String> = t
+            .drops
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| format!("{r} {n}"))
+            .collect();
+        let s = &c.stats;
+        let _ = writeln!(
+            o,
+            "  totals: in {} pkts / {} bytes, out {} pkts / {} bytes; drops: {}",
+            t.totals.packets_in,
+            t.totals.bytes_in,
+            t.totals.packets_out,
+            t.totals.bytes_out,
+            if nonzero.is_empty() {
+                "none".to_string()
+            } else {
+                nonzero.join(", ")
+            }
+        );
+        let _ = writeln!(
+            o,
+            "  IKE: {} established, {} CHILD_SAs installed, {} rekeys, {} retransmits, {} DPD failures, {} auth failures, {} invalid messages",
+            s.ike_sas_established,
+            s.child_sas_installed,
+            s.rekeys,
+            s.retransmits,
+            s.dpd_failures,
+            s.auth_failures,
+            s.invalid_messages
+        );
+    }
+    let counters = |o: &mut String, title: &str, c: &[(String, u64)]| {
+        if !c.is_empty() {
+            let list: Vec<String> = c.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            let _ = writeln!(o, "\n{title}: {}", list.join(", "));
+        }
+    };
+    counters(&mut o, "DMZ (XDP) packets", &st.dmz);
+    counters(&mut o, "Socket datapath", &st.socket_path);
+    let _ = writeln!(
+        o,
+        "ESP with an unknown SPI {}, tunnel packets without an SA {}",
+        st.unknown_spi, st.no_outbound_sa
+    );
+    if let Some(b) = &st.bgp {
+        let _ = writeln!(o, "\nBGP (birdc show protocols):\n{}", b.trim_end());
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc(1_795_606_245), "2026-11-25 11:30:45 UTC");
+    }
+
+    #[test]
+    fn durations_read_like_uptimes() {
+        assert_eq!(duration(59), "59s");
+        assert_eq!(duration(61), "1m01s");
+        assert_eq!(duration(28800), "8h00m00s");
+    }
+}

@@ -1,0 +1,127 @@
+//! The [`SaBackend`] of the user-space datapath: CHILD_SA directions become
+//! ESP SAs in the [`SaDb`] the packet paths read, and a tunnel's device has
+//! carrier exactly while the tunnel has an outbound SA (so the kernel FIB, and
+//! BGP next hops over it, follow the tunnel's state).
+
+use std::{collections::HashSet, net::IpAddr, sync::Arc, time::Instant};
+
+use datapath_user::{sadb::SaDb, tun::Tun};
+use ring::rand::{SecureRandom, SystemRandom};
+use xesp_esp::sa::{InboundSa, NattPorts, OutboundSa, SaCounters, SaParams, Tunnel};
+
+use crate::backend::{BackendError, ChildSaSpec, Direction, SaBackend};
+
+/// SAs into the SA database, carrier onto the tunnel devices.
+pub struct UserBackend {
+    pub sadb: Arc<SaDb>,
+    /// Tunnel N's device is `tuns[N]`.
+    pub tuns: Vec<Arc<Tun>>,
+    rng: SystemRandom,
+    /// Allocated inbound SPIs not installed yet.
+    reserved: HashSet<u32>,
+}
+
+impl UserBackend {
+    pub fn new(sadb: Arc<SaDb>, tuns: Vec<Arc<Tun>>) -> Self {
+        Self {
+            sadb,
+            tuns,
+            rng: SystemRandom::new(),
+            reserved: HashSet::new(),
+        }
+    }
+}
+
+fn err(m: impl Into<String>) -> BackendError {
+    BackendError(m.into())
+}
+
+impl SaBackend for UserBackend {
+    fn allocate_spi(&mut self) -> Result<u32, BackendError> {
+        for _ in 0..64 {
+            let mut b = [0u8; 4];
+            self.rng
+                .fill(&mut b)
+                .map_err(|_| err("the system random number generator failed"))?;
+            let spi = u32::from_be_bytes(b);
+            if spi >= 256 && !self.reserved.contains(&spi) && !self.sadb.contains_inbound(spi) {
+                self.reserved.insert(spi);
+                return Ok(spi);
+            }
+        }
+        Err(err("no free inbound SPI found"))
+    }
+
+    fn install(&mut self, spec: &ChildSaSpec) -> Result<(), BackendError> {
+        let (IpAddr::V4(local), IpAddr::V4(remote)) = (spec.local.ip(), spec.remote.ip()) else {
+            return Err(err(format!(
+                "SPI {:08x}: the user-space datapath has IPv4 outer addresses only ({} -> {})",
+                spec.spi, spec.local, spec.remote
+            )));
+        };
+        if spec.tunnel as usize >= self.tuns.len() {
+            return Err(err(format!("tunnel {} has no device", spec.tunnel)));
+        }
+        let params = SaParams {
+            spi: spec.spi,
+            suite: spec.suite,
+            keymat: &spec.keymat,
+            esn: spec.esn,
+            replay_window: spec.replay_window,
+            tunnel: Tunnel {
+                local,
+                remote,
+                natt: spec.udp_encap.then_some(NattPorts {
+                    local: spec.local.port(),
+                    remote: spec.remote.port(),
+                }),
+            },
+            lifetime: spec.lifetime,
+        };
+        let bad = |e: xesp_esp::sa::SaError| err(format!("SPI {:08x}: {e}", spec.spi));
+        match spec.direction {
+            Direction::Inbound => {
+                let sa = InboundSa::new(&params, Instant::now()).map_err(bad)?;
+                self.sadb.install_inbound(spec.tunnel, sa);
+                self.reserved.remove(&spec.spi);
+            }
+            Direction::Outbound => {
+                let sa = OutboundSa::new(&params, Instant::now()).map_err(bad)?;
+                self.sadb.install_outbound(spec.tunnel, sa);
+            }
+        }
+        Ok(())
+    }
+
+    fn route(&mut self, tunnel: u32, spi: Option<u32>) -> Result<(), BackendError> {
+        if !self.sadb.route(tunnel, spi) {
+            return Err(err(format!(
+                "tunnel {tunnel}: no outbound SA {:08x} to route",
+                spi.unwrap_or(0)
+            )));
+        }
+        if let Some(t) = self.tuns.get(tunnel as usize) {
+            t.set_carrier(spi.is_some())
+                .map_err(|e| err(format!("{}: setting carrier: {e}", t.name())))?;
+        }
+        Ok(())
+    }
+
+    fn delete(&mut self, spi: u32, direction: Direction) -> Result<(), BackendError> {
+        match direction {
+            Direction::Inbound => {
+                self.reserved.remove(&spi);
+                self.sadb.delete_inbound(spi);
+            }
+            Direction::Outbound => self.sadb.delete_outbound(spi),
+        }
+        Ok(())
+    }
+
+    fn counters(&mut self, spi: u32, direction: Direction) -> Option<SaCounters> {
+        match direction {
+            Direction::Inbound => self.sadb.inbound_counters(spi),
+            Direction::Outbound => self.sadb.outbound_counters(spi),
+        }
+    }
+}

@@ -1,0 +1,448 @@
+//! `xesp run`: the thin tokio driver around the sans-IO connections.
+//!
+//! One task owns every [`Connection`] and the [`UserBackend`]; it reads IKE
+//! from UDP 500 and (through the socket datapath, which demultiplexes UDP
+//! 4500) from UDP 4500, fires timers, polls SA lifetimes, sends what the
+//! connections ask for and answers the control socket. The packet paths run
+//! on their own threads ([`datapath_user::slowpath`]), optionally behind the
+//! DMZ XDP filter.
+
+pub mod backend;
+
+use std::{
+    ffi::CString,
+    io,
+    net::{SocketAddr, UdpSocket},
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use datapath_user::{
+    DatapathError,
+    netlink::{NetlinkError, Rtnl},
+    sadb::SaDb,
+    slowpath::{SlowCounters, SlowPath, raw_esp_socket},
+    tun::Tun,
+    xdp::{XdpAttach, XdpPrograms},
+};
+use ring::rand::SystemRandom;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::UnixListener,
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, oneshot},
+};
+use xesp_esp::sa::{DropReason, Expiry};
+
+use self::backend::UserBackend;
+use crate::{
+    config::{Config, DatapathMode},
+    control::{self, DeviceStatus, STATUS_REQUEST, TunnelStatus},
+    proto::connection::{Connection, Event, Level},
+};
+
+/// Why the daemon could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Datapath(#[from] DatapathError),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DaemonError {
+    let what = what.into();
+    move |source| DaemonError::Io { what, source }
+}
+
+/// Creates tunnel `name`'s TUN device with its /32 address, up, carrier off.
+fn tunnel_device(
+    rtnl: &mut Rtnl,
+    name: &str,
+    addr: std::net::Ipv4Addr,
+    mtu: u16,
+) -> Result<Tun, DaemonError> {
+    let tun = Tun::create(name).map_err(io_err(format!("creating tunnel interface {name}")))?;
+    let cname = CString::new(name).unwrap_or_default();
+    // SAFETY: a NUL-terminated name.
+    let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+    if ifindex == 0 {
+        return Err(io_err(format!("finding interface {name}"))(
+            io::Error::last_os_error(),
+        ));
+    }
+    tun.set_carrier(false)
+        .map_err(io_err(format!("{name}: carrier")))?;
+    rtnl.set_link_up(ifindex, u32::from(mtu))?;
+    rtnl.replace_address(ifindex, addr, 32)?;
+    Ok(tun)
+}
+
+/// A request from a control-socket client, answered by the main loop.
+type StatusReply = oneshot::Sender<DeviceStatus>;
+
+struct Driver {
+    cfg: Config,
+    conns: Vec<Connection>,
+    backend: UserBackend,
+    udp500: tokio::net::UdpSocket,
+    udp4500: Arc<UdpSocket>,
+    slow: Arc<SlowCounters>,
+    xdp: Option<XdpPrograms>,
+    started_utc: String,
+}
+
+impl Driver {
+    fn connection_for(&self, from: SocketAddr) -> Option<usize> {
+        self.conns
+            .iter()
+            .position(|c| c.config().remote == from.ip())
+    }
+
+    /// Sends what the connections have queued and logs their events.
+    async fn flush(&mut self) {
+        for i in 0..self.conns.len() {
+            while let Some(t) = self.conns[i].poll_transmit() {
+                let r = if t.local_port == 4500 {
+                    // The non-ESP marker (RFC 3948 §2.2), except on keepalives.
+                    if t.data == [0xff] {
+                        self.udp4500.send_to(&t.data, t.remote)
+                    } else {
+                        let mut d = Vec::with_capacity(t.data.len() + 4);
+                        d.extend_from_slice(&[0; 4]);
+                        d.extend_from_slice(&t.data);
+                        self.udp4500.send_to(&d, t.remote)
+                    }
+                } else {
+                    self.udp500.send_to(&t.data, t.remote).await
+                };
+                if let Err(e) = r {
+                    log::warn!("{}: sending to {}: {e}", self.cfg.tunnels[i].name, t.remote);
+                }
+            }
+            while let Some(e) = self.conns[i].poll_event() {
+                let name = &self.cfg.tunnels[i].name;
+                match e {
+                    Event::Log { level, message } => match level {
+                        Level::Debug => log::debug!("{name}: {message}"),
+                        Level::Info => log::info!("{name}: {message}"),
+                        Level::Warn => log::warn!("{name}: {message}"),
+                        Level::Error => log::error!("{name}: {message}"),
+                    },
+                    Event::TunnelUp { .. } => log::info!("{name}: tunnel up"),
+                    Event::TunnelDown { reason, .. } => log::warn!("{name}: tunnel down: {reason}"),
+                }
+            }
+        }
+    }
+
+    fn datagram(&mut self, port: u16, from: SocketAddr, data: &[u8]) {
+        match self.connection_for(from) {
+            Some(i) => {
+                self.conns[i].handle_datagram(Instant::now(), port, from, data, &mut self.backend)
+            }
+            None => log::debug!("IKE from {from}, which is no configured peer: dropped"),
+        }
+    }
+
+    fn timeouts(&mut self) {
+        let now = Instant::now();
+        for c in &mut self.conns {
+            if c.poll_timeout().is_some_and(|t| t <= now) {
+                c.handle_timeout(now, &mut self.backend);
+            }
+        }
+    }
+
+    /// SA lifetimes in bytes and sequence numbers end in the datapath: a soft
+    /// expiry asks the connection for a CHILD_SA rekey.
+    fn expiries(&mut self) {
+        let now = Instant::now();
+        for (tunnel, spi, inbound, x) in self.backend.sadb.poll_expiries(now) {
+            let Some(c) = self.conns.get_mut(tunnel as usize) else {
+                continue;
+            };
+            let dir = if inbound { "inbound" } else { "outbound" };
+            match x {
+                Expiry::Soft(l) => {
+                    log::info!(
+                        "{}: {dir} SA {spi:08x} reached its soft {l:?} limit: rekeying",
+                        c.config().name
+                    );
+                    c.rekey_child(now, &mut self.backend);
+                }
+                Expiry::Hard(l) => log::warn!(
+                    "{}: {dir} SA {spi:08x} reached its hard {l:?} limit",
+                    c.config().name
+                ),
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.conns.iter().filter_map(Connection::poll_timeout).min()
+    }
+
+    fn status(&mut self) -> DeviceStatus {
+        let now = Instant::now();
+        let mut tunnels = Vec::new();
+        for (i, c) in self.conns.iter().enumerate() {
+            let t = &self.cfg.tunnels[i];
+            let connection = c.status(now, &mut self.backend);
+            let totals = self.backend.sadb.tunnel_totals(i as u32);
+            tunnels.push(TunnelStatus {
+                name: t.name.clone(),
+                address: t.address.to_string(),
+                remote: t.peer.remote.to_string(),
+                bgp_peer: t.bgp_peer.map(|b| b.to_string()),
+                up: connection.up,
+                last_established_utc: connection.established_secs_ago.map(control::utc_ago),
+                totals,
+                drops: DropReason::ALL
+                    .iter()
+                    .map(|r| (r.name().to_string(), totals.drops.get(*r)))
+                    .collect(),
+                connection,
+            });
+        }
+        let dmz = match &self.xdp {
+            Some(x) => match x.dmz_counters() {
+                Ok(c) => c.iter().map(|(k, v)| (k.to_string(), v)).collect(),
+                Err(e) => vec![(format!("unreadable: {e}"), 0)],
+            },
+            None => Vec::new(),
+        };
+        let (unknown_spi, no_outbound_sa) = self.backend.sadb.orphans();
+        let bgp = self.cfg.device.bird_socket.as_ref().map(|s| {
+            match std::process::Command::new("birdc")
+                .arg("-s")
+                .arg(s)
+                .args(["show", "protocols"])
+                .output()
+            {
+                Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
+                Err(e) => format!("birdc: {e}"),
+            }
+        });
+        DeviceStatus {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            public_address: self.cfg.device.public_address.to_string(),
+            datapath: match self.cfg.device.datapath {
+                DatapathMode::Xdp => "xdp (DMZ filter) + sockets".into(),
+                DatapathMode::Tun => "sockets".into(),
+            },
+            started_utc: self.started_utc.clone(),
+            tunnels,
+            dmz,
+            socket_path: self
+                .slow
+                .snapshot()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            unknown_spi,
+            no_outbound_sa,
+            bgp,
+        }
+    }
+}
+
+/// Serves the control socket: each client's request goes to the main loop.
+async fn serve_control(listener: UnixListener, requests: mpsc::Sender<StatusReply>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let requests = requests.clone();
+        tokio::spawn(async move {
+            let (rd, mut wr) = stream.into_split();
+            let mut line = String::new();
+            let read = tokio::time::timeout(
+                Duration::from_secs(5),
+                BufReader::new(rd).read_line(&mut line),
+            )
+            .await;
+            if !matches!(read, Ok(Ok(_))) {
+                return;
+            }
+            let answer = if line.trim() == STATUS_REQUEST {
+                let (tx, rx) = oneshot::channel();
+                if requests.send(tx).await.is_err() {
+                    return;
+                }
+                match rx.await {
+                    Ok(st) => serde_json::to_string_pretty(&st).unwrap_or_default(),
+                    Err(_) => return,
+                }
+            } else {
+                format!(
+                    "{{\"error\": \"unknown request {:?}; the one request is {STATUS_REQUEST:?}\"}}",
+                    line.trim()
+                )
+            };
+            let _ = wr.write_all(answer.as_bytes()).await;
+            let _ = wr.shutdown().await;
+        });
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT; then deletes the IKE_SAs.
+pub fn run(cfg: Config) -> Result<(), DaemonError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io_err("starting the runtime"))?;
+    rt.block_on(run_async(cfg))
+}
+
+async fn run_async(cfg: Config) -> Result<(), DaemonError> {
+    for w in &cfg.warnings {
+        log::warn!("{w}");
+    }
+    let public = cfg.device.public_address;
+    let mut rtnl = Rtnl::open()?;
+    let mut tuns = Vec::new();
+    for t in &cfg.tunnels {
+        tuns.push(Arc::new(tunnel_device(
+            &mut rtnl,
+            &t.name,
+            t.address,
+            cfg.device.tunnel_mtu,
+        )?));
+        log::info!(
+            "{}: interface up with {}/32, peer {}",
+            t.name,
+            t.address,
+            t.peer.remote
+        );
+    }
+    let xdp = match cfg.device.datapath {
+        DatapathMode::Tun => None,
+        DatapathMode::Xdp => {
+            let mut x = XdpPrograms::load()?;
+            let mode = x.attach_dmz(&cfg.device.dmz_interface, XdpAttach::Auto)?;
+            for p in &cfg.dmz_allow {
+                x.allow(*p)?;
+            }
+            log::info!(
+                "{}: DMZ filter attached ({mode:?} mode), {} allowed prefixes",
+                cfg.device.dmz_interface,
+                cfg.dmz_allow.len()
+            );
+            Some(x)
+        }
+    };
+    let udp500 = tokio::net::UdpSocket::bind((public, 500))
+        .await
+        .map_err(io_err(format!("binding UDP {public}:500")))?;
+    let udp4500 = Arc::new(
+        UdpSocket::bind((public, 4500)).map_err(io_err(format!("binding UDP {public}:4500")))?,
+    );
+    let raw = Arc::new(raw_esp_socket(public).map_err(io_err("opening the raw ESP socket"))?);
+    let sadb = Arc::new(SaDb::new());
+    let slow = Arc::new(SlowCounters::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let path = Arc::new(SlowPath {
+        sadb: sadb.clone(),
+        tuns: tuns.clone(),
+        udp4500: udp4500.clone(),
+        raw_esp: raw,
+        mss_clamp: cfg.device.mss_clamp,
+        counters: slow.clone(),
+        stop: stop.clone(),
+    });
+    let (ike_tx, mut ike_rx) = mpsc::unbounded_channel::<(SocketAddr, Vec<u8>)>();
+    let threads = path
+        .start(move |from, data| {
+            let _ = ike_tx.send((from, data.to_vec()));
+        })
+        .map_err(io_err("starting the datapath threads"))?;
+
+    let sock_path: PathBuf = cfg.device.control_socket.clone();
+    if let Some(dir) = sock_path.parent() {
+        std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    }
+    let _ = std::fs::remove_file(&sock_path);
+    let listener = UnixListener::bind(&sock_path)
+        .map_err(io_err(format!("binding {}", sock_path.display())))?;
+    let (req_tx, mut req_rx) = mpsc::channel::<StatusReply>(16);
+    let control_task = tokio::spawn(serve_control(listener, req_tx));
+
+    let now = Instant::now();
+    let rng = Arc::new(SystemRandom::new());
+    let conns = cfg
+        .tunnels
+        .iter()
+        .map(|t| Connection::new(Arc::new(t.peer.clone()), rng.clone(), now))
+        .collect();
+    let mut d = Driver {
+        conns,
+        backend: UserBackend::new(sadb, tuns),
+        udp500,
+        udp4500,
+        slow,
+        xdp,
+        started_utc: control::utc_ago(0),
+        cfg,
+    };
+    log::info!(
+        "xesp {} on {public}: {} tunnels, control socket {}",
+        env!("CARGO_PKG_VERSION"),
+        d.conns.len(),
+        sock_path.display()
+    );
+    let mut term = signal(SignalKind::terminate()).map_err(io_err("SIGTERM handler"))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io_err("SIGINT handler"))?;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut buf = vec![0u8; 65536];
+    loop {
+        d.timeouts();
+        d.flush().await;
+        let deadline = d
+            .next_deadline()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            r = d.udp500.recv_from(&mut buf) => match r {
+                Ok((n, from)) => {
+                    let data = buf[..n].to_vec();
+                    d.datagram(500, from, &data);
+                }
+                Err(e) => log::warn!("UDP 500: {e}"),
+            },
+            Some((from, data)) = ike_rx.recv() => d.datagram(4500, from, &data),
+            _ = tokio::time::sleep_until(deadline.into()) => {}
+            _ = tick.tick() => {
+                d.expiries();
+                if let Some(x) = &mut d.xdp {
+                    x.flush_logs();
+                }
+            }
+            Some(reply) = req_rx.recv() => {
+                let _ = reply.send(d.status());
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    log::info!("stopping: deleting the IKE_SAs");
+    let now = Instant::now();
+    for c in &mut d.conns {
+        c.close(now);
+    }
+    d.flush().await;
+    // Give the peers' DELETE answers a moment; they need no reply from us.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    control_task.abort();
+    let _ = std::fs::remove_file(&sock_path);
+    stop.store(true, Ordering::Relaxed);
+    for t in threads.handles {
+        let _ = t.join();
+    }
+    Ok(())
+}
