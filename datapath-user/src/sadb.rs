@@ -250,3 +250,88 @@ impl SaDb {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use xesp_esp::{
+        alg::{AesKeyBits, Encr, Suite},
+        sa::{Lifetime, SaParams, Tunnel},
+    };
+
+    use super::*;
+
+    const KEY: [u8; 36] = [7; 36];
+
+    fn params(spi: u32) -> SaParams<'static> {
+        SaParams {
+            spi,
+            suite: Suite::new(Encr::AesGcm16(AesKeyBits::B256), None).unwrap(),
+            keymat: &KEY,
+            esn: false,
+            replay_window: 64,
+            tunnel: Tunnel {
+                local: Ipv4Addr::new(192, 0, 2, 1),
+                remote: Ipv4Addr::new(203, 0, 113, 11),
+                natt: None,
+            },
+            lifetime: Lifetime::default(),
+        }
+    }
+
+    /// Encapsulates one 40-octet packet on `tunnel`'s routed SA and
+    /// decapsulates it with inbound `spi`.
+    fn carry(db: &SaDb, tunnel: u32, spi: u32) -> bool {
+        let mut buf = vec![0u8; 256];
+        buf[64] = 0x45;
+        buf[66..68].copy_from_slice(&40u16.to_be_bytes());
+        let Some(out) = db.outbound_of(tunnel) else {
+            return false;
+        };
+        let outer = out
+            .sa
+            .lock()
+            .unwrap()
+            .encapsulate(&mut buf, 64..104)
+            .unwrap();
+        let Some(inb) = db.inbound(spi) else {
+            return false;
+        };
+        let r = inb
+            .sa
+            .lock()
+            .unwrap()
+            .decapsulate(&mut buf, outer.start + 20..outer.end);
+        r.is_ok()
+    }
+
+    #[test]
+    fn routes_switch_and_totals_survive_deletion() {
+        let now = Instant::now();
+        let db = SaDb::new();
+        assert!(!db.route(0, Some(0x1000)), "no such outbound SA");
+        db.install_inbound(0, InboundSa::new(&params(0x1000), now).unwrap());
+        db.install_outbound(0, OutboundSa::new(&params(0x1000), now).unwrap());
+        assert!(!carry(&db, 0, 0x1000), "not routed yet");
+        assert_eq!(db.orphans(), (0, 1));
+        assert!(db.route(0, Some(0x1000)));
+        assert!(carry(&db, 0, 0x1000));
+        // A rekey: the new SA pair, routed; the old one deleted.
+        db.install_inbound(0, InboundSa::new(&params(0x2000), now).unwrap());
+        db.install_outbound(0, OutboundSa::new(&params(0x2000), now).unwrap());
+        assert!(db.route(0, Some(0x2000)));
+        db.delete_outbound(0x1000);
+        db.delete_inbound(0x1000);
+        assert!(carry(&db, 0, 0x2000));
+        assert!(db.inbound(0x1000).is_none());
+        let t = db.tunnel_totals(0);
+        assert_eq!((t.packets_in, t.packets_out), (2, 2));
+        assert_eq!((t.bytes_in, t.bytes_out), (80, 80));
+        assert_eq!(db.tunnel_totals(1), TunnelTotals::default());
+        // Deleting the routed SA takes the tunnel down.
+        db.delete_outbound(0x2000);
+        assert!(db.outbound_of(0).is_none());
+        assert_eq!(db.orphans(), (1, 2));
+    }
+}

@@ -43,10 +43,10 @@ fn field(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DatapathMode {
-    /// XDP filters the DMZ and steers ESP and LAN traffic to AF_XDP workers;
-    /// the TUN devices carry the host's own traffic.
+    /// An XDP program filters the DMZ interface; ESP goes through the
+    /// socket datapath and the TUN devices.
     Xdp,
-    /// TUN devices and sockets only (portable, slower; no DMZ filter).
+    /// TUN devices and sockets only (no XDP, no DMZ filter).
     Tun,
 }
 

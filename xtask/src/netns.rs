@@ -257,6 +257,12 @@ impl Daemon {
         let _ = self.child.wait();
     }
 
+    /// Kills it now with SIGKILL (no chance to clean up).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Forget the child without stopping it (it outlives this process).
     pub fn detach(self) -> u32 {
         let pid = self.child.id();

@@ -268,11 +268,12 @@ impl Lab {
         Ok(())
     }
 
-    /// Stops gateway `i`'s strongSwan (as a failed instance would).
-    pub fn stop_gateway_ike(&mut self, i: usize) {
+    /// Kills gateway `i`'s strongSwan with SIGKILL, as a failed instance
+    /// dies: no DELETE reaches on-prem, only DPD can tell.
+    pub fn kill_gateway_ike(&mut self, i: usize) {
         let name = format!("charon in {}", self.ns.azgw[i].name());
         for d in self.daemons.iter_mut().filter(|d| d.name() == name) {
-            d.stop();
+            d.kill();
         }
         self.daemons
             .retain_mut(|d| d.is_running() || d.name() != name);

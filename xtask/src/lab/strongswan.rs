@@ -166,8 +166,7 @@ swanctl {{
 pub const GATEWAY_IKE_PROPOSALS: &str = "aes256-sha256-modp2048,aes256-sha1-modp1024,aes128-sha1-modp1024,\
 aes256-sha1-modp2048,aes256-sha256-modp1024,aes256-sha256-ecp256,aes256-sha384-ecp384,aes128-sha256-ecp256,\
 aes256gcm16-prfsha256-modp2048,aes256-sha256-curve25519";
-pub const GATEWAY_ESP_PROPOSALS: &str =
-    "aes256gcm16,aes128gcm16,aes256-sha1,aes128-sha1,aes256-sha256";
+pub const GATEWAY_ESP_PROPOSALS: &str = "aes256gcm16,aes128gcm16,aes256-sha1,aes128-sha1,aes256-sha256,aes256gcm16-ecp384,aes128gcm16-ecp256";
 
 /// swanctl.conf of a gateway instance: the Azure side, a responder with
 /// 0.0.0.0/0 selectors narrowed to what on-prem proposes.

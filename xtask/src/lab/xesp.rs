@@ -30,6 +30,8 @@ pub struct XespSettings {
     pub datapath: String,
     /// Lines for the `[ike]` section (proposals, lifetimes, DPD, initiator).
     pub ike: String,
+    /// Lines for each `[[tunnel]]` (per-tunnel overrides).
+    pub tunnels: [String; 2],
 }
 
 impl Default for XespSettings {
@@ -37,6 +39,7 @@ impl Default for XespSettings {
         Self {
             datapath: "xdp".into(),
             ike: ARTICLE_IKE.into(),
+            tunnels: [String::new(), String::new()],
         }
     }
 }
@@ -121,8 +124,8 @@ psk = "{psk}"
         );
         for i in 0..2 {
             t.push_str(&format!(
-                "[[tunnel]]\nname = \"{}\"\nremote = \"{}\"\naddress = \"{}\"\nbgp_peer = \"{}\"\n\n",
-                TUNNEL_IFS[i], GW_PUBLIC[i], TUNNEL_ADDR[i], GW_BGP[i]
+                "[[tunnel]]\nname = \"{}\"\nremote = \"{}\"\naddress = \"{}\"\nbgp_peer = \"{}\"\n{}\n",
+                TUNNEL_IFS[i], GW_PUBLIC[i], TUNNEL_ADDR[i], GW_BGP[i], s.tunnels[i]
             ));
         }
         t
