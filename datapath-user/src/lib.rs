@@ -6,6 +6,7 @@ pub mod nexthop;
 pub mod sadb;
 pub mod slowpath;
 pub mod tun;
+pub mod worker;
 pub mod xdp;
 pub mod xsk;
 

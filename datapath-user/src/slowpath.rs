@@ -28,7 +28,7 @@ use std::{
 
 use socket2::{Domain, Protocol, Socket, Type};
 use xesp_esp::{
-    sa::DropReason,
+    sa::Tunnel,
     wire::{IPPROTO_ESP, Outer, parse_outer},
 };
 
@@ -195,20 +195,40 @@ impl SlowPath {
                 Err(_) => return, // counted by the SA
             }
         };
-        let pkt = &buf[outer];
+        self.send_esp(t, &buf[outer]);
+    }
+
+    /// Sends the outer packet `pkt` (IPv4 header first) of an SA with tunnel
+    /// endpoints `t` through the sockets, which leave the IPv4 (and UDP)
+    /// header to the kernel.
+    pub fn send_esp(&self, t: Tunnel, pkt: &[u8]) {
         let sent = match t.natt {
             Some(p) => self.udp4500.send_to(
-                &pkt[28..],
+                pkt.get(28..).unwrap_or_default(),
                 SocketAddr::V4(SocketAddrV4::new(t.remote, p.remote)),
             ),
             None => self.raw_esp.send_to(
-                &pkt[20..],
+                pkt.get(20..).unwrap_or_default(),
                 &SocketAddr::V4(SocketAddrV4::new(t.remote, 0)).into(),
             ),
         };
         if let Err(e) = sent {
             log::debug!("sending ESP to {}: {e}", t.remote);
             Self::count(&self.counters.send_errors);
+        }
+    }
+
+    /// Writes a decapsulated packet into tunnel `tunnel`'s device, MSS clamped.
+    pub fn deliver_inner(&self, tunnel: usize, pkt: &mut [u8]) {
+        let Some(tun) = self.tuns.get(tunnel) else {
+            Self::count(&self.counters.tun_write_errors);
+            return;
+        };
+        if let Clamp::Lowered(_) = clamp_mss(pkt, self.mss_clamp) {
+            Self::count(&self.counters.mss_clamped);
+        }
+        if tun.send(pkt).is_err() {
+            Self::count(&self.counters.tun_write_errors);
         }
     }
 
@@ -282,15 +302,6 @@ impl SlowPath {
                 Err(_) => return, // counted by the SA
             }
         };
-        let Some(tun) = self.tuns.get(entry.tunnel as usize) else {
-            self.sadb.record_inbound_drop(&entry, DropReason::BadInner);
-            return;
-        };
-        if let Clamp::Lowered(_) = clamp_mss(&mut buf[inner.clone()], self.mss_clamp) {
-            Self::count(&self.counters.mss_clamped);
-        }
-        if tun.send(&buf[inner]).is_err() {
-            Self::count(&self.counters.tun_write_errors);
-        }
+        self.deliver_inner(entry.tunnel as usize, &mut buf[inner]);
     }
 }

@@ -43,8 +43,8 @@ fn field(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DatapathMode {
-    /// An XDP program filters the DMZ interface; ESP goes through the
-    /// socket datapath and the TUN devices.
+    /// XDP filters the DMZ interface and steers ESP and the LAN's tunnel
+    /// traffic to AF_XDP workers; the TUN devices carry the host's own.
     Xdp,
     /// TUN devices and sockets only (no XDP, no DMZ filter).
     Tun,
@@ -240,10 +240,10 @@ impl Config {
         if f.device.tunnel_mtu < 576 || f.device.tunnel_mtu > 9000 {
             return Err(field("device.tunnel_mtu", "must be between 576 and 9000"));
         }
-        if f.device.datapath == DatapathMode::Xdp && f.device.lan_interfaces.is_empty() {
+        if f.device.datapath == DatapathMode::Xdp && f.device.lan_interfaces.len() != 1 {
             return Err(field(
                 "device.lan_interfaces",
-                "the xdp datapath needs at least one LAN interface",
+                "the xdp datapath takes exactly one LAN interface (bond or bridge several)",
             ));
         }
         let device = Device {

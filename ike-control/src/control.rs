@@ -28,8 +28,12 @@ pub struct DeviceStatus {
     pub datapath: String,
     pub started_utc: String,
     pub tunnels: Vec<TunnelStatus>,
-    /// The DMZ XDP classifier's counters (`xdp` datapath only).
+    /// The DMZ XDP classifier's and ESP steering's counters (`xdp` datapath only).
     pub dmz: Vec<(String, u64)>,
+    /// The LAN XDP program's counters.
+    pub lan: Vec<(String, u64)>,
+    /// The AF_XDP workers' counters.
+    pub workers: Vec<(String, u64)>,
     /// The socket datapath's counters.
     pub socket_path: Vec<(String, u64)>,
     /// ESP whose SPI no SA has; tunnel packets with no outbound SA.
@@ -52,7 +56,18 @@ pub struct TunnelStatus {
     pub totals: TunnelTotals,
     /// Drops per reason, both directions.
     pub drops: Vec<(String, u64)>,
+    /// What the XDP programs steered to this tunnel's AF_XDP sockets.
+    pub xdp: Option<XdpTraffic>,
     pub connection: ConnStatus,
+}
+
+/// Packets and octets the XDP programs redirected to one tunnel's workers.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct XdpTraffic {
+    pub lan_packets: u64,
+    pub lan_bytes: u64,
+    pub esp_packets: u64,
+    pub esp_bytes: u64,
 }
 
 /// Errors of the client side.
@@ -216,6 +231,13 @@ pub fn render(st: &DeviceStatus) -> String {
             .filter(|(_, n)| *n > 0)
             .map(|(r, n)| format!("{r} {n}"))
             .collect();
+        if let Some(x) = &t.xdp {
+            let _ = writeln!(
+                o,
+                "  AF_XDP: from the LAN {} pkts / {} bytes, ESP from the DMZ {} pkts / {} bytes",
+                x.lan_packets, x.lan_bytes, x.esp_packets, x.esp_bytes
+            );
+        }
         let s = &c.stats;
         let _ = writeln!(
             o,
@@ -249,6 +271,8 @@ pub fn render(st: &DeviceStatus) -> String {
         }
     };
     counters(&mut o, "DMZ (XDP) packets", &st.dmz);
+    counters(&mut o, "LAN (XDP) packets", &st.lan);
+    counters(&mut o, "AF_XDP workers", &st.workers);
     counters(&mut o, "Socket datapath", &st.socket_path);
     let _ = writeln!(
         o,

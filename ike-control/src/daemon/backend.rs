@@ -1,11 +1,13 @@
 //! The [`SaBackend`] of the user-space datapath: CHILD_SA directions become
 //! ESP SAs in the [`SaDb`] the packet paths read, and a tunnel's device has
 //! carrier exactly while the tunnel has an outbound SA (so the kernel FIB, and
-//! BGP next hops over it, follow the tunnel's state).
+//! BGP next hops over it, follow the tunnel's state). With XDP, inbound SPIs
+//! are steered to their tunnel's AF_XDP sockets and the LAN program learns
+//! which tunnels are live.
 
 use std::{collections::HashSet, net::IpAddr, sync::Arc, time::Instant};
 
-use datapath_user::{sadb::SaDb, tun::Tun};
+use datapath_user::{sadb::SaDb, tun::Tun, xdp::XdpPrograms};
 use ring::rand::{SecureRandom, SystemRandom};
 use xesp_esp::sa::{InboundSa, NattPorts, OutboundSa, SaCounters, SaParams, Tunnel};
 
@@ -16,16 +18,19 @@ pub struct UserBackend {
     pub sadb: Arc<SaDb>,
     /// Tunnel N's device is `tuns[N]`.
     pub tuns: Vec<Arc<Tun>>,
+    /// The XDP programs (`xdp` datapath).
+    pub xdp: Option<XdpPrograms>,
     rng: SystemRandom,
     /// Allocated inbound SPIs not installed yet.
     reserved: HashSet<u32>,
 }
 
 impl UserBackend {
-    pub fn new(sadb: Arc<SaDb>, tuns: Vec<Arc<Tun>>) -> Self {
+    pub fn new(sadb: Arc<SaDb>, tuns: Vec<Arc<Tun>>, xdp: Option<XdpPrograms>) -> Self {
         Self {
             sadb,
             tuns,
+            xdp,
             rng: SystemRandom::new(),
             reserved: HashSet::new(),
         }
@@ -84,6 +89,10 @@ impl SaBackend for UserBackend {
                 let sa = InboundSa::new(&params, Instant::now()).map_err(bad)?;
                 self.sadb.install_inbound(spec.tunnel, sa);
                 self.reserved.remove(&spec.spi);
+                if let Some(x) = &mut self.xdp {
+                    x.steer(spec.spi, spec.tunnel)
+                        .map_err(|e| err(format!("steering SPI {:08x}: {e}", spec.spi)))?;
+                }
             }
             Direction::Outbound => {
                 let sa = OutboundSa::new(&params, Instant::now()).map_err(bad)?;
@@ -100,6 +109,10 @@ impl SaBackend for UserBackend {
                 spi.unwrap_or(0)
             )));
         }
+        if let Some(x) = &mut self.xdp {
+            x.set_tunnel_live(tunnel, spi.is_some())
+                .map_err(|e| err(format!("tunnel {tunnel}: {e}")))?;
+        }
         if let Some(t) = self.tuns.get(tunnel as usize) {
             t.set_carrier(spi.is_some())
                 .map_err(|e| err(format!("{}: setting carrier: {e}", t.name())))?;
@@ -112,6 +125,10 @@ impl SaBackend for UserBackend {
             Direction::Inbound => {
                 self.reserved.remove(&spi);
                 self.sadb.delete_inbound(spi);
+                if let Some(x) = &mut self.xdp {
+                    x.unsteer(spi)
+                        .map_err(|e| err(format!("unsteering SPI {spi:08x}: {e}")))?;
+                }
             }
             Direction::Outbound => self.sadb.delete_outbound(spi),
         }

@@ -27,6 +27,7 @@ use datapath_user::{
     sadb::SaDb,
     slowpath::{SlowCounters, SlowPath, raw_esp_socket},
     tun::Tun,
+    worker::{Worker, WorkerCounters},
     xdp::{XdpAttach, XdpPrograms},
 };
 use ring::rand::SystemRandom;
@@ -36,6 +37,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{mpsc, oneshot},
 };
+use xesp_common::{LanCounter, SteerCounter};
 use xesp_esp::sa::{DropReason, Expiry};
 
 use self::backend::UserBackend;
@@ -69,9 +71,7 @@ fn tunnel_device(
     mtu: u16,
 ) -> Result<Tun, DaemonError> {
     let tun = Tun::create(name).map_err(io_err(format!("creating tunnel interface {name}")))?;
-    let cname = CString::new(name).unwrap_or_default();
-    // SAFETY: a NUL-terminated name.
-    let ifindex = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+    let ifindex = ifindex_of(name);
     if ifindex == 0 {
         return Err(io_err(format!("finding interface {name}"))(
             io::Error::last_os_error(),
@@ -84,6 +84,24 @@ fn tunnel_device(
     Ok(tun)
 }
 
+fn ifindex_of(name: &str) -> u32 {
+    let c = CString::new(name).unwrap_or_default();
+    // SAFETY: a NUL-terminated name.
+    unsafe { libc::if_nametoindex(c.as_ptr()) }
+}
+
+/// Receive queues of `iface` (1 when sysfs does not say), at most MAX_QUEUES.
+fn queue_count(iface: &str) -> u32 {
+    let n = std::fs::read_dir(format!("/sys/class/net/{iface}/queues"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
+                .count() as u32
+        })
+        .unwrap_or(1);
+    n.clamp(1, xesp_common::MAX_QUEUES)
+}
+
 /// A request from a control-socket client, answered by the main loop.
 type StatusReply = oneshot::Sender<DeviceStatus>;
 
@@ -94,7 +112,7 @@ struct Driver {
     udp500: tokio::net::UdpSocket,
     udp4500: Arc<UdpSocket>,
     slow: Arc<SlowCounters>,
-    xdp: Option<XdpPrograms>,
+    workers: Option<Arc<WorkerCounters>>,
     started_utc: String,
 }
 
@@ -208,16 +226,43 @@ impl Driver {
                     .iter()
                     .map(|r| (r.name().to_string(), totals.drops.get(*r)))
                     .collect(),
+                xdp: None,
                 connection,
             });
         }
-        let dmz = match &self.xdp {
-            Some(x) => match x.dmz_counters() {
-                Ok(c) => c.iter().map(|(k, v)| (k.to_string(), v)).collect(),
-                Err(e) => vec![(format!("unreadable: {e}"), 0)],
-            },
-            None => Vec::new(),
-        };
+        let mut dmz = Vec::new();
+        let mut lan = Vec::new();
+        if let Some(x) = &self.backend.xdp {
+            match x.dmz_counters() {
+                Ok(c) => dmz.extend(c.iter().map(|(k, v)| (k.to_string(), v))),
+                Err(e) => log::warn!("reading the DMZ counters: {e}"),
+            }
+            if let Ok(c) = x.steer_counters() {
+                dmz.extend(
+                    SteerCounter::ALL
+                        .iter()
+                        .map(|k| (format!("esp_{}", k.name()), c[*k as usize])),
+                );
+            }
+            if let Ok(c) = x.lan_counters() {
+                lan.extend(
+                    LanCounter::ALL
+                        .iter()
+                        .map(|k| (k.name().to_string(), c[*k as usize])),
+                );
+            }
+            for (i, t) in tunnels.iter_mut().enumerate() {
+                t.xdp = x
+                    .tunnel_counters(i as u32)
+                    .ok()
+                    .map(|c| control::XdpTraffic {
+                        lan_packets: c.lan_packets,
+                        lan_bytes: c.lan_bytes,
+                        esp_packets: c.esp_packets,
+                        esp_bytes: c.esp_bytes,
+                    });
+            }
+        }
         let (unknown_spi, no_outbound_sa) = self.backend.sadb.orphans();
         let bgp = self.cfg.device.bird_socket.as_ref().map(|s| {
             match std::process::Command::new("birdc")
@@ -234,12 +279,23 @@ impl Driver {
             version: env!("CARGO_PKG_VERSION").to_string(),
             public_address: self.cfg.device.public_address.to_string(),
             datapath: match self.cfg.device.datapath {
-                DatapathMode::Xdp => "xdp (DMZ filter) + sockets".into(),
+                DatapathMode::Xdp => "xdp + AF_XDP workers".into(),
                 DatapathMode::Tun => "sockets".into(),
             },
             started_utc: self.started_utc.clone(),
             tunnels,
             dmz,
+            lan,
+            workers: self
+                .workers
+                .as_ref()
+                .map(|w| {
+                    w.snapshot()
+                        .into_iter()
+                        .map(|(k, v)| (k.to_string(), v))
+                        .collect()
+                })
+                .unwrap_or_default(),
             socket_path: self
                 .slow
                 .snapshot()
@@ -322,7 +378,7 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
             t.peer.remote
         );
     }
-    let xdp = match cfg.device.datapath {
+    let mut xdp = match cfg.device.datapath {
         DatapathMode::Tun => None,
         DatapathMode::Xdp => {
             let mut x = XdpPrograms::load()?;
@@ -335,6 +391,13 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
                 cfg.device.dmz_interface,
                 cfg.dmz_allow.len()
             );
+            for lan in &cfg.device.lan_interfaces {
+                let mode = x.attach_lan(lan, XdpAttach::Auto)?;
+                log::info!("{lan}: LAN steering attached ({mode:?} mode)");
+            }
+            for (i, t) in cfg.tunnels.iter().enumerate() {
+                x.set_tunnel_ifindex(ifindex_of(&t.name), i as u32)?;
+            }
             Some(x)
         }
     };
@@ -357,6 +420,49 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
         counters: slow.clone(),
         stop: stop.clone(),
     });
+    let mut worker_threads = Vec::new();
+    let workers = match &mut xdp {
+        None => None,
+        Some(x) => {
+            let counters = Arc::new(WorkerCounters::default());
+            let lan_if = &cfg.device.lan_interfaces[0];
+            let queues = queue_count(&cfg.device.dmz_interface).min(queue_count(lan_if));
+            for q in 0..queues {
+                let (w, socks) = Worker::new(
+                    q,
+                    &cfg.device.dmz_interface,
+                    lan_if,
+                    path.clone(),
+                    counters.clone(),
+                )
+                .map_err(|e| {
+                    io_err(format!("AF_XDP sockets on queue {q}"))(io::Error::other(e.to_string()))
+                })?;
+                for (t, fd) in socks.dmz.iter().enumerate() {
+                    if let Some(fd) = fd {
+                        x.bind_dmz_xsk(q, t as u32, *fd)?;
+                    }
+                }
+                for (t, fd) in socks.lan.iter().enumerate() {
+                    if let Some(fd) = fd {
+                        x.bind_lan_xsk(q, t as u32, *fd)?;
+                    }
+                }
+                let stop = stop.clone();
+                worker_threads.push(
+                    std::thread::Builder::new()
+                        .name(format!("xsk-q{q}"))
+                        .spawn(move || w.run(stop))
+                        .map_err(io_err("starting an AF_XDP worker"))?,
+                );
+            }
+            log::info!(
+                "{queues} AF_XDP worker(s) on {} and {lan_if}",
+                cfg.device.dmz_interface
+            );
+            Some(counters)
+        }
+    };
     let (ike_tx, mut ike_rx) = mpsc::unbounded_channel::<(SocketAddr, Vec<u8>)>();
     let threads = path
         .start(move |from, data| {
@@ -383,11 +489,11 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
         .collect();
     let mut d = Driver {
         conns,
-        backend: UserBackend::new(sadb, tuns),
+        backend: UserBackend::new(sadb, tuns, xdp),
         udp500,
         udp4500,
         slow,
-        xdp,
+        workers,
         started_utc: control::utc_ago(0),
         cfg,
     };
@@ -419,7 +525,7 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
             _ = tokio::time::sleep_until(deadline.into()) => {}
             _ = tick.tick() => {
                 d.expiries();
-                if let Some(x) = &mut d.xdp {
+                if let Some(x) = &mut d.backend.xdp {
                     x.flush_logs();
                 }
             }
@@ -441,7 +547,7 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
     control_task.abort();
     let _ = std::fs::remove_file(&sock_path);
     stop.store(true, Ordering::Relaxed);
-    for t in threads.handles {
+    for t in threads.handles.into_iter().chain(worker_threads) {
         let _ = t.join();
     }
     Ok(())

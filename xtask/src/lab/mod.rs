@@ -279,11 +279,33 @@ impl Lab {
             .retain_mut(|d| d.is_running() || d.name() != name);
     }
 
+    /// The PID of gateway `i`'s strongSwan.
+    pub fn gateway_ike_pid(&self, i: usize) -> Option<u32> {
+        let name = format!("charon in {}", self.ns.azgw[i].name());
+        self.daemons
+            .iter()
+            .find(|d| d.name() == name)
+            .map(Daemon::pid)
+    }
+
     /// Starts gateway `i`'s strongSwan again.
     pub fn start_gateway_ike(&mut self, i: usize) -> Result<()> {
         let d = self.gateways[i].charon.start(&self.ns.azgw[i])?;
         self.daemons.push(d);
         Ok(())
+    }
+
+    /// Instance `i` fails: its strongSwan dies (SIGKILL) and the VNet's
+    /// routes to on-prem leave it, as Azure's fabric does.
+    pub fn fail_gateway(&mut self, i: usize) -> Result<()> {
+        self.kill_gateway_ike(i);
+        topology::vnet_routes(&self.ns.vnet, &[1 - i])
+    }
+
+    /// Instance `i` returns: strongSwan again, the VNet's routes over both.
+    pub fn restore_gateway(&mut self, i: usize) -> Result<()> {
+        self.start_gateway_ike(i)?;
+        topology::vnet_routes(&self.ns.vnet, &[0, 1])
     }
 
     /// Waits until the stand-in has its four CHILD_SAs and every BGP session

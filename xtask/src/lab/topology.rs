@@ -131,6 +131,10 @@ fn wire(ns: &Namespaces) -> Result<()> {
         "via",
         &ONPREM_NETS[0].1.to_string(),
     ])?;
+    // The host fills in its own checksums, as a physical NIC would deliver
+    // them: veth would otherwise pass TCP with only the pseudo-header sum,
+    // which an AF_XDP datapath forwards as it is.
+    crate::netns::sh(ns.lan.cmd("ethtool").args(["-K", "eth0", "tx", "off"]))?;
 
     // On-prem device.
     ns.onprem.ip(&[
@@ -165,6 +169,8 @@ fn wire(ns: &Namespaces) -> Result<()> {
         &MSEE_DMZ.to_string(),
     ])?;
     ns.onprem.sysctl("net.ipv4.ip_forward=1")?;
+    // maximum-paths: flows (not just address pairs) spread over the tunnels.
+    ns.onprem.sysctl("net.ipv4.fib_multipath_hash_policy=1")?;
 
     // Microsoft-peering edge.
     ns.msee
@@ -212,18 +218,19 @@ fn wire(ns: &Namespaces) -> Result<()> {
     }
 
     // The VNet's system routes: on-prem through both instances (ECMP).
+    ns.vnet.sysctl("net.ipv4.fib_multipath_hash_policy=1")?;
+    vnet_routes(&ns.vnet, &[0, 1])
+}
+
+/// Points the VNet's routes to on-prem at the gateway instances `via`, as
+/// the Azure fabric does when an instance fails or returns.
+pub fn vnet_routes(vnet: &Netns, via: &[usize]) -> Result<()> {
     for net in [ONPREM_NETS[0].0, ONPREM_NETS[1].0, "172.16.0.0/24"] {
-        ns.vnet.ip(&[
-            "route",
-            "add",
-            net,
-            "nexthop",
-            "via",
-            &GW_BGP[0].to_string(),
-            "nexthop",
-            "via",
-            &GW_BGP[1].to_string(),
-        ])?;
+        let mut args = vec!["route".to_string(), "replace".into(), net.into()];
+        for i in via {
+            args.extend(["nexthop".into(), "via".into(), GW_BGP[*i].to_string()]);
+        }
+        vnet.ip(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
     }
     Ok(())
 }
