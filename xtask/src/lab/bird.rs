@@ -120,7 +120,9 @@ protocol bgp onprem {{
     local {me} as {AZURE_ASN};
     neighbor {ONPREM_LOOPBACK} as {ONPREM_ASN};
     multihop 5;
-    hold time 30;
+    hold time 9;
+    connect retry time 5;
+    error wait time 1, 5;
     ipv4 {{
         import all;
         export where proto = "adv";
@@ -171,7 +173,9 @@ protocol kernel {{
 template bgp azgw {{
     local {ONPREM_LOOPBACK} as {ONPREM_ASN};
     multihop 5;
-    hold time 30;
+    hold time 9;
+    connect retry time 5;
+    error wait time 1, 5;
     ipv4 {{
         import all;
         export where proto = "adv";
