@@ -499,6 +499,32 @@ pub fn cli_up() -> Result<()> {
     )?;
     eprintln!("[lab] waiting for both tunnels and the three BGP sessions...");
     let ready = lab.wait_ready(Duration::from_secs(90));
+    if ready.is_ok() {
+        // Traffic: each LAN network to the VM, through the tunnels.
+        for src in topology::LAN_HOSTS {
+            let dst = topology::VM.to_string();
+            let args = [
+                "-c",
+                "3",
+                "-i",
+                "0.2",
+                "-W",
+                "2",
+                "-I",
+                &src.to_string(),
+                &dst,
+            ];
+            match lab.ns.lan.exec("ping", &args) {
+                Ok(out) => eprintln!(
+                    "[lab] ping {dst} from {src}: {}",
+                    out.lines()
+                        .find(|l| l.contains("packet loss"))
+                        .unwrap_or("")
+                ),
+                Err(e) => eprintln!("[lab] ping {dst} from {src} failed: {e:#}"),
+            }
+        }
+    }
     let state = lab.persist();
     fs::write(state_file(), serde_json::to_string_pretty(&state)?)?;
     ready?;
