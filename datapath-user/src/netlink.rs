@@ -35,6 +35,16 @@ pub enum NetlinkError {
     NoAnswer(&'static str),
 }
 
+/// The index of interface `name` in the calling thread's namespace (0 if
+/// there is none, as `if_nametoindex` says).
+pub fn ifindex(name: &str) -> u32 {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return 0;
+    };
+    // SAFETY: a NUL-terminated name.
+    unsafe { libc::if_nametoindex(c.as_ptr()) }
+}
+
 /// Where the FIB sends a destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RouteHop {

@@ -50,6 +50,20 @@ pub struct TunnelTotals {
     pub drops: DropCounters,
 }
 
+impl TunnelTotals {
+    /// Adds one SA direction's counters.
+    fn add(&mut self, c: &SaCounters, inbound: bool) {
+        if inbound {
+            self.packets_in += c.packets;
+            self.bytes_in += c.bytes;
+        } else {
+            self.packets_out += c.packets;
+            self.bytes_out += c.bytes;
+        }
+        self.drops.add(&c.drops);
+    }
+}
+
 /// The SA database.
 #[derive(Default)]
 pub struct SaDb {
@@ -119,10 +133,7 @@ impl SaDb {
         let mut t = self.tables.write().unwrap_or_else(lock_poisoned);
         if let Some(e) = t.inbound.remove(&spi) {
             let c = e.sa.lock().unwrap_or_else(lock_poisoned).counters();
-            let r = t.retired.entry(e.tunnel).or_default();
-            r.packets_in += c.packets;
-            r.bytes_in += c.bytes;
-            r.drops.add(&c.drops);
+            t.retired.entry(e.tunnel).or_default().add(&c, true);
         }
     }
 
@@ -130,10 +141,7 @@ impl SaDb {
         let mut t = self.tables.write().unwrap_or_else(lock_poisoned);
         if let Some(e) = t.outbound.remove(&spi) {
             let c = e.sa.lock().unwrap_or_else(lock_poisoned).counters();
-            let r = t.retired.entry(e.tunnel).or_default();
-            r.packets_out += c.packets;
-            r.bytes_out += c.bytes;
-            r.drops.add(&c.drops);
+            t.retired.entry(e.tunnel).or_default().add(&c, false);
             t.routes.retain(|_, r| !Arc::ptr_eq(r, &e));
         }
     }
@@ -196,16 +204,10 @@ impl SaDb {
         let t = self.tables.read().unwrap_or_else(lock_poisoned);
         let mut out = t.retired.get(&tunnel).copied().unwrap_or_default();
         for e in t.inbound.values().filter(|e| e.tunnel == tunnel) {
-            let c = e.sa.lock().unwrap_or_else(lock_poisoned).counters();
-            out.packets_in += c.packets;
-            out.bytes_in += c.bytes;
-            out.drops.add(&c.drops);
+            out.add(&e.sa.lock().unwrap_or_else(lock_poisoned).counters(), true);
         }
         for e in t.outbound.values().filter(|e| e.tunnel == tunnel) {
-            let c = e.sa.lock().unwrap_or_else(lock_poisoned).counters();
-            out.packets_out += c.packets;
-            out.bytes_out += c.bytes;
-            out.drops.add(&c.drops);
+            out.add(&e.sa.lock().unwrap_or_else(lock_poisoned).counters(), false);
         }
         out
     }

@@ -29,6 +29,7 @@ use xesp_esp::wire::{Outer, parse_outer};
 
 use crate::{
     mss::{Clamp, checksum_replace, clamp_mss},
+    netlink::ifindex,
     nexthop::{NextHop, NextHops},
     slowpath::SlowPath,
     xsk::{Frame, Port, PortConfig, SockId, Verdict, XskError},
@@ -105,12 +106,6 @@ pub struct Worker {
     lan_ifindex: u32,
     path: Arc<SlowPath>,
     counters: Arc<WorkerCounters>,
-}
-
-fn ifindex(name: &str) -> u32 {
-    let c = std::ffi::CString::new(name).unwrap_or_default();
-    // SAFETY: a NUL-terminated name.
-    unsafe { libc::if_nametoindex(c.as_ptr()) }
 }
 
 impl Worker {

@@ -215,6 +215,8 @@ fn ipv4(field_name: &str, s: &str) -> Result<Ipv4Addr, ConfigError> {
 /// Characters of a PSK shorter than this get a warning (the article: use a stronger key).
 const WEAK_PSK: usize = 16;
 
+const MAX_TUNNELS: usize = xesp_common::MAX_TUNNELS as usize;
+
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -268,11 +270,8 @@ impl Config {
         if f.tunnels.is_empty() {
             return Err(field("tunnel", "no [[tunnel]] configured"));
         }
-        if f.tunnels.len() > xesp_common_max_tunnels() {
-            return Err(field(
-                "tunnel",
-                format!("at most {} tunnels", xesp_common_max_tunnels()),
-            ));
+        if f.tunnels.len() > MAX_TUNNELS {
+            return Err(field("tunnel", format!("at most {} tunnels", MAX_TUNNELS)));
         }
         let mut tunnels: Vec<Tunnel> = Vec::new();
         for (i, t) in f.tunnels.into_iter().enumerate() {
@@ -470,10 +469,6 @@ impl Config {
             warnings,
         })
     }
-}
-
-fn xesp_common_max_tunnels() -> usize {
-    xesp_common::MAX_TUNNELS as usize
 }
 
 /// A tunnel's IKE settings over the [ike] defaults.

@@ -99,22 +99,7 @@ fn root_datapath_afxdp_ecmp_failover_and_dmz_filter() {
         lab.status()
     );
     for src in LAN_HOSTS {
-        lab.ns
-            .lan
-            .exec(
-                "ping",
-                &[
-                    "-c",
-                    "3",
-                    "-i",
-                    "0.2",
-                    "-W",
-                    "2",
-                    "-I",
-                    &src.to_string(),
-                    &VM.to_string(),
-                ],
-            )
+        lab.ping_vm(src, 3)
             .unwrap_or_else(|e| panic!("ping {VM} from {src}: {e:#}\n{}", lab.status()));
     }
     let _server = Daemon::spawn(

@@ -39,22 +39,7 @@ fn root_lab_standin_tunnels_bgp_ecmp_and_pings() {
         "ECMP over both instances: {route}"
     );
     for src in LAN_HOSTS {
-        lab.ns
-            .lan
-            .exec(
-                "ping",
-                &[
-                    "-c",
-                    "2",
-                    "-i",
-                    "0.2",
-                    "-W",
-                    "2",
-                    "-I",
-                    &src.to_string(),
-                    &VM.to_string(),
-                ],
-            )
+        lab.ping_vm(src, 2)
             .unwrap_or_else(|e| panic!("ping {VM} from {src}: {e:#}\n{}", lab.status()));
     }
     let names: Vec<String> = lab

@@ -120,22 +120,7 @@ fn root_xesp_initiator_azure_default_and_cisco_legacy_two_tunnels() {
         );
     }
     for src in LAN_HOSTS {
-        lab.ns
-            .lan
-            .exec(
-                "ping",
-                &[
-                    "-c",
-                    "3",
-                    "-i",
-                    "0.2",
-                    "-W",
-                    "2",
-                    "-I",
-                    &src.to_string(),
-                    &VM.to_string(),
-                ],
-            )
+        lab.ping_vm(src, 3)
             .unwrap_or_else(|e| panic!("ping {VM} from {src}: {e:#}\n{}", lab.status()));
     }
     let st = xesp_status(&lab);

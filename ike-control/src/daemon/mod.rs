@@ -10,7 +10,6 @@
 pub mod backend;
 
 use std::{
-    ffi::CString,
     io,
     net::{SocketAddr, UdpSocket},
     path::PathBuf,
@@ -23,12 +22,13 @@ use std::{
 
 use datapath_user::{
     DatapathError,
-    netlink::{NetlinkError, Rtnl},
+    netlink::{NetlinkError, Rtnl, ifindex},
     sadb::SaDb,
     slowpath::{SlowCounters, SlowPath, raw_esp_socket},
     tun::Tun,
     worker::{Worker, WorkerCounters},
     xdp::{XdpAttach, XdpPrograms},
+    xsk::XskError,
 };
 use ring::rand::SystemRandom;
 use tokio::{
@@ -56,6 +56,8 @@ pub enum DaemonError {
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
     Datapath(#[from] DatapathError),
+    #[error(transparent)]
+    Xsk(#[from] XskError),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DaemonError {
@@ -71,7 +73,7 @@ fn tunnel_device(
     mtu: u16,
 ) -> Result<Tun, DaemonError> {
     let tun = Tun::create(name).map_err(io_err(format!("creating tunnel interface {name}")))?;
-    let ifindex = ifindex_of(name);
+    let ifindex = ifindex(name);
     if ifindex == 0 {
         return Err(io_err(format!("finding interface {name}"))(
             io::Error::last_os_error(),
@@ -82,12 +84,6 @@ fn tunnel_device(
     rtnl.set_link_up(ifindex, u32::from(mtu))?;
     rtnl.replace_address(ifindex, addr, 32)?;
     Ok(tun)
-}
-
-fn ifindex_of(name: &str) -> u32 {
-    let c = CString::new(name).unwrap_or_default();
-    // SAFETY: a NUL-terminated name.
-    unsafe { libc::if_nametoindex(c.as_ptr()) }
 }
 
 /// Receive queues of `iface` (1 when sysfs does not say), at most MAX_QUEUES.
@@ -396,7 +392,7 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
                 log::info!("{lan}: LAN steering attached ({mode:?} mode)");
             }
             for (i, t) in cfg.tunnels.iter().enumerate() {
-                x.set_tunnel_ifindex(ifindex_of(&t.name), i as u32)?;
+                x.set_tunnel_ifindex(ifindex(&t.name), i as u32)?;
             }
             Some(x)
         }
@@ -434,10 +430,7 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
                     lan_if,
                     path.clone(),
                     counters.clone(),
-                )
-                .map_err(|e| {
-                    io_err(format!("AF_XDP sockets on queue {q}"))(io::Error::other(e.to_string()))
-                })?;
+                )?;
                 for (t, fd) in socks.dmz.iter().enumerate() {
                     if let Some(fd) = fd {
                         x.bind_dmz_xsk(q, t as u32, *fd)?;

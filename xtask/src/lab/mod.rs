@@ -279,6 +279,13 @@ impl Lab {
             .retain_mut(|d| d.is_running() || d.name() != name);
     }
 
+    /// Pings the VNet's VM `count` times from LAN host address `src`.
+    pub fn ping_vm(&self, src: std::net::Ipv4Addr, count: u32) -> Result<String> {
+        let (src, dst, count) = (src.to_string(), topology::VM.to_string(), count.to_string());
+        let args = ["-c", &count, "-i", "0.2", "-W", "2", "-I", &src, &dst];
+        self.ns.lan.exec("ping", &args)
+    }
+
     /// The PID of gateway `i`'s strongSwan.
     pub fn gateway_ike_pid(&self, i: usize) -> Option<u32> {
         let name = format!("charon in {}", self.ns.azgw[i].name());
@@ -501,20 +508,9 @@ pub fn cli_up() -> Result<()> {
     let ready = lab.wait_ready(Duration::from_secs(90));
     if ready.is_ok() {
         // Traffic: each LAN network to the VM, through the tunnels.
+        let dst = topology::VM;
         for src in topology::LAN_HOSTS {
-            let dst = topology::VM.to_string();
-            let args = [
-                "-c",
-                "3",
-                "-i",
-                "0.2",
-                "-W",
-                "2",
-                "-I",
-                &src.to_string(),
-                &dst,
-            ];
-            match lab.ns.lan.exec("ping", &args) {
+            match lab.ping_vm(src, 3) {
                 Ok(out) => eprintln!(
                     "[lab] ping {dst} from {src}: {}",
                     out.lines()
