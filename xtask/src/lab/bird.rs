@@ -87,6 +87,13 @@ impl Bird {
         )
     }
 
+    /// Whether every on-prem network has been learned from the on-prem
+    /// peer (an Established session exchanges its UPDATEs a moment later).
+    pub fn learned_onprem_nets(&self) -> bool {
+        self.birdc(&["show", "route", "protocol", "onprem"])
+            .is_ok_and(|s| ONPREM_NETS.iter().all(|(net, _)| s.contains(net)))
+    }
+
     /// BGP sessions in state Established.
     pub fn established(&self) -> usize {
         self.birdc(&["show", "protocols"])

@@ -258,14 +258,27 @@ impl Lab {
             );
         }
         if !wait_until(left(), || {
-            bird.established() == 2 && self.gateways.iter().all(|g| g.bird.established() == 1)
+            bird.established() == 2 && self.bgp_routes_exchanged()
         }) {
             bail!(
-                "BGP not Established everywhere after {timeout:?}:\n{}",
+                "BGP sessions or routes not in place after {timeout:?}:\n{}",
                 self.status()
             );
         }
         Ok(())
+    }
+
+    /// Both gateway sessions Established, each gateway has learned both
+    /// on-prem networks, and on-prem routes the VNet over both instances.
+    fn bgp_routes_exchanged(&self) -> bool {
+        self.gateways
+            .iter()
+            .all(|g| g.bird.established() == 1 && g.bird.learned_onprem_nets())
+            && self
+                .ns
+                .onprem
+                .exec("ip", &["route", "show", topology::VNET])
+                .is_ok_and(|r| r.matches("nexthop").count() == 2)
     }
 
     /// Kills gateway `i`'s strongSwan with SIGKILL, as a failed instance
@@ -331,11 +344,10 @@ impl Lab {
             );
         }
         if !wait_until(left(), || {
-            onprem.bird.established() == 2
-                && self.gateways.iter().all(|g| g.bird.established() == 1)
+            onprem.bird.established() == 2 && self.bgp_routes_exchanged()
         }) {
             bail!(
-                "BGP not Established everywhere after {timeout:?}:\n{}",
+                "BGP sessions or routes not in place after {timeout:?}:\n{}",
                 self.status()
             );
         }
