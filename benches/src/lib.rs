@@ -1,1 +1,10 @@
-//! Benchmarks live in `benches/`; `cargo bench -p xesp-benches` runs them.
+//! The benchmarks of xesp.
+//!
+//! * `benches/esp.rs` (criterion, `cargo bench -p xesp-benches`): the ESP
+//!   core per packet next to the raw ring AEAD;
+//! * `xesp-loadgen` ([`serve`], [`peer`], [`traffic`]): the ends of
+//!   `cargo xtask bench`, which measures whole devices in namespaces.
+
+pub mod peer;
+pub mod serve;
+pub mod traffic;

@@ -8,6 +8,7 @@ mod counters;
 mod dmz;
 mod lan;
 mod parse;
+mod sink;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

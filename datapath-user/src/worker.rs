@@ -158,10 +158,13 @@ impl Worker {
         };
         let (dmz_tx, lan_tx) = (self.dmz[0], self.lan[0]);
         let mut tx_full_seen = 0;
+        let mut busy = false;
         while !stop.load(Ordering::Relaxed) {
-            if let Err(e) = self.port.poll(100) {
+            // Sleep in poll() only when the last round found nothing to do.
+            if !busy && let Err(e) = self.port.poll(100) {
                 log::warn!("AF_XDP worker: poll: {e}");
             }
+            busy = false;
             let now = Instant::now();
             for t in 0..self.dmz.len() {
                 let mut ctx = Ctx {
@@ -173,12 +176,15 @@ impl Worker {
                     dmz_ifindex: self.dmz_ifindex,
                     lan_ifindex: self.lan_ifindex,
                 };
-                self.port
-                    .recv(self.dmz[t], BATCH, |f| ctx.decrypt_to_lan(f, lan_tx));
-                self.port
-                    .recv(self.lan[t], BATCH, |f| ctx.encrypt_to_dmz(f, dmz_tx));
+                let n = self
+                    .port
+                    .recv(self.dmz[t], BATCH, |f| ctx.decrypt_to_lan(f, lan_tx))
+                    + self
+                        .port
+                        .recv(self.lan[t], BATCH, |f| ctx.encrypt_to_dmz(f, dmz_tx));
+                busy |= n > 0;
             }
-            self.port.flush();
+            busy |= self.port.flush();
             let full = self.port.stats().tx_ring_full;
             self.counters
                 .tx_full

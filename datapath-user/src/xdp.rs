@@ -16,8 +16,8 @@ use aya::{
 };
 use ipnet::IpNet;
 use xesp_common::{
-    DmzCounter, EspSteer, LanCounter, MAX_QUEUES, MAX_TUNNELS, SteerCounter, TunnelCounter, map,
-    prog, tunnel_counter, xsk_slot,
+    DmzCounter, EspSteer, LanCounter, MAX_QUEUES, MAX_TUNNELS, SinkCounter, SteerCounter,
+    TunnelCounter, map, prog, tunnel_counter, xsk_slot,
 };
 
 use crate::{DatapathError, load_object};
@@ -83,6 +83,28 @@ impl XdpPrograms {
     /// Attaches the LAN steering program to `iface` (calling thread's namespace).
     pub fn attach_lan(&mut self, iface: &str, how: XdpAttach) -> Result<XdpMode, DatapathError> {
         self.attach(prog::XDP_LAN, iface, how)
+    }
+
+    /// Attaches the benchmark sink to `iface` (calling thread's namespace):
+    /// it counts and drops what `cargo xtask bench` sends through a device.
+    pub fn attach_sink(&mut self, iface: &str, how: XdpAttach) -> Result<XdpMode, DatapathError> {
+        self.attach(prog::XDP_SINK, iface, how)
+    }
+
+    /// The sink counts ESP with `spi` as `tunnel`'s (0 or 1).
+    pub fn sink_expect_spi(&mut self, spi: u32, tunnel: u32) -> Result<(), DatapathError> {
+        let name = map::SINK_SPI;
+        let mut m: HashMap<&mut MapData, u32, u32> =
+            HashMap::try_from(self.map_mut(name)?).map_err(|e| DatapathError::map(name, e))?;
+        m.insert(spi, tunnel.min(1), 0)
+            .map_err(|e| DatapathError::map(name, e))
+    }
+
+    /// The sink's counters, indexed by [`SinkCounter`].
+    pub fn sink_counters(&self) -> Result<[u64; SinkCounter::COUNT as usize], DatapathError> {
+        let mut out = [0; SinkCounter::COUNT as usize];
+        self.sum_per_cpu(map::SINK_COUNTERS, &mut out)?;
+        Ok(out)
     }
 
     fn attach(

@@ -452,9 +452,12 @@ impl Port {
     }
 
     /// Pushes queued transmissions to the kernel and kicks TX; also reaps
-    /// completions and refills the fill rings.
-    pub fn flush(&mut self) {
+    /// completions and refills the fill rings. Returns whether frames are
+    /// still waiting in a TX ring (in copy mode one kick sends only a few
+    /// dozen): the caller must come back without sleeping.
+    pub fn flush(&mut self) -> bool {
         let fs = u64::from(self.config.frame_size);
+        let mut pending = false;
         for s in &mut self.socks {
             let Some(tx) = s.tx.as_mut() else { continue };
             if !s.tx_batch.is_empty() {
@@ -472,9 +475,11 @@ impl Port {
             if tx.pending() > 0 || tx.needs_wakeup() {
                 tx.wake();
             }
+            pending |= tx.pending() > 0;
         }
         self.reap();
         self.refill();
+        pending
     }
 
     /// Waits until a receiving socket has packets or `timeout_ms` passes.

@@ -16,6 +16,10 @@ enum Cmd {
     Setup,
     /// Run every check CI runs: lint, fuzz briefly, then all tests (needs root).
     Test(xtask::test::TestArgs),
+    /// Measure xesp's datapath next to strongSwan's user-space ESP and the raw
+    /// crypto limit, in one run: a Markdown table on stdout, JSON and a chart
+    /// in the report folder (needs root).
+    Bench(xtask::bench::BenchArgs),
     /// The reference lab in network namespaces: without an action, bring it up
     /// (if it is not) and show its status.
     Lab {
@@ -40,6 +44,7 @@ fn main() -> Result<()> {
             xtask::setup::run(false)?;
         }
         Cmd::Test(args) => xtask::test::run(&args)?,
+        Cmd::Bench(args) => xtask::bench::run(&args)?,
         Cmd::Lab { action } => match action {
             None => {
                 xtask::lab::cli_up()?;

@@ -28,6 +28,10 @@ pub mod map {
     pub const LAN_COUNTERS: &str = "LAN_COUNTERS";
     /// `PerCpuArray<u64>` indexed by [`crate::tunnel_counter`].
     pub const TUNNEL_COUNTERS: &str = "TUNNEL_COUNTERS";
+    /// `PerCpuArray<u64>` of the benchmark sink, indexed by [`crate::SinkCounter`].
+    pub const SINK_COUNTERS: &str = "SINK_COUNTERS";
+    /// `HashMap<u32, u32>`: SPI (host order) the sink expects to its tunnel index.
+    pub const SINK_SPI: &str = "SINK_SPI";
 }
 
 /// Most tunnels one device runs (two for an active-active Azure gateway).
@@ -89,6 +93,8 @@ pub mod prog {
     pub const XDP_DMZ: &str = "xdp_dmz";
     /// XDP on the LAN interfaces.
     pub const XDP_LAN: &str = "xdp_lan";
+    /// XDP counting and dropping what `cargo xtask bench` sends through a device.
+    pub const XDP_SINK: &str = "xdp_sink";
 }
 
 /// Capacity of each allowlist trie (Azure regional prefix lists are a few hundred).
@@ -231,4 +237,70 @@ pub mod wire {
     pub const IKE_PORT: u16 = 500;
     /// RFC 3948: IKE and ESP after NAT-T floats.
     pub const NATT_PORT: u16 = 4500;
+}
+
+/// The benchmark's traffic (`cargo xtask bench`): UDP to the discard port
+/// whose payload starts with [`bench::MAGIC`], carried in ESP through the
+/// device under test.
+pub mod bench {
+    /// Destination port of the plaintext packets (discard, RFC 863).
+    pub const PORT: u16 = 9;
+    /// The first octets of every plaintext payload.
+    pub const MAGIC: [u8; 8] = *b"xespBNCH";
+    /// The sink passes ESP whose sequence number is a multiple of this to the
+    /// stack, where the benchmark's peer decrypts and checks it.
+    pub const SAMPLE_EVERY: u32 = 1024;
+}
+
+/// What the benchmark sink saw; index into `SINK_COUNTERS`. Counted packets
+/// are dropped, except the ESP samples and everything else, which pass.
+#[repr(u32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkCounter {
+    /// ESP in UDP 4500 with an expected SPI, per tunnel (tunnels 0 and 1).
+    EspTunnel0 = 0,
+    EspTunnel1 = 1,
+    /// Outer IPv4 octets of that ESP.
+    EspBytes = 2,
+    /// ESP in UDP 4500 whose SPI is not expected.
+    EspUnknownSpi = 3,
+    /// Expected ESP passed to the stack to be decrypted and checked.
+    EspSampled = 4,
+    /// Plaintext benchmark packets (UDP to [`bench::PORT`]) with the magic.
+    PlainValid = 5,
+    /// Their IPv4 octets.
+    PlainBytes = 6,
+    /// UDP to [`bench::PORT`] without the magic (corrupted on the way).
+    PlainInvalid = 7,
+    /// Anything else: passed.
+    Other = 8,
+}
+
+impl SinkCounter {
+    pub const COUNT: u32 = 9;
+    pub const ALL: [SinkCounter; Self::COUNT as usize] = [
+        Self::EspTunnel0,
+        Self::EspTunnel1,
+        Self::EspBytes,
+        Self::EspUnknownSpi,
+        Self::EspSampled,
+        Self::PlainValid,
+        Self::PlainBytes,
+        Self::PlainInvalid,
+        Self::Other,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::EspTunnel0 => "esp_tunnel0",
+            Self::EspTunnel1 => "esp_tunnel1",
+            Self::EspBytes => "esp_bytes",
+            Self::EspUnknownSpi => "esp_unknown_spi",
+            Self::EspSampled => "esp_sampled",
+            Self::PlainValid => "plain_valid",
+            Self::PlainBytes => "plain_bytes",
+            Self::PlainInvalid => "plain_invalid",
+            Self::Other => "other",
+        }
+    }
 }

@@ -321,6 +321,9 @@ pub struct PeerConfig {
     pub retransmit_tries: u32,
     /// Answer IKE_SA_INIT with a COOKIE first (RFC 7296 §2.6).
     pub require_cookie: bool,
+    /// Claim to be behind a NAT so that ESP is always UDP-encapsulated
+    /// (RFC 3948), as strongSwan's libipsec does.
+    pub force_encap: bool,
 }
 
 impl PeerConfig {
@@ -358,6 +361,7 @@ impl PeerConfig {
             retransmit_timeout: Duration::from_secs(2),
             retransmit_tries: 5,
             require_cookie: false,
+            force_encap: false,
         }
     }
 

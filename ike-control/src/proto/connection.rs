@@ -672,6 +672,7 @@ impl Connection {
             0,
             SocketAddr::new(cfg.local, 500),
             sa.remote,
+            cfg.force_encap,
         ));
         let msg = Message {
             header: sa.header(ExchangeType::IKE_SA_INIT, false, 0),
@@ -1091,7 +1092,7 @@ impl Connection {
             SocketAddr::new(cfg.local, local_port),
         );
         sa.behind_nat = nat_dst;
-        sa.natt = nat_src || nat_dst || local_port == 4500;
+        sa.natt = nat_src || nat_dst || local_port == 4500 || cfg.force_encap;
         if suite.is_legacy() {
             self.out.log(
                 Level::Warn,
@@ -1114,6 +1115,7 @@ impl Connection {
                 sa.spi_r,
                 SocketAddr::new(cfg.local, local_port),
                 remote,
+                cfg.force_encap,
             ));
             p
         };
@@ -1303,7 +1305,7 @@ impl Connection {
             SocketAddr::new(cfg.local, local_port),
         );
         sa.behind_nat = nat_dst;
-        if nat_src || nat_dst {
+        if nat_src || nat_dst || cfg.force_encap {
             sa.natt = true;
             sa.remote = SocketAddr::new(remote.ip(), 4500);
             self.out.log(
@@ -2743,11 +2745,25 @@ fn join(ts: &[TsRange]) -> String {
 }
 
 /// NAT_DETECTION_SOURCE_IP and _DESTINATION_IP for a message we send (§2.23).
-fn nat_detection(spi_i: u64, spi_r: u64, local: SocketAddr, remote: SocketAddr) -> Vec<Payload> {
+/// With `force_encap` the source hash is of 0.0.0.0:0, which matches no
+/// address: the peer believes we are behind a NAT and both sides float to
+/// UDP encapsulation (strongSwan's `encap = yes` does the same).
+fn nat_detection(
+    spi_i: u64,
+    spi_r: u64,
+    local: SocketAddr,
+    remote: SocketAddr,
+    force_encap: bool,
+) -> Vec<Payload> {
+    let source = if force_encap {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        local
+    };
     vec![
         Payload::new(Body::Notify(Notify::new(
             NotifyType::NAT_DETECTION_SOURCE_IP,
-            crypto::nat_detection_hash(spi_i, spi_r, local.ip(), local.port()).to_vec(),
+            crypto::nat_detection_hash(spi_i, spi_r, source.ip(), source.port()).to_vec(),
         ))),
         Payload::new(Body::Notify(Notify::new(
             NotifyType::NAT_DETECTION_DESTINATION_IP,

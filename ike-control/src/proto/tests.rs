@@ -694,6 +694,27 @@ fn nat_detected_floats_to_4500_and_encapsulates_esp() {
 }
 
 #[test]
+fn forced_encapsulation_without_a_nat_floats_both_sides() {
+    for forcing in [Side::A, Side::B] {
+        let (mut a, mut b) = (cfg_a(), cfg_b());
+        match forcing {
+            Side::A => a.force_encap = true,
+            Side::B => b.force_encap = true,
+        }
+        let mut p = Pair::new(a, b);
+        p.run(Duration::from_secs(5));
+        assert!(p.up(), "{forcing:?}: {:?}\n{:?}", p.a.events, p.b.events);
+        for peer in [&p.a, &p.b] {
+            assert!(!peer.backend.installed.is_empty());
+            for s in &peer.backend.installed {
+                assert!(s.udp_encap, "{forcing:?} forcing: {s:?} not in UDP");
+                assert_eq!((s.local.port(), s.remote.port()), (4500, 4500));
+            }
+        }
+    }
+}
+
+#[test]
 fn wrong_psk_fails_authentication_and_retries_later() {
     let mut b = cfg_b();
     b.psk = Psk::new(b"another key");

@@ -1,0 +1,329 @@
+//! `xesp-loadgen serve`: one end of the benchmark, in its namespace. It
+//! holds the XDP sink on its interface, optionally the IKE peer, and answers
+//! one command per line on stdin with one JSON line on stdout, so that
+//! `cargo xtask bench` can prepare, send and count from outside.
+
+use std::{
+    io::{self, BufRead, Write},
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    sync::mpsc,
+    time::Instant,
+};
+
+use datapath_user::xdp::{XdpAttach, XdpPrograms};
+use serde_json::{Value, json};
+use xesp_common::{SinkCounter, bench};
+
+use crate::{
+    peer::{Peer, PeerSettings},
+    traffic::{self, Prepared},
+};
+
+/// A command from the benchmark driver.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Tunnels, SPIs, and the sink's SPIs brought up to date.
+    Status,
+    /// Build `count` packets of `size` over `tunnels` tunnels: ESP when this
+    /// end is the IKE peer, plaintext otherwise.
+    Prepare {
+        tunnels: usize,
+        size: usize,
+        count: u64,
+    },
+    /// Send what was prepared, one thread per tunnel.
+    Send,
+    /// The sink's counters and the checked samples.
+    Counters,
+    /// Raw AES-256-GCM cost for an inner packet of `size`.
+    Raw {
+        size: usize,
+        iterations: u32,
+    },
+    Quit,
+}
+
+impl Request {
+    pub fn parse(line: &str) -> Result<Self, String> {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let num = |i: usize, what: &str| -> Result<u64, String> {
+            w.get(i)
+                .ok_or_else(|| format!("{}: missing {what}", w[0]))?
+                .parse()
+                .map_err(|_| format!("{}: {what} {:?} is not a number", w[0], w[i]))
+        };
+        match w.first().copied() {
+            Some("status") => Ok(Self::Status),
+            Some("prepare") => Ok(Self::Prepare {
+                tunnels: num(1, "tunnels")?.clamp(1, 2) as usize,
+                size: (num(2, "size")? as usize).clamp(traffic::MIN_SIZE, 1500),
+                count: num(3, "count")?,
+            }),
+            Some("send") => Ok(Self::Send),
+            Some("counters") => Ok(Self::Counters),
+            Some("raw") => Ok(Self::Raw {
+                size: num(1, "size")? as usize,
+                iterations: num(2, "iterations")?.min(u64::from(u32::MAX)) as u32,
+            }),
+            Some("quit") => Ok(Self::Quit),
+            Some(other) => Err(format!(
+                "unknown command {other:?} (status, prepare T S N, send, counters, raw S N, quit)"
+            )),
+            None => Err("empty command".into()),
+        }
+    }
+}
+
+/// How this end is set up.
+#[derive(Debug, Clone)]
+pub struct ServeSettings {
+    /// Interface the XDP sink counts on.
+    pub sink_if: String,
+    /// The IKE peer, on the DMZ side.
+    pub peer: Option<PeerSettings>,
+    /// On the LAN side: the host address plaintext leaves from.
+    pub lan_host: Ipv4Addr,
+}
+
+struct End {
+    xdp: XdpPrograms,
+    peer: Option<Peer>,
+    lan_host: Ipv4Addr,
+    /// Plaintext senders, one per tunnel (LAN side).
+    plain: Vec<UdpSocket>,
+    prepared: Vec<Prepared>,
+    expected_spis: Vec<u32>,
+}
+
+impl End {
+    fn status(&mut self) -> Value {
+        let Some(p) = &self.peer else {
+            return json!({"tunnels": []});
+        };
+        let tunnels = p.tunnels();
+        for (t, (_, inbound, _)) in tunnels.iter().enumerate() {
+            if let Some(spi) = inbound
+                && !self.expected_spis.contains(spi)
+                && self.xdp.sink_expect_spi(*spi, t as u32).is_ok()
+            {
+                self.expected_spis.push(*spi);
+            }
+        }
+        json!({"tunnels": tunnels.iter().map(|(up, i, o)| json!({
+            "up": up, "inbound_spi": i, "outbound_spi": o})).collect::<Vec<_>>()})
+    }
+
+    fn prepare(&mut self, tunnels: usize, size: usize, count: u64) -> Result<Value, String> {
+        let t0 = Instant::now();
+        self.prepared = match &mut self.peer {
+            Some(p) => p.prepare_esp(tunnels, size, count, self.lan_host)?,
+            None => (0..tunnels)
+                .map(|t| {
+                    let per = count / tunnels as u64;
+                    Prepared {
+                        datagrams: (0..per)
+                            .map(|n| {
+                                let flow = (n % u64::from(traffic::FLOWS)) as u8;
+                                let to =
+                                    SocketAddrV4::new(traffic::vnet_host(t, flow), bench::PORT);
+                                (traffic::payload(size, n), to)
+                            })
+                            .collect(),
+                    }
+                })
+                .collect(),
+        };
+        let n: usize = self.prepared.iter().map(|p| p.datagrams.len()).sum();
+        Ok(json!({"prepared": n, "seconds": t0.elapsed().as_secs_f64()}))
+    }
+
+    fn send(&mut self) -> Result<Value, String> {
+        let mut jobs = Vec::new();
+        for (t, p) in self.prepared.iter().enumerate() {
+            let sock = match &self.peer {
+                Some(peer) => peer.esp_socket(t),
+                None => self.plain.get(t),
+            }
+            .ok_or_else(|| format!("no socket for tunnel {t}"))?;
+            jobs.push((sock, p));
+        }
+        let (sent, seconds) = traffic::send_parallel(&jobs).map_err(|e| e.to_string())?;
+        self.prepared.clear();
+        Ok(json!({"sent": sent, "seconds": seconds}))
+    }
+
+    fn counters(&self) -> Result<Value, String> {
+        let c = self.xdp.sink_counters().map_err(|e| e.to_string())?;
+        let mut m = serde_json::Map::new();
+        for k in SinkCounter::ALL {
+            m.insert(k.name().into(), json!(c[k as usize]));
+        }
+        let samples = self.peer.as_ref().map(|p| p.samples).unwrap_or_default();
+        Ok(json!({"sink": m, "samples": samples}))
+    }
+
+    fn answer(&mut self, r: Request) -> Value {
+        let res = match r {
+            Request::Status => Ok(self.status()),
+            Request::Prepare {
+                tunnels,
+                size,
+                count,
+            } => self.prepare(tunnels, size, count),
+            Request::Send => self.send(),
+            Request::Counters => self.counters(),
+            Request::Raw { size, iterations } => {
+                let (seal, open) = traffic::raw_aead_ns(size, iterations);
+                Ok(json!({"seal_ns": seal, "open_ns": open}))
+            }
+            Request::Quit => Ok(json!({"bye": true})),
+        };
+        res.unwrap_or_else(|e| json!({ "error": e }))
+    }
+}
+
+/// Runs until `quit` or the end of stdin.
+pub fn run(s: ServeSettings) -> Result<(), String> {
+    let mut xdp = XdpPrograms::load().map_err(|e| e.to_string())?;
+    xdp.attach_sink(&s.sink_if, XdpAttach::Auto)
+        .map_err(|e| format!("attaching the sink to {}: {e}", s.sink_if))?;
+    let peer = match &s.peer {
+        Some(p) => Some(Peer::new(p).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let plain = if peer.is_none() {
+        (0..2)
+            .map(|_| {
+                UdpSocket::bind((s.lan_host, 0))
+                    .map_err(|e| format!("binding UDP on {}: {e}", s.lan_host))
+            })
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        Vec::new()
+    };
+    let mut end = End {
+        xdp,
+        peer,
+        lan_host: s.lan_host,
+        plain,
+        prepared: Vec::new(),
+        expected_spis: Vec::new(),
+    };
+    // stdin on its own thread; the main thread serves the IKE peer between commands.
+    let (tx, rx) = mpsc::channel::<String>();
+    let (wake_r, wake_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
+    std::thread::spawn(move || {
+        for line in io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+            // SAFETY: writing one octet to a pipe we own.
+            unsafe { libc::write(wake_w, [1u8].as_ptr().cast(), 1) };
+        }
+        // SAFETY: as above; closing our end tells the main thread stdin ended.
+        unsafe { libc::close(wake_w) };
+    });
+    println!("{}", json!({"ready": true}));
+    let _ = io::stdout().flush();
+    loop {
+        let timeout = end
+            .peer
+            .as_ref()
+            .map_or(std::time::Duration::from_millis(500), |p| {
+                p.timeout(Instant::now())
+            });
+        let mut fds: Vec<libc::pollfd> = std::iter::once(wake_r)
+            .chain(end.peer.as_ref().map(Peer::fds).unwrap_or_default())
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: fds is a valid array of pollfd for the duration of the call.
+        unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                timeout.as_millis().max(1) as i32,
+            )
+        };
+        if fds[0].revents != 0 {
+            let mut b = [0u8; 64];
+            // SAFETY: reading into a local buffer of the given length.
+            let n = unsafe { libc::read(wake_r, b.as_mut_ptr().cast(), b.len()) };
+            let mut stop = n == 0;
+            while let Ok(line) = rx.try_recv() {
+                let reply = match Request::parse(&line) {
+                    Ok(Request::Quit) => {
+                        stop = true;
+                        json!({"bye": true})
+                    }
+                    Ok(r) => end.answer(r),
+                    Err(e) => json!({ "error": e }),
+                };
+                println!("{reply}");
+                let _ = io::stdout().flush();
+            }
+            if stop {
+                return Ok(());
+            }
+        }
+        if let Some(p) = &mut end.peer {
+            p.service();
+        }
+    }
+}
+
+fn pipe() -> io::Result<(i32, i32)> {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe writes two descriptors into the array.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((fds[0], fds[1]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_parse_and_bad_ones_say_why() {
+        assert_eq!(Request::parse("status"), Ok(Request::Status));
+        assert_eq!(
+            Request::parse("prepare 2 1400 1000"),
+            Ok(Request::Prepare {
+                tunnels: 2,
+                size: 1400,
+                count: 1000
+            })
+        );
+        assert_eq!(
+            Request::parse("prepare 9 1 5"),
+            Ok(Request::Prepare {
+                tunnels: 2,
+                size: traffic::MIN_SIZE,
+                count: 5
+            }),
+            "clamped"
+        );
+        assert!(
+            Request::parse("prepare 1 x 5")
+                .unwrap_err()
+                .contains("size \"x\"")
+        );
+        assert!(
+            Request::parse("prepare 1")
+                .unwrap_err()
+                .contains("missing size")
+        );
+        assert!(
+            Request::parse("fly")
+                .unwrap_err()
+                .contains("unknown command")
+        );
+        assert!(Request::parse("").is_err());
+    }
+}

@@ -1,0 +1,451 @@
+//! `cargo xtask bench`: whole devices measured side by side in one run.
+//!
+//! Three namespaces (see [`dut`]): a LAN end and a DMZ end, both
+//! `xesp-loadgen serve` (generator, XDP sink, and on the DMZ side the IKE
+//! peer that knows every key), with the device under test between them:
+//! xesp's release build (XDP + AF_XDP workers) and strongSwan 5.9.8 with
+//! kernel-libipsec, one after the other, with the same packets.
+//!
+//! Each trial sends a fixed number of pre-built packets as fast as the
+//! generator can (batched `sendmmsg`, one thread per tunnel on its own CPU)
+//! and counts at the sink what arrives intact until nothing more does:
+//! delivered packets per second over that time, Gbit/s of inner packets,
+//! loss, and the device's CPU time per delivered packet (its threads'
+//! schedstat; kernel work done in softirq on the sending CPU is not in it).
+
+mod dut;
+mod ends;
+mod png;
+mod report;
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use self::{
+    dut::{DUT_PUBLIC, Dut, DutKind, LAN_HOST, PEERS, Topology},
+    ends::{End, cpu_ns},
+    report::Trial,
+};
+use crate::setup;
+
+/// Options of `cargo xtask bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// A short run (under 2 minutes once built): fewer packets, one repetition.
+    #[arg(long)]
+    pub quick: bool,
+    /// Packets per trial [default: 300000, or 60000 with --quick].
+    #[arg(long)]
+    pub packets: Option<u64>,
+    /// Repetitions of each trial, the median kept [default: 3, or 1 with --quick].
+    #[arg(long)]
+    pub repeat: Option<u32>,
+    /// Report folder [default: target/bench/<UTC time>].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// The ESP transforms measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Suite {
+    #[serde(rename = "aes-gcm-256")]
+    Gcm256,
+    #[serde(rename = "aes-cbc-256/hmac-sha1-96")]
+    Cbc256Sha1,
+}
+
+impl Suite {
+    pub const ALL: [Suite; 2] = [Suite::Gcm256, Suite::Cbc256Sha1];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Gcm256 => "gcm256",
+            Self::Cbc256Sha1 => "cbc256-sha1",
+        }
+    }
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Gcm256 => "AES-GCM-256",
+            Self::Cbc256Sha1 => "AES-CBC-256/SHA1-96",
+        }
+    }
+    pub fn ike_proposal(self) -> &'static str {
+        "aes256-sha256-modp2048"
+    }
+    pub fn esp_proposal(self) -> &'static str {
+        match self {
+            Self::Gcm256 => "aes256gcm16",
+            Self::Cbc256Sha1 => "aes256-sha1",
+        }
+    }
+}
+
+/// Plaintext in and ESP out, or the reverse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Encrypt,
+    Decrypt,
+}
+
+pub const SIZES: [usize; 3] = [64, 512, 1400];
+pub const TUNNELS: [usize; 2] = [1, 2];
+
+/// Runs the benchmark and writes the report.
+pub fn run(args: &BenchArgs) -> Result<()> {
+    setup::require_root("run the benchmark (namespaces, XDP)")?;
+    setup::ensure()?;
+    let started = Instant::now();
+    let packets = args
+        .packets
+        .unwrap_or(if args.quick { 60_000 } else { 300_000 })
+        .max(1000);
+    let repeat = args.repeat.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
+    let out = match &args.out {
+        Some(o) => o.clone(),
+        None => setup::project_root().join("target/bench").join(utc_stamp()),
+    };
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    eprintln!("[bench] building xesp and xesp-loadgen (release)");
+    let (xesp_bin, loadgen) = ends::build_release()?;
+    let built = started.elapsed();
+    eprintln!(
+        "[bench] {packets} packets per trial, {repeat} repetition(s); report in {}",
+        out.display()
+    );
+    let topo = Topology::build()?;
+    let psk = random_psk()?;
+    let psk_file = out.join("psk");
+    dut::write_secret(&psk_file, &psk)?;
+    let mut lan = End::start(
+        "LAN",
+        &topo.lan,
+        &loadgen,
+        &[
+            "--sink-if".into(),
+            "lanh0".into(),
+            "--lan-host".into(),
+            LAN_HOST.to_string(),
+        ],
+        &out.join("loadgen-lan.log"),
+    )?;
+    // The raw crypto limit, measured now on this machine, before any device runs.
+    let mut raw = Vec::new();
+    for size in SIZES {
+        let v = lan.request(&format!("raw {size} 200000"))?;
+        raw.push((
+            size,
+            v["seal_ns"].as_f64().unwrap_or(f64::NAN),
+            v["open_ns"].as_f64().unwrap_or(f64::NAN),
+        ));
+    }
+    let total = DutKind::ALL.len() * Suite::ALL.len() * 2 * SIZES.len() * TUNNELS.len();
+    let mut trials = Vec::new();
+    let mut k = 0;
+    for kind in DutKind::ALL {
+        for suite in Suite::ALL {
+            eprintln!(
+                "[bench] {} with {}: starting, tunnels coming up",
+                kind.label(),
+                suite.label()
+            );
+            let mut az = End::start(
+                "DMZ",
+                &topo.az,
+                &loadgen,
+                &[
+                    "--sink-if".into(),
+                    "az0".into(),
+                    "--peer".into(),
+                    format!("{},{}", PEERS[0], PEERS[1]),
+                    "--dut".into(),
+                    DUT_PUBLIC.to_string(),
+                    "--psk-file".into(),
+                    psk_file.display().to_string(),
+                    "--ike".into(),
+                    suite.ike_proposal().into(),
+                    "--esp".into(),
+                    suite.esp_proposal().into(),
+                ],
+                &out.join(format!("loadgen-az-{}-{}.log", kind.label(), suite.name())),
+            )?;
+            let mut d = Dut::start(kind, &topo, suite, &psk, &xesp_bin, &out)?;
+            wait_tunnels(&mut az, &mut d)?;
+            d.route(&topo)?;
+            // Warm up both directions (caches, neighbour entries, first frames).
+            for dir in [Direction::Encrypt, Direction::Decrypt] {
+                let (gen_end, sink_end) = ends_for(dir, &mut lan, &mut az);
+                trial(gen_end, sink_end, &d, dir, 64, 2, 2000)?;
+            }
+            for dir in [Direction::Encrypt, Direction::Decrypt] {
+                for size in SIZES {
+                    for tunnels in TUNNELS {
+                        k += 1;
+                        let mut reps = Vec::new();
+                        for _ in 0..repeat {
+                            let (gen_end, sink_end) = ends_for(dir, &mut lan, &mut az);
+                            reps.push(trial(gen_end, sink_end, &d, dir, size, tunnels, packets)?);
+                        }
+                        reps.sort_by(|a, b| a.pps.total_cmp(&b.pps));
+                        let m = reps.swap_remove(reps.len() / 2);
+                        let (seal, open) = raw
+                            .iter()
+                            .find(|r| r.0 == size)
+                            .map_or((f64::NAN, f64::NAN), |r| (r.1, r.2));
+                        let t = Trial::new(
+                            kind,
+                            suite,
+                            dir,
+                            size,
+                            tunnels,
+                            m,
+                            match dir {
+                                Direction::Encrypt => seal,
+                                Direction::Decrypt => open,
+                            },
+                        );
+                        eprintln!("[bench {k:>2}/{total}] {}", t.progress_line());
+                        trials.push(t);
+                        if !d.is_running() {
+                            bail!(
+                                "{} stopped during the run; see {}",
+                                kind.label(),
+                                d.dir().display()
+                            );
+                        }
+                    }
+                }
+            }
+            let samples = az.request("counters")?;
+            eprintln!(
+                "[bench] {} with {}: ESP samples checked by the peer: {}",
+                kind.label(),
+                suite.label(),
+                samples["samples"]
+            );
+            d.stop(&topo);
+            drop(az);
+        }
+    }
+    drop(lan);
+    let r = report::Report::new(trials, raw, packets, repeat, built, started.elapsed());
+    println!("{}", r.markdown());
+    r.write(&out)?;
+    eprintln!(
+        "[bench] done in {:.0} s; {} and {} written",
+        started.elapsed().as_secs_f64(),
+        out.join("report.json").display(),
+        out.join("throughput.png").display()
+    );
+    Ok(())
+}
+
+fn ends_for<'a>(dir: Direction, lan: &'a mut End, az: &'a mut End) -> (&'a mut End, &'a mut End) {
+    match dir {
+        Direction::Encrypt => (lan, az),
+        Direction::Decrypt => (az, lan),
+    }
+}
+
+/// Waits until the peer has both tunnels' CHILD_SAs (and the sink their SPIs).
+fn wait_tunnels(az: &mut End, d: &mut Dut) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let v = az.request("status")?;
+        let up = v["tunnels"]
+            .as_array()
+            .map_or(0, |t| t.iter().filter(|t| t["up"] == true).count());
+        if up == PEERS.len() {
+            // The device installs its side as it sends the last message: a moment more.
+            std::thread::sleep(Duration::from_millis(300));
+            az.request("status")?;
+            return Ok(());
+        }
+        if !d.is_running() || Instant::now() > deadline {
+            bail!(
+                "{}: {up} of {} tunnels up with the benchmark's peer; see {}",
+                d.kind.label(),
+                PEERS.len(),
+                d.dir().display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// What one trial measured.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Measured {
+    pub sent: u64,
+    pub delivered: u64,
+    /// Delivered with the wrong SPI or a damaged payload.
+    pub bad: u64,
+    /// From the first send to the last delivery.
+    pub seconds: f64,
+    /// How fast the generator offered them.
+    pub offered_pps: f64,
+    pub pps: f64,
+    pub cpu_ns: u64,
+    pub per_tunnel: [u64; 2],
+}
+
+fn sink_counts(sink: &mut End, dir: Direction) -> Result<(u64, u64, [u64; 2])> {
+    let v = sink.request("counters")?;
+    let c = |n: &str| v["sink"][n].as_u64().unwrap_or(0);
+    Ok(match dir {
+        Direction::Encrypt => {
+            let t = [c("esp_tunnel0"), c("esp_tunnel1")];
+            (t[0] + t[1], c("esp_unknown_spi"), t)
+        }
+        Direction::Decrypt => (c("plain_valid"), c("plain_invalid"), [0, 0]),
+    })
+}
+
+/// One trial: prepare, send while watching the sink, wait until it is quiet.
+fn trial(
+    gen_end: &mut End,
+    sink: &mut End,
+    d: &Dut,
+    dir: Direction,
+    size: usize,
+    tunnels: usize,
+    packets: u64,
+) -> Result<Measured> {
+    gen_end.request(&format!("prepare {tunnels} {size} {packets}"))?;
+    let (d0, b0, t0) = sink_counts(sink, dir)?;
+    let cpu0 = cpu_ns(d.pid());
+    let start = Instant::now();
+    let (sent_reply, timeline, (last, bad, per_tunnel)) = std::thread::scope(|s| {
+        let sender = s.spawn(|| gen_end.request("send"));
+        let mut last = (d0, b0, t0);
+        let mut last_change = start;
+        let mut timeline = vec![(Duration::ZERO, d0)];
+        loop {
+            std::thread::sleep(Duration::from_millis(5));
+            let now = sink_counts(sink, dir)?;
+            if now.0 != last.0 {
+                last = now;
+                last_change = Instant::now();
+                timeline.push((last_change - start, now.0));
+            }
+            let quiet = last_change.elapsed() > Duration::from_millis(300);
+            if (sender.is_finished() && quiet) || start.elapsed() > Duration::from_secs(60) {
+                break;
+            }
+        }
+        let reply = sender
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("sender panicked")));
+        Ok::<_, anyhow::Error>((reply, timeline, last))
+    })?;
+    let sent_reply = sent_reply?;
+    let cpu = cpu_ns(d.pid()).saturating_sub(cpu0);
+    let sent = sent_reply["sent"].as_u64().unwrap_or(0);
+    let send_secs = sent_reply["seconds"].as_f64().unwrap_or(f64::NAN);
+    let delivered = last - d0;
+    let (bulk, seconds) = bulk_rate(&timeline, d0);
+    Ok(Measured {
+        sent,
+        delivered,
+        bad: bad - b0,
+        seconds,
+        offered_pps: sent as f64 / send_secs,
+        pps: if seconds > 0.0 {
+            bulk as f64 / seconds
+        } else {
+            0.0
+        },
+        cpu_ns: cpu,
+        per_tunnel: [per_tunnel[0] - t0[0], per_tunnel[1] - t0[1]],
+    })
+}
+
+/// The rate is taken over the bulk of a trial: the packets up to 99% of
+/// what finally arrived, and the time they took from the first send. A few
+/// stragglers (a retransmit timer, a late wake-up) do not stretch it.
+/// `timeline` holds (time since the start, sink count) at each change.
+fn bulk_rate(timeline: &[(Duration, u64)], base: u64) -> (u64, f64) {
+    let Some(&(_, last)) = timeline.last() else {
+        return (0, 0.0);
+    };
+    let target = base + (last - base).saturating_mul(99).div_ceil(100);
+    timeline
+        .iter()
+        .find(|(_, n)| *n >= target)
+        .map_or((0, 0.0), |(t, n)| (n - base, t.as_secs_f64()))
+}
+
+/// A fresh pre-shared key for the run (letters and digits, 32 of them).
+fn random_psk() -> Result<String> {
+    let mut b = [0u8; 32];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut b)?;
+    const ABC: &[u8] = b"ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz23456789";
+    Ok(b.iter()
+        .map(|x| ABC[*x as usize % ABC.len()] as char)
+        .collect())
+}
+
+/// The time now as 20261125T071500Z (UTC).
+fn utc_stamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86400, secs % 86400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_from_days() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_417), (2025, 11, 25));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(utc_stamp().len(), 16);
+    }
+
+    #[test]
+    fn rate_over_the_bulk_ignores_stragglers() {
+        let ms = Duration::from_millis;
+        // 1000 packets in 100 ms, then 5 more 400 ms later.
+        let t = [(ms(0), 10), (ms(50), 510), (ms(100), 1010), (ms(500), 1015)];
+        let (n, secs) = bulk_rate(&t, 10);
+        assert_eq!((n, secs), (1000, 0.1));
+        assert_eq!(bulk_rate(&[(ms(0), 7)], 7), (0, 0.0), "nothing arrived");
+        assert_eq!(bulk_rate(&[], 0), (0, 0.0));
+    }
+
+    #[test]
+    fn psk_is_fresh_and_plain() {
+        let (a, b) = (random_psk().unwrap(), random_psk().unwrap());
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+        assert!(a.chars().all(|c| c.is_ascii_alphanumeric()));
+    }
+}
