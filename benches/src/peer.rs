@@ -24,7 +24,7 @@ use ike_control::{
 };
 use ring::rand::SystemRandom;
 use xesp_common::bench;
-use xesp_esp::sa::{InboundSa, Lifetime, NattPorts, OutboundSa, SaParams, Tunnel};
+use xesp_esp::sa::{InboundSa, Lifetime, OutboundSa, SaParams};
 
 use crate::traffic::{self, Prepared};
 
@@ -77,25 +77,13 @@ pub struct Peer {
     numbered: u64,
 }
 
+/// The ESP parameters of a recorded SA: no lifetime limits, and no replay
+/// window (the sink lets only every SAMPLE_EVERY-th packet through).
 fn spec_params(spec: &ChildSaSpec) -> Option<SaParams<'_>> {
-    let (IpAddr::V4(local), IpAddr::V4(remote)) = (spec.local.ip(), spec.remote.ip()) else {
-        return None;
-    };
-    Some(SaParams {
-        spi: spec.spi,
-        suite: spec.suite,
-        keymat: &spec.keymat,
-        esn: spec.esn,
+    spec.sa_params().map(|p| SaParams {
         replay_window: 0,
-        tunnel: Tunnel {
-            local,
-            remote,
-            natt: spec.udp_encap.then_some(NattPorts {
-                local: spec.local.port(),
-                remote: spec.remote.port(),
-            }),
-        },
         lifetime: Lifetime::default(),
+        ..p
     })
 }
 

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use xesp_esp::{
     alg::Suite,
-    sa::{Lifetime, SaCounters},
+    sa::{Lifetime, NattPorts, SaCounters, SaParams, Tunnel},
 };
 use zeroize::Zeroizing;
 
@@ -57,6 +57,34 @@ impl fmt::Debug for ChildSaSpec {
             self.remote,
             if self.udp_encap { ", UDP" } else { "" }
         )
+    }
+}
+
+impl ChildSaSpec {
+    /// The ESP core's parameters for this direction; `None` unless both
+    /// outer addresses are IPv4 (the only outer family the ESP core has).
+    pub fn sa_params(&self) -> Option<SaParams<'_>> {
+        let (std::net::IpAddr::V4(local), std::net::IpAddr::V4(remote)) =
+            (self.local.ip(), self.remote.ip())
+        else {
+            return None;
+        };
+        Some(SaParams {
+            spi: self.spi,
+            suite: self.suite,
+            keymat: &self.keymat,
+            esn: self.esn,
+            replay_window: self.replay_window,
+            tunnel: Tunnel {
+                local,
+                remote,
+                natt: self.udp_encap.then_some(NattPorts {
+                    local: self.local.port(),
+                    remote: self.remote.port(),
+                }),
+            },
+            lifetime: self.lifetime,
+        })
     }
 }
 

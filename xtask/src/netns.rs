@@ -188,12 +188,22 @@ fn owner_pid(name: &str) -> Option<u32> {
 
 /// A veth pair between two namespaces, with the given interface names.
 pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
+    veth_queues(a, a_if, b, b_if, 1)
+}
+
+/// A veth pair with `queues` transmit and receive queues on each side.
+pub fn veth_queues(a: &Netns, a_if: &str, b: &Netns, b_if: &str, queues: u32) -> Result<()> {
+    let q = queues.max(1).to_string();
     sh(Command::new("ip").args([
         "link",
         "add",
         a_if,
         "netns",
         a.name(),
+        "numtxqueues",
+        &q,
+        "numrxqueues",
+        &q,
         "type",
         "veth",
         "peer",
@@ -201,6 +211,10 @@ pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
         b_if,
         "netns",
         b.name(),
+        "numtxqueues",
+        &q,
+        "numrxqueues",
+        &q,
     ]))?;
     a.ip(&["link", "set", a_if, "up"])?;
     b.ip(&["link", "set", b_if, "up"])

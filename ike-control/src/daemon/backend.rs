@@ -5,11 +5,11 @@
 //! are steered to their tunnel's AF_XDP sockets and the LAN program learns
 //! which tunnels are live.
 
-use std::{collections::HashSet, net::IpAddr, sync::Arc, time::Instant};
+use std::{collections::HashSet, sync::Arc, time::Instant};
 
 use datapath_user::{sadb::SaDb, tun::Tun, xdp::XdpPrograms};
 use ring::rand::{SecureRandom, SystemRandom};
-use xesp_esp::sa::{InboundSa, NattPorts, OutboundSa, SaCounters, SaParams, Tunnel};
+use xesp_esp::sa::{InboundSa, OutboundSa, SaCounters};
 
 use crate::backend::{BackendError, ChildSaSpec, Direction, SaBackend};
 
@@ -58,30 +58,14 @@ impl SaBackend for UserBackend {
     }
 
     fn install(&mut self, spec: &ChildSaSpec) -> Result<(), BackendError> {
-        let (IpAddr::V4(local), IpAddr::V4(remote)) = (spec.local.ip(), spec.remote.ip()) else {
+        if spec.tunnel as usize >= self.tuns.len() {
+            return Err(err(format!("tunnel {} has no device", spec.tunnel)));
+        }
+        let Some(params) = spec.sa_params() else {
             return Err(err(format!(
                 "SPI {:08x}: the user-space datapath has IPv4 outer addresses only ({} -> {})",
                 spec.spi, spec.local, spec.remote
             )));
-        };
-        if spec.tunnel as usize >= self.tuns.len() {
-            return Err(err(format!("tunnel {} has no device", spec.tunnel)));
-        }
-        let params = SaParams {
-            spi: spec.spi,
-            suite: spec.suite,
-            keymat: &spec.keymat,
-            esn: spec.esn,
-            replay_window: spec.replay_window,
-            tunnel: Tunnel {
-                local,
-                remote,
-                natt: spec.udp_encap.then_some(NattPorts {
-                    local: spec.local.port(),
-                    remote: spec.remote.port(),
-                }),
-            },
-            lifetime: spec.lifetime,
         };
         let bad = |e: xesp_esp::sa::SaError| err(format!("SPI {:08x}: {e}", spec.spi));
         match spec.direction {

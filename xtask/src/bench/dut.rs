@@ -22,7 +22,7 @@ use anyhow::{Context, Result, bail};
 use super::Suite;
 use crate::{
     lab::strongswan::Charon,
-    netns::{Daemon, Netns, output, sh, wait_until},
+    netns::{Daemon, Netns, output, veth_queues, wait_until},
 };
 
 pub const LAN_HOST: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
@@ -44,34 +44,6 @@ fn mac(ns: &Netns, iface: &str) -> Result<String> {
         .exec("cat", &[&format!("/sys/class/net/{iface}/address")])?
         .trim()
         .to_string())
-}
-
-/// A veth pair with two queues each way.
-fn veth2(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<()> {
-    sh(Command::new("ip").args([
-        "link",
-        "add",
-        a_if,
-        "netns",
-        a.name(),
-        "numtxqueues",
-        "2",
-        "numrxqueues",
-        "2",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        b_if,
-        "netns",
-        b.name(),
-        "numtxqueues",
-        "2",
-        "numrxqueues",
-        "2",
-    ]))?;
-    a.ip(&["link", "set", a_if, "up"])?;
-    b.ip(&["link", "set", b_if, "up"])
 }
 
 /// CPU n transmits on queue n of `iface` in `ns`.
@@ -99,8 +71,8 @@ impl Topology {
             dut: Netns::create("bench-dut")?,
             az: Netns::create("bench-az")?,
         };
-        veth2(&t.lan, "lanh0", &t.dut, "lan0")?;
-        veth2(&t.dut, "dmz0", &t.az, "az0")?;
+        veth_queues(&t.lan, "lanh0", &t.dut, "lan0", 2)?;
+        veth_queues(&t.dut, "dmz0", &t.az, "az0", 2)?;
         for ns in [&t.lan, &t.dut, &t.az] {
             ns.ip(&["link", "set", "lo", "up"])?;
         }
