@@ -212,6 +212,8 @@ struct IkeSa {
     created: Instant,
     established_at: Option<Instant>,
     rekey_at: Option<Instant>,
+    /// When a rekeyed IKE_SA replaced this one (state `Rekeyed`).
+    rekeyed_at: Option<Instant>,
     /// When the peer was last heard from (IKE or ESP).
     last_heard: Instant,
     /// ESP counters at the last DPD check: (inbound packets, outbound packets).
@@ -258,6 +260,7 @@ impl IkeSa {
             created: now,
             established_at: None,
             rekey_at: None,
+            rekeyed_at: None,
             last_heard: now,
             seen_traffic: (0, 0),
             next_dpd_check: None,
@@ -294,7 +297,49 @@ impl IkeSa {
     fn is_usable(&self) -> bool {
         self.state == IkeState::Established
     }
+
+    /// Replaced by a rekeyed IKE_SA (§2.8): from now on it only finishes
+    /// its exchange in flight and waits for the DELETE that ends it, ours or
+    /// the peer's. Its rekey, DPD and keepalive timers go with its role.
+    fn retire(&mut self, now: Instant) {
+        self.state = IkeState::Rekeyed;
+        self.rekeyed_at = Some(now);
+        self.rekey_at = None;
+        self.next_dpd_check = None;
+        self.next_keepalive = None;
+    }
+
+    /// The next time [`Connection::sa_timers`] has something to do for this
+    /// SA: exactly the timers it acts on, so none stays due after it ran.
+    fn next_timer(&self) -> Option<Instant> {
+        let retransmit = self.outstanding.as_ref().map(|o| o.next_at);
+        let state_timer = match self.state {
+            IkeState::Dead => return None,
+            IkeState::Rekeyed => self.rekeyed_at.map(|t| t + REKEYED_LINGER),
+            IkeState::InitSent | IkeState::InitDone | IkeState::AuthSent => {
+                Some(self.created + NEGOTIATION_TIMEOUT)
+            }
+            IkeState::Established => [self.rekey_at, self.next_dpd_check, self.next_keepalive]
+                .into_iter()
+                .chain(self.children.iter().map(|c| {
+                    Some(if c.state == ChildState::Installed {
+                        c.rekey_at.min(c.expire_at)
+                    } else {
+                        c.expire_at
+                    })
+                }))
+                .flatten()
+                .min(),
+        };
+        [retransmit, state_timer].into_iter().flatten().min()
+    }
 }
+
+/// How long IKE_SA_INIT and IKE_AUTH may take before the attempt is dropped.
+const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a rekeyed IKE_SA waits for the DELETE that should end it (the
+/// rekey's initiator sends it, §2.8) before it is dropped without one.
+const REKEYED_LINGER: Duration = Duration::from_secs(120);
 
 /// Accumulates a call's output.
 struct Out {
@@ -431,29 +476,41 @@ impl Connection {
 
     /// The next time [`Connection::handle_timeout`] must be called.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let mut t: Option<Instant> = self.next_initiate;
-        let mut at = |x: Option<Instant>| {
-            if let Some(x) = x {
-                t = Some(t.map_or(x, |t| t.min(x)));
-            }
-        };
-        for sa in &self.sas {
-            at(sa.outstanding.as_ref().map(|o| o.next_at));
-            at(sa.rekey_at);
-            at(sa.next_dpd_check);
-            at(sa.next_keepalive);
-            if !sa.is_usable() && sa.state != IkeState::Rekeyed {
-                at(Some(sa.created + Duration::from_secs(60)));
-            }
-            for c in &sa.children {
-                at(Some(if c.state == ChildState::Installed {
-                    c.rekey_at.min(c.expire_at)
-                } else {
-                    c.expire_at
-                }));
-            }
-        }
-        t
+        self.sas
+            .iter()
+            .filter_map(IkeSa::next_timer)
+            .chain(self.next_initiate)
+            .min()
+    }
+
+    /// Test aid: IKE_SAs held, whatever their state.
+    #[cfg(test)]
+    pub(crate) fn ike_sa_count(&self) -> usize {
+        self.sas.len()
+    }
+
+    /// Test aid: each IKE_SA's state and the timers it holds that are due at `now`.
+    #[cfg(test)]
+    pub(crate) fn due_timers(&self, now: Instant) -> String {
+        let due = |t: Option<Instant>| t.is_some_and(|t| t <= now);
+        self.sas
+            .iter()
+            .map(|sa| {
+                format!(
+                    "{:?} outstanding:{} rekey:{} dpd:{} keepalive:{} children:{:?}",
+                    sa.state,
+                    due(sa.outstanding.as_ref().map(|o| o.next_at)),
+                    due(sa.rekey_at),
+                    due(sa.next_dpd_check),
+                    due(sa.next_keepalive),
+                    sa.children
+                        .iter()
+                        .map(|c| (c.state, due(Some(c.rekey_at)), due(Some(c.expire_at))))
+                        .collect::<Vec<_>>()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
     }
 
     pub fn handle_timeout(&mut self, now: Instant, backend: &mut dyn SaBackend) {
@@ -508,14 +565,26 @@ impl Connection {
             self.out.transmits.push_back(t);
         }
         let sa = &self.sas[i];
-        if !sa.is_usable() {
-            if sa.state != IkeState::Rekeyed
-                && sa.state != IkeState::Dead
-                && now >= sa.created + Duration::from_secs(60)
-            {
-                self.kill(i, now, backend, "negotiation timed out");
+        match sa.state {
+            IkeState::Established => {}
+            IkeState::Dead => return,
+            IkeState::Rekeyed => {
+                if sa.rekeyed_at.is_some_and(|t| now >= t + REKEYED_LINGER) {
+                    self.out.log(
+                        Level::Info,
+                        &self.cfg,
+                        "rekeyed IKE_SA dropped: no DELETE ended it",
+                    );
+                    self.kill_quietly(i, now, backend);
+                }
+                return;
             }
-            return;
+            IkeState::InitSent | IkeState::InitDone | IkeState::AuthSent => {
+                if now >= sa.created + NEGOTIATION_TIMEOUT {
+                    self.kill(i, now, backend, "negotiation timed out");
+                }
+                return;
+            }
         }
         // IKE_SA rekey.
         if sa.rekey_at.is_some_and(|t| t <= now) {
@@ -2007,7 +2076,7 @@ impl Connection {
         new.children = children;
         new.peer_mid = 0;
         new.my_mid = 0;
-        self.sas[i].state = IkeState::Rekeyed;
+        self.sas[i].retire(now);
         self.sas.push(new);
         let j = self.sas.len() - 1;
         self.established(j, now, false, backend);
@@ -2512,7 +2581,7 @@ impl Connection {
                 // Ours survives: children move to it, the old IKE_SA is deleted.
                 let children = std::mem::take(&mut self.sas[i].children);
                 new.children = children;
-                self.sas[i].state = IkeState::Rekeyed;
+                self.sas[i].retire(now);
                 self.sas[i].tasks.push_back(Task::DeleteIke);
                 if let Some(IkeCollision {
                     spi_i: their_spi_i, ..
@@ -2525,7 +2594,7 @@ impl Connection {
                     // The peer's (losing) new IKE_SA took the children: take them back.
                     let moved = std::mem::take(&mut self.sas[k].children);
                     new.children.extend(moved);
-                    self.sas[k].state = IkeState::Rekeyed;
+                    self.sas[k].retire(now);
                 }
                 self.sas.push(new);
                 let j = self.sas.len() - 1;

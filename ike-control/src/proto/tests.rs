@@ -144,6 +144,8 @@ impl Pair {
 
     /// Runs until `until` (simulated), delivering and firing timers in order.
     fn run_until(&mut self, until: Instant) {
+        // A timer that stays due after it fired would spin a driver forever.
+        let mut idle_rounds = 0;
         loop {
             self.collect();
             let next_msg = self.flight.iter().map(|f| f.0).min();
@@ -156,6 +158,17 @@ impl Pair {
                 self.now = until;
                 return;
             };
+            idle_rounds = if next > self.now || next_msg == Some(next) {
+                0
+            } else {
+                idle_rounds + 1
+            };
+            assert!(
+                idle_rounds < 100,
+                "a timer stays due after firing: A [{}], B [{}]",
+                self.a.conn.due_timers(self.now),
+                self.b.conn.due_timers(self.now),
+            );
             self.now = self.now.max(next);
             if next_msg == Some(next) {
                 let k = self.flight.iter().position(|f| f.0 == next).unwrap_or(0);
@@ -442,6 +455,47 @@ fn ike_rekey_moves_the_children() {
             .len(),
         1
     );
+}
+
+#[test]
+fn a_rekeyed_ike_sa_never_deleted_keeps_no_timer_and_is_dropped() {
+    let mut p = established();
+    let old_spi =
+        p.a.conn
+            .status(p.now, &mut RecordingBackend::default())
+            .ike
+            .unwrap()
+            .spi_i;
+    let old_spi = u64::from_str_radix(&old_spi, 16).unwrap().to_be_bytes();
+    // B rekeys the IKE_SA, but its DELETE of the old one never reaches A.
+    p.filter = Box::new(move |_, from, t| {
+        let h = &t.data;
+        let informational_request =
+            h.len() >= 28 && h[18] == 37 && h[19] & 0x20 == 0 && h[..8] == old_spi;
+        if from == Side::B && informational_request {
+            Fate::Drop
+        } else {
+            Fate::Deliver
+        }
+    });
+    p.b.conn.rekey_ike(p.now, &mut p.b.backend);
+    p.run(Duration::from_secs(5));
+    assert_eq!(
+        p.a.conn.ike_sa_count(),
+        2,
+        "the old IKE_SA waits for its DELETE"
+    );
+    // Its DPD and rekey times pass (the harness fails on a timer that stays
+    // due), then it is dropped; the tunnel stays up on the new IKE_SA.
+    p.run(Duration::from_secs(130));
+    assert_eq!(p.a.conn.ike_sa_count(), 1, "{}", p.a.conn.due_timers(p.now));
+    assert!(
+        Pair::logs(&p.a, Level::Info)
+            .iter()
+            .any(|l| l.contains("no DELETE ended it"))
+    );
+    assert!(p.up());
+    p.assert_one_child_pair();
 }
 
 #[test]
