@@ -5,17 +5,18 @@
 //! 3. `cargo fmt --check` and `cargo clippy -D warnings`;
 //! 4. each fuzz target for a few seconds;
 //! 5. the xesp binary built, for the lab tests;
-//! 6. `cargo test` of the whole workspace, whose summary ends the output.
+//! 6. `cargo test` of the whole workspace, whose summary ends the output
+//!    (killed with everything it started if it outlives `--timeout-mins`).
 //!
 //! Tests need root (namespaces, eBPF).
 
-use std::process::Command;
+use std::{process::Command, time::Duration};
 
 use anyhow::{Context, Result};
 
 use crate::{
     netns,
-    setup::{self, host_cargo, project_root, run_cmd},
+    setup::{self, host_cargo, project_root, run_cmd, run_cmd_within},
 };
 
 #[derive(Debug, Clone, clap::Args)]
@@ -26,6 +27,9 @@ pub struct TestArgs {
     /// Seconds each fuzz target runs (0 skips fuzzing).
     #[arg(long, default_value_t = 20)]
     pub fuzz_secs: u32,
+    /// Minutes `cargo test` (build and run) may take before it is killed as hung.
+    #[arg(long, default_value_t = 40)]
+    pub timeout_mins: u32,
     /// Extra arguments for `cargo test` (after `--`), e.g. a test name filter.
     #[arg(last = true)]
     pub cargo_test_args: Vec<String>,
@@ -93,11 +97,12 @@ pub fn run(args: &TestArgs) -> Result<()> {
         "xesp",
     ]))?;
     step("cargo test");
-    run_cmd(
+    run_cmd_within(
         Command::new(&cargo)
             .current_dir(&root)
             .args(["test", "--locked", "--"])
             .args(&args.cargo_test_args),
+        Duration::from_secs(u64::from(args.timeout_mins) * 60),
     )
 }
 
