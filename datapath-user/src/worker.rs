@@ -176,12 +176,15 @@ impl Worker {
                     dmz_ifindex: self.dmz_ifindex,
                     lan_ifindex: self.lan_ifindex,
                 };
-                let n = self
+                // No more than the outgoing TX ring can take (see Port::tx_room).
+                let room = self.port.tx_room(lan_tx).min(BATCH);
+                let mut n = self
                     .port
-                    .recv(self.dmz[t], BATCH, |f| ctx.decrypt_to_lan(f, lan_tx))
-                    + self
-                        .port
-                        .recv(self.lan[t], BATCH, |f| ctx.encrypt_to_dmz(f, dmz_tx));
+                    .recv(self.dmz[t], room, |f| ctx.decrypt_to_lan(f, lan_tx));
+                let room = self.port.tx_room(dmz_tx).min(BATCH);
+                n += self
+                    .port
+                    .recv(self.lan[t], room, |f| ctx.encrypt_to_dmz(f, dmz_tx));
                 busy |= n > 0;
             }
             busy |= self.port.flush();

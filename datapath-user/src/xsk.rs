@@ -451,10 +451,24 @@ impl Port {
         }
     }
 
+    /// How many more frames socket `id` can queue for transmission now: its
+    /// TX ring's free entries less what is batched. Receive no more than this
+    /// for it, so that no frame is processed only to be dropped at a full
+    /// TX ring (work on overload is shed by the kernel at the RX ring instead).
+    pub fn tx_room(&self, id: SockId) -> u32 {
+        self.socks.get(id.0).map_or(0, |s| match &s.tx {
+            Some(tx) => self
+                .config
+                .ring_size
+                .saturating_sub(tx.pending())
+                .saturating_sub(s.tx_batch.len() as u32),
+            None => 0,
+        })
+    }
+
     /// Pushes queued transmissions to the kernel and kicks TX; also reaps
     /// completions and refills the fill rings. Returns whether frames are
-    /// still waiting in a TX ring (in copy mode one kick sends only a few
-    /// dozen): the caller must come back without sleeping.
+    /// still waiting in a TX ring: the caller must come back without sleeping.
     pub fn flush(&mut self) -> bool {
         let fs = u64::from(self.config.frame_size);
         let mut pending = false;
@@ -471,9 +485,8 @@ impl Port {
                     self.free.push(d.addr - d.addr % fs);
                 }
             }
-            // Copy mode (veth) needs a sendto() to start transmitting.
             if tx.pending() > 0 || tx.needs_wakeup() {
-                tx.wake();
+                kick(tx);
             }
             pending |= tx.pending() > 0;
         }
@@ -503,5 +516,26 @@ impl Port {
             }
         }
         Ok(())
+    }
+}
+
+/// Most kicks one flush gives a TX ring (a full ring in copy mode's
+/// batches of 32, and one more).
+const MAX_KICKS: u32 = 40;
+
+/// Wakes the kernel to transmit from `tx`. In copy mode (veth, drivers
+/// without zero-copy) each `sendto()` sends at most 32 frames, synchronously:
+/// kick again while that makes progress, or the ring fills faster than it
+/// drains. In zero-copy mode the driver sends later, so the first kick shows
+/// no progress and is the only one.
+fn kick(tx: &mut RingTx) {
+    let mut before = tx.pending();
+    for _ in 0..MAX_KICKS {
+        tx.wake();
+        let now = tx.pending();
+        if now == 0 || now >= before {
+            return;
+        }
+        before = now;
     }
 }

@@ -2,6 +2,8 @@
 //! into its tunnel's AF_XDP socket, and a frame received there can be
 //! rewritten in place and transmitted back out of the same interface.
 //! Unknown SPIs and tunnels without a socket go to the stack, counted.
+//! One flush of a port sends everything queued, though copy mode sends at
+//! most 32 frames per kick.
 
 #![allow(clippy::unwrap_used)] // a test: a failed step is a failed test
 
@@ -145,4 +147,82 @@ fn root_afxdp_esp_is_steered_to_its_tunnel_socket_and_sent_back() {
         3
     );
     p.dut.enter(move || drop((port, filter))).unwrap();
+}
+
+/// The MAC address of `dev` as seen in `ns`.
+fn mac_of(ns: &xtask::netns::Netns, dev: &str) -> [u8; 6] {
+    let text = ns
+        .exec("cat", &[&format!("/sys/class/net/{dev}/address")])
+        .unwrap();
+    let mut mac = [0u8; 6];
+    for (m, h) in mac.iter_mut().zip(text.trim().split(':')) {
+        *m = u8::from_str_radix(h, 16).unwrap();
+    }
+    mac
+}
+
+/// Ethernet + IPv4 + UDP from the DUT to the peer's `port`, numbered `n`.
+fn udp_frame(src_mac: [u8; 6], dst_mac: [u8; 6], port: u16, n: u32) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let total = 20 + 8 + 4;
+    let mut ip = vec![0x45, 0, 0, total as u8, 0, 0, 0x40, 0, 64, 17, 0, 0];
+    ip.extend_from_slice(&DUT.octets());
+    ip.extend_from_slice(&ALLOWED_SRC.octets());
+    let sum = xesp_esp::wire::checksum(&ip);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&4000u16.to_be_bytes());
+    f.extend_from_slice(&port.to_be_bytes());
+    f.extend_from_slice(&12u16.to_be_bytes());
+    f.extend_from_slice(&[0, 0]); // no UDP checksum (IPv4)
+    f.extend_from_slice(&n.to_be_bytes());
+    f
+}
+
+#[test]
+fn root_afxdp_one_flush_sends_more_than_one_copy_mode_batch() {
+    let p = pair();
+    let cfg = PortConfig {
+        frames: 512,
+        frame_size: 4096,
+        ring_size: 128,
+    };
+    let mut port = p.dut.enter(|| Port::new(cfg)).unwrap().unwrap();
+    let sock = p
+        .dut
+        .enter(|| port.add_socket("dmz0", 0, true, true))
+        .unwrap()
+        .unwrap();
+    let sink = p.peer.enter(|| udp_from(ALLOWED_SRC)).unwrap();
+    sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let dport = sink.local_addr().unwrap().port();
+    let (src, dst) = (mac_of(&p.dut, "dmz0"), mac_of(&p.peer, "peer0"));
+
+    // Copy mode sends at most 32 frames per kick; queue three times that.
+    const N: u32 = 100;
+    assert_eq!(port.tx_room(sock), 128);
+    for n in 0..N {
+        let frame = udp_frame(src, dst, dport, n);
+        assert!(port.transmit_new(sock, |buf| {
+            buf[256..256 + frame.len()].copy_from_slice(&frame);
+            Some((256, frame.len() as u32))
+        }));
+    }
+    assert_eq!(port.tx_room(sock), 128 - N, "batched frames take room");
+    let pending = port.flush();
+    assert!(!pending, "one flush kicks until the TX ring is empty");
+    assert_eq!(port.tx_room(sock), 128);
+    assert_eq!(port.stats().tx, u64::from(N));
+
+    let mut got = Vec::new();
+    let mut buf = [0u8; 64];
+    while got.len() < N as usize {
+        let Ok(n) = sink.recv(&mut buf) else { break };
+        got.push(u32::from_be_bytes(buf[..n].try_into().unwrap()));
+    }
+    got.sort();
+    assert_eq!(got, (0..N).collect::<Vec<_>>(), "every frame arrived once");
 }
