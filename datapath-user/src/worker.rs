@@ -32,13 +32,15 @@ use crate::{
     netlink::ifindex,
     nexthop::{NextHop, NextHops},
     slowpath::SlowPath,
-    xsk::{Frame, Port, PortConfig, SockId, Verdict, XskError},
+    xsk::{Frame, KernelDrops, Port, PortConfig, SockId, Verdict, XskError},
 };
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const BATCH: u32 = 64;
+/// How often a worker reads the kernel's drop counters of its sockets.
+const DROPS_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// What the workers did, summed over workers.
 #[derive(Debug, Default)]
@@ -64,6 +66,14 @@ pub struct WorkerCounters {
     pub mss_clamped: AtomicU64,
     /// Frames that found the TX ring full.
     pub tx_full: AtomicU64,
+    /// Dropped by the kernel before a worker saw them (`XDP_STATISTICS`):
+    /// the RX ring was full, or no free frame (the workers fell behind).
+    pub xsk_rx_ring_full: AtomicU64,
+    pub xsk_rx_dropped: AtomicU64,
+    /// Times a fill ring was found empty.
+    pub xsk_fill_ring_empty: AtomicU64,
+    /// TX descriptors the kernel refused.
+    pub xsk_tx_invalid: AtomicU64,
 }
 
 impl WorkerCounters {
@@ -80,6 +90,10 @@ impl WorkerCounters {
             ("ttl_expired", g(&self.ttl_expired)),
             ("mss_clamped", g(&self.mss_clamped)),
             ("tx_full", g(&self.tx_full)),
+            ("xsk_rx_ring_full", g(&self.xsk_rx_ring_full)),
+            ("xsk_rx_dropped", g(&self.xsk_rx_dropped)),
+            ("xsk_fill_ring_empty", g(&self.xsk_fill_ring_empty)),
+            ("xsk_tx_invalid", g(&self.xsk_tx_invalid)),
         ]
     }
 }
@@ -158,6 +172,8 @@ impl Worker {
         };
         let (dmz_tx, lan_tx) = (self.dmz[0], self.lan[0]);
         let mut tx_full_seen = 0;
+        let mut drops_seen = KernelDrops::default();
+        let mut drops_read = Instant::now();
         let mut busy = false;
         while !stop.load(Ordering::Relaxed) {
             // Sleep in poll() only when the last round found nothing to do.
@@ -193,7 +209,32 @@ impl Worker {
                 .tx_full
                 .fetch_add(full - tx_full_seen, Ordering::Relaxed);
             tx_full_seen = full;
+            // The kernel's drops cost a system call per socket: read them now and then.
+            if now.duration_since(drops_read) >= DROPS_EVERY {
+                drops_read = now;
+                drops_seen = self.add_kernel_drops(drops_seen);
+            }
         }
+        self.add_kernel_drops(drops_seen);
+    }
+
+    /// Adds the kernel's drops since `seen` to the counters; returns the new totals.
+    fn add_kernel_drops(&self, seen: KernelDrops) -> KernelDrops {
+        let d = self.port.kernel_drops();
+        let c = &self.counters;
+        for (counter, now, before) in [
+            (&c.xsk_rx_ring_full, d.rx_ring_full, seen.rx_ring_full),
+            (&c.xsk_rx_dropped, d.rx_dropped, seen.rx_dropped),
+            (
+                &c.xsk_fill_ring_empty,
+                d.fill_ring_empty,
+                seen.fill_ring_empty,
+            ),
+            (&c.xsk_tx_invalid, d.tx_invalid, seen.tx_invalid),
+        ] {
+            counter.fetch_add(now.saturating_sub(before), Ordering::Relaxed);
+        }
+        d
     }
 }
 

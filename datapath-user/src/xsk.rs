@@ -46,9 +46,9 @@ pub struct PortConfig {
 impl Default for PortConfig {
     fn default() -> Self {
         Self {
-            frames: 4096,
+            frames: 8192,
             frame_size: 4096,
-            ring_size: 1024,
+            ring_size: 2048,
         }
     }
 }
@@ -126,6 +126,35 @@ pub struct PortStats {
     /// Frames the kernel reported done with.
     pub completed: u64,
 }
+
+/// What the kernel dropped on a port's sockets (`XDP_STATISTICS`), summed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KernelDrops {
+    /// Packets for an RX ring that was full (the worker fell behind).
+    pub rx_ring_full: u64,
+    /// Packets the kernel dropped for other reasons, mostly for want of a
+    /// free frame.
+    pub rx_dropped: u64,
+    /// Times the kernel found a device queue's fill ring empty.
+    pub fill_ring_empty: u64,
+    /// TX descriptors the kernel refused (outside the UMEM, too long).
+    pub tx_invalid: u64,
+}
+
+/// `struct xdp_statistics` (linux/if_xdp.h, Linux 5.9 and later).
+#[repr(C)]
+#[derive(Default)]
+struct XdpStatistics {
+    rx_dropped: u64,
+    rx_invalid_descs: u64,
+    tx_invalid_descs: u64,
+    rx_ring_full: u64,
+    rx_fill_ring_empty_descs: u64,
+    tx_ring_empty_descs: u64,
+}
+
+const SOL_XDP: libc::c_int = 283;
+const XDP_STATISTICS: libc::c_int = 7;
 
 /// One UMEM with its device queues and sockets; owned by one thread.
 pub struct Port {
@@ -303,15 +332,46 @@ impl Port {
         self.stats
     }
 
+    /// The kernel's drop counters of every socket of the port, summed
+    /// (sockets whose counters cannot be read add nothing).
+    pub fn kernel_drops(&self) -> KernelDrops {
+        let mut d = KernelDrops::default();
+        for (i, s) in self.socks.iter().enumerate() {
+            let mut st = XdpStatistics::default();
+            let mut len = core::mem::size_of::<XdpStatistics>() as libc::socklen_t;
+            // SAFETY: st is a writable xdp_statistics of `len` bytes; the kernel writes at most len.
+            let r = unsafe {
+                libc::getsockopt(
+                    s.fd,
+                    SOL_XDP,
+                    XDP_STATISTICS,
+                    (&raw mut st).cast(),
+                    &mut len,
+                )
+            };
+            if r == 0 {
+                d.rx_ring_full += st.rx_ring_full;
+                d.rx_dropped += st.rx_dropped;
+                d.tx_invalid += st.tx_invalid_descs;
+                // The fill ring's count is the device queue's: take it once.
+                if self.socks.iter().position(|o| o.queue == s.queue) == Some(i) {
+                    d.fill_ring_empty += st.rx_fill_ring_empty_descs;
+                }
+            }
+        }
+        d
+    }
+
     /// Frames in the free list.
     pub fn free_frames(&self) -> usize {
         self.free.len()
     }
 
     /// Hands free frames to every device queue that has a receiving socket,
-    /// keeping a quarter of the UMEM back for transmissions.
+    /// keeping a sixteenth of the UMEM back for packets built from scratch
+    /// ([`Port::transmit_new`]; forwarded packets reuse their frames).
     pub fn refill(&mut self) {
-        let reserve = (self.config.frames / 4) as usize;
+        let reserve = (self.config.frames / 16) as usize;
         let rx_queues: Vec<bool> = (0..self.queues.len())
             .map(|qi| self.socks.iter().any(|s| s.queue == qi && s.rx.is_some()))
             .collect();

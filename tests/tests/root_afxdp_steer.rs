@@ -226,3 +226,45 @@ fn root_afxdp_one_flush_sends_more_than_one_copy_mode_batch() {
     got.sort();
     assert_eq!(got, (0..N).collect::<Vec<_>>(), "every frame arrived once");
 }
+
+#[test]
+fn root_afxdp_kernel_drops_at_a_full_socket_are_counted() {
+    let p = pair();
+    let mut filter = attach_dmz(&p.dut);
+    filter.allow(ALLOWED_PREFIX.parse().unwrap()).unwrap();
+    filter.steer(SPI, TUNNEL).unwrap();
+    // 128 frames in the fill ring and 128 entries in the RX ring.
+    let cfg = PortConfig {
+        frames: 512,
+        frame_size: 4096,
+        ring_size: 128,
+    };
+    let mut port = p.dut.enter(|| Port::new(cfg)).unwrap().unwrap();
+    let sock = p
+        .dut
+        .enter(|| port.add_socket("dmz0", 0, true, true))
+        .unwrap()
+        .unwrap();
+    filter
+        .bind_dmz_xsk(0, TUNNEL, port.fd(sock).unwrap())
+        .unwrap();
+    assert_eq!(port.kernel_drops(), Default::default());
+
+    // Nobody receives while 200 arrive: 72 cannot be placed.
+    let peer_udp = p.peer.enter(|| udp_from(ALLOWED_SRC)).unwrap();
+    p.peer
+        .enter(|| send_udp(&peer_udp, 4500, &fake_esp(SPI, 1), 200))
+        .unwrap();
+    xtask::netns::wait_until(Duration::from_secs(3), || {
+        filter.steer_counters().unwrap()[SteerCounter::Redirected as usize] == 200
+    });
+    let mut got = 0;
+    while port.recv(sock, 64, |_| Verdict::Drop) > 0 {
+        got += 1;
+    }
+    let d = port.kernel_drops();
+    assert_eq!(port.stats().rx, 128, "{d:?}");
+    assert!(got > 0);
+    assert_eq!(d.rx_ring_full + d.rx_dropped, 72, "{d:?}");
+    assert_eq!(d.tx_invalid, 0);
+}
