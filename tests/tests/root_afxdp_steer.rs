@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use datapath_user::xsk::{Port, PortConfig, Verdict};
+use datapath_user::xsk::{Port, PortConfig, SockId, Verdict};
 use xesp_common::SteerCounter;
 use xesp_tests::{
     ALLOWED_PREFIX, ALLOWED_SRC, DUT, attach_dmz, fake_esp, pair, send_esp, send_udp, udp_from,
@@ -34,6 +34,22 @@ fn reflect_udp(f: &mut [u8]) {
     f[udp + 7] = 0;
 }
 
+/// A port of 512 frames with 128-entry rings (so 128 frames in the fill
+/// ring) and one socket on the DUT's `dmz0` queue 0.
+fn small_port(dut: &xtask::netns::Netns) -> (Port, SockId) {
+    let cfg = PortConfig {
+        frames: 512,
+        frame_size: 4096,
+        ring_size: 128,
+    };
+    let mut port = dut.enter(|| Port::new(cfg)).unwrap().unwrap();
+    let sock = dut
+        .enter(|| port.add_socket("dmz0", 0, true, true))
+        .unwrap()
+        .unwrap();
+    (port, sock)
+}
+
 #[test]
 fn root_afxdp_esp_is_steered_to_its_tunnel_socket_and_sent_back() {
     let p = pair();
@@ -42,17 +58,7 @@ fn root_afxdp_esp_is_steered_to_its_tunnel_socket_and_sent_back() {
     filter.steer(SPI, TUNNEL).unwrap();
     // Known SPI, but its tunnel has no socket: counted, passed to the stack.
     filter.steer(0x3000, 2).unwrap();
-    let cfg = PortConfig {
-        frames: 512,
-        frame_size: 4096,
-        ring_size: 128,
-    };
-    let mut port = p.dut.enter(|| Port::new(cfg)).unwrap().unwrap();
-    let sock = p
-        .dut
-        .enter(|| port.add_socket("dmz0", 0, true, true))
-        .unwrap()
-        .unwrap();
+    let (mut port, sock) = small_port(&p.dut);
     filter
         .bind_dmz_xsk(0, TUNNEL, port.fd(sock).unwrap())
         .unwrap();
@@ -185,17 +191,7 @@ fn udp_frame(src_mac: [u8; 6], dst_mac: [u8; 6], port: u16, n: u32) -> Vec<u8> {
 #[test]
 fn root_afxdp_one_flush_sends_more_than_one_copy_mode_batch() {
     let p = pair();
-    let cfg = PortConfig {
-        frames: 512,
-        frame_size: 4096,
-        ring_size: 128,
-    };
-    let mut port = p.dut.enter(|| Port::new(cfg)).unwrap().unwrap();
-    let sock = p
-        .dut
-        .enter(|| port.add_socket("dmz0", 0, true, true))
-        .unwrap()
-        .unwrap();
+    let (mut port, sock) = small_port(&p.dut);
     let sink = p.peer.enter(|| udp_from(ALLOWED_SRC)).unwrap();
     sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let dport = sink.local_addr().unwrap().port();
@@ -233,18 +229,7 @@ fn root_afxdp_kernel_drops_at_a_full_socket_are_counted() {
     let mut filter = attach_dmz(&p.dut);
     filter.allow(ALLOWED_PREFIX.parse().unwrap()).unwrap();
     filter.steer(SPI, TUNNEL).unwrap();
-    // 128 frames in the fill ring and 128 entries in the RX ring.
-    let cfg = PortConfig {
-        frames: 512,
-        frame_size: 4096,
-        ring_size: 128,
-    };
-    let mut port = p.dut.enter(|| Port::new(cfg)).unwrap().unwrap();
-    let sock = p
-        .dut
-        .enter(|| port.add_socket("dmz0", 0, true, true))
-        .unwrap()
-        .unwrap();
+    let (mut port, sock) = small_port(&p.dut);
     filter
         .bind_dmz_xsk(0, TUNNEL, port.fd(sock).unwrap())
         .unwrap();
