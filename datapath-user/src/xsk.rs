@@ -546,7 +546,7 @@ impl Port {
                 }
             }
             if tx.pending() > 0 || tx.needs_wakeup() {
-                kick(tx);
+                kick(tx, self.config.ring_size / COPY_MODE_BATCH + 1);
             }
             pending |= tx.pending() > 0;
         }
@@ -579,18 +579,18 @@ impl Port {
     }
 }
 
-/// Most kicks one flush gives a TX ring (a full ring in copy mode's
-/// batches of 32, and one more).
-const MAX_KICKS: u32 = 40;
+/// Frames the kernel sends per `sendto()` in copy mode.
+const COPY_MODE_BATCH: u32 = 32;
 
-/// Wakes the kernel to transmit from `tx`. In copy mode (veth, drivers
-/// without zero-copy) each `sendto()` sends at most 32 frames, synchronously:
-/// kick again while that makes progress, or the ring fills faster than it
-/// drains. In zero-copy mode the driver sends later, so the first kick shows
-/// no progress and is the only one.
-fn kick(tx: &mut RingTx) {
+/// Wakes the kernel to transmit from `tx`, at most `max_kicks` times (a
+/// flush passes enough for a full ring). In copy mode (veth, drivers
+/// without zero-copy) each `sendto()` sends at most [`COPY_MODE_BATCH`]
+/// frames, synchronously: kick again while that makes progress, or the ring
+/// fills faster than it drains. In zero-copy mode the driver sends later, so
+/// the first kick shows no progress and is the only one.
+fn kick(tx: &mut RingTx, max_kicks: u32) {
     let mut before = tx.pending();
-    for _ in 0..MAX_KICKS {
+    for _ in 0..max_kicks {
         tx.wake();
         let now = tx.pending();
         if now == 0 || now >= before {
