@@ -43,6 +43,12 @@ pub enum Request {
     Quit,
 }
 
+/// An inner packet size a benchmark can send: room for the headers and the
+/// magic, at most an Ethernet MTU.
+fn inner_size(n: u64) -> usize {
+    n.clamp(traffic::MIN_SIZE as u64, 1500) as usize
+}
+
 impl Request {
     pub fn parse(line: &str) -> Result<Self, String> {
         let w: Vec<&str> = line.split_whitespace().collect();
@@ -56,13 +62,13 @@ impl Request {
             Some("status") => Ok(Self::Status),
             Some("prepare") => Ok(Self::Prepare {
                 tunnels: num(1, "tunnels")?.clamp(1, 2) as usize,
-                size: (num(2, "size")? as usize).clamp(traffic::MIN_SIZE, 1500),
+                size: inner_size(num(2, "size")?),
                 count: num(3, "count")?,
             }),
             Some("send") => Ok(Self::Send),
             Some("counters") => Ok(Self::Counters),
             Some("raw") => Ok(Self::Raw {
-                size: num(1, "size")? as usize,
+                size: inner_size(num(1, "size")?),
                 iterations: num(2, "iterations")?.min(u64::from(u32::MAX)) as u32,
             }),
             Some("quit") => Ok(Self::Quit),
@@ -323,6 +329,14 @@ mod tests {
             Request::parse("fly")
                 .unwrap_err()
                 .contains("unknown command")
+        );
+        assert_eq!(
+            Request::parse("raw 18446744073709551615 5"),
+            Ok(Request::Raw {
+                size: 1500,
+                iterations: 5
+            }),
+            "clamped, not overflowing"
         );
         assert!(Request::parse("").is_err());
     }
