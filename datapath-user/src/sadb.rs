@@ -16,7 +16,7 @@ use std::{
 
 use std::time::Instant;
 
-use xesp_esp::sa::{DropCounters, DropReason, Expiry, InboundSa, OutboundSa, SaCounters};
+use xesp_esp::sa::{DropCounters, DropReason, Expiry, InboundSa, OutboundSa, SaCounters, Tunnel};
 
 /// An inbound SA and the tunnel it belongs to.
 pub struct InboundEntry {
@@ -107,6 +107,34 @@ impl SaDb {
                 sa: Mutex::new(sa),
             }),
         );
+    }
+
+    /// Moves one direction to new outer endpoints (the peer's NAT mapping
+    /// changed), keeping its keys, sequence numbers and counters. False if
+    /// it is not installed.
+    pub fn update_endpoints(
+        &self,
+        spi: u32,
+        inbound: bool,
+        f: impl FnOnce(Tunnel) -> Tunnel,
+    ) -> bool {
+        let t = self.tables.read().unwrap_or_else(lock_poisoned);
+        if inbound {
+            let Some(e) = t.inbound.get(&spi) else {
+                return false;
+            };
+            let mut sa = e.sa.lock().unwrap_or_else(lock_poisoned);
+            let next = f(sa.tunnel());
+            sa.set_tunnel(next);
+        } else {
+            let Some(e) = t.outbound.get(&spi) else {
+                return false;
+            };
+            let mut sa = e.sa.lock().unwrap_or_else(lock_poisoned);
+            let next = f(sa.tunnel());
+            sa.set_tunnel(next);
+        }
+        true
     }
 
     /// Makes outbound `spi` the one `tunnel` sends on (or none). False if

@@ -12,7 +12,7 @@ use std::{
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::proto::{
+use ike_proto::{
     config::{Dpd, EspProposal, IkeProposal, Lifetimes, PeerConfig},
     crypto::Psk,
     ts::TsRange,

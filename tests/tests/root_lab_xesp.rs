@@ -244,3 +244,54 @@ fn root_xesp_responder_dpd_finds_a_killed_gateway() {
     let out = ping_from_onprem(&lab, GW_BGP[0], 3, "0.2");
     assert!(!lost(&out), "{out}");
 }
+
+/// Each tunnel interface's `carrier_changes` in the on-prem namespace.
+fn carrier_changes(lab: &Lab) -> Vec<u64> {
+    TUNNEL_IFS
+        .iter()
+        .map(|t| {
+            lab.ns
+                .onprem
+                .exec("cat", &[&format!("/sys/class/net/{t}/carrier_changes")])
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn root_xesp_peer_rekeys_keep_the_carrier() {
+    // The gateways rekey their CHILD_SAs every 8 s; xesp's CHILD_SA lifetime
+    // is 12 s, so both sides rekey and their rekeys meet.
+    let lab = Lab::up(LabConfig {
+        onprem: OnpremMode::Xesp,
+        xesp: XespSettings {
+            ike: format!("{ARTICLE_IKE}child_lifetime = \"12s\"\n"),
+            ..XespSettings::default()
+        },
+        gateway_child_rekey: "8s".into(),
+        ..LabConfig::default()
+    })
+    .unwrap();
+    lab.wait_ready(Duration::from_secs(60)).unwrap();
+    let before = carrier_changes(&lab);
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| ping_from_onprem(&lab, GW_BGP[0], 200, "0.2"));
+        let b = s.spawn(|| ping_from_onprem(&lab, GW_BGP[1], 200, "0.2"));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let after = carrier_changes(&lab);
+    let st = xesp_status(&lab);
+    for (i, name) in TUNNEL_IFS.iter().enumerate() {
+        let c = &tunnel(&st, i)["connection"];
+        let rekeys = c["stats"]["rekeys"].as_u64().unwrap();
+        assert!(rekeys >= 4, "{name}: {rekeys} rekeys in 40 s:\n{c:#}");
+    }
+    assert_eq!(
+        before, after,
+        "the tunnels' carrier changed across CHILD_SA rekeys:\n{st:#}"
+    );
+    assert!(!lost(&a) && !lost(&b), "echoes lost:\n{a}\n{b}\n{st:#}");
+}

@@ -60,6 +60,8 @@ pub struct LabConfig {
     pub xesp: XespSettings,
     /// The gateways start their CHILD_SA themselves (xesp then responds).
     pub gateway_initiates: bool,
+    /// The gateways' CHILD_SA rekey time (strongSwan syntax).
+    pub gateway_child_rekey: String,
 }
 
 impl Default for LabConfig {
@@ -73,6 +75,7 @@ impl Default for LabConfig {
             standin_esp: "aes256gcm16".to_string(),
             xesp: XespSettings::default(),
             gateway_initiates: false,
+            gateway_child_rekey: "27000s".to_string(),
         }
     }
 }
@@ -158,6 +161,7 @@ impl Lab {
                 &lab.config.gateway_ike,
                 &lab.config.gateway_esp,
                 lab.config.gateway_initiates,
+                &lab.config.gateway_child_rekey,
             ))?;
             let d = gw.charon.start(&lab.ns.azgw[i])?;
             lab.daemons.push(d);
