@@ -916,14 +916,14 @@ fn lan_frame(h: V4, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Runs `frame` through `xdp_lan` in `ns` and checks the verdict and that
-/// exactly `counter` moved, by one.
+/// exactly `counters` moved, by one each.
 fn run_lan(
     ns: &Netns,
     x: &mut XdpPrograms,
     name: &str,
     frame: &[u8],
     verdict: u32,
-    counter: LanCounter,
+    counters: &[LanCounter],
 ) {
     let before = x.lan_counters().unwrap();
     // In the namespace: the program asks that namespace's FIB.
@@ -936,10 +936,9 @@ fn run_lan(
     for k in LanCounter::ALL {
         assert_eq!(
             after[k as usize] - before[k as usize],
-            u64::from(k == counter),
-            "{name}: counter {} (expected only {} to move)",
+            u64::from(counters.contains(&k)),
+            "{name}: counter {} (expected only {counters:?} to move)",
             k.name(),
-            counter.name()
         );
     }
 }
@@ -949,27 +948,52 @@ fn root_xdp_lan_table() {
     let ns = Netns::create("lantab").unwrap();
     ns.sysctl("net.ipv6.conf.all.disable_ipv6=1").unwrap();
     ns.sysctl("net.ipv4.ip_forward=1").unwrap();
-    let tun = ns.enter(|| Tun::create("tun0")).unwrap().unwrap();
-    ns.ip(&["addr", "add", "172.16.0.1/32", "dev", "tun0"])
-        .unwrap();
-    ns.ip(&["link", "set", "tun0", "up"]).unwrap();
-    ns.ip(&["route", "add", "10.2.0.0/24", "dev", "tun0"])
-        .unwrap();
-    let ifindex: u32 = ns
-        .exec("cat", &["/sys/class/net/tun0/ifindex"])
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    // tun0 (tunnel 0, no AF_XDP socket) carries 10.2.0.0/24, tun1 (tunnel
+    // 1, a socket on queue 0 of a veth) 10.3.0.0/24.
     let mut x = XdpPrograms::load().unwrap();
-    x.set_tunnel_ifindex(ifindex, 0).unwrap();
-    x.set_tunnel_live(0, true).unwrap();
+    let mut tuns = Vec::new();
+    for t in 0..2u32 {
+        let name = format!("tun{t}");
+        tuns.push(ns.enter(|| Tun::create(&name)).unwrap().unwrap());
+        let addr = format!("172.16.0.{}/32", t + 1);
+        ns.ip(&["addr", "add", &addr, "dev", &name]).unwrap();
+        ns.ip(&["link", "set", &name, "up"]).unwrap();
+        let net = format!("10.{}.0.0/24", t + 2);
+        ns.ip(&["route", "add", &net, "dev", &name]).unwrap();
+        let ifindex: u32 = ns
+            .exec("cat", &[&format!("/sys/class/net/{name}/ifindex")])
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        x.set_tunnel_ifindex(ifindex, t).unwrap();
+        x.set_tunnel_live(t, true).unwrap();
+    }
+    ns.ip(&[
+        "link", "add", "lan0", "type", "veth", "peer", "name", "lanp0",
+    ])
+    .unwrap();
+    ns.ip(&["link", "set", "lan0", "up"]).unwrap();
+    ns.ip(&["link", "set", "lanp0", "up"]).unwrap();
+    let cfg = PortConfig {
+        frames: 64,
+        frame_size: 4096,
+        ring_size: 32,
+    };
+    let mut port = ns.enter(|| Port::new(cfg)).unwrap().unwrap();
+    let sock = ns
+        .enter(|| port.add_socket("lan0", 0, true, false))
+        .unwrap()
+        .unwrap();
+    x.bind_lan_xsk(0, 1, port.fd(sock).unwrap()).unwrap();
 
     let udp_vm = udp(9000, b"flow");
     let mut cut = lan_frame(lan_v4(VM, 17), &udp_vm);
     cut.truncate(14 + 16);
     use LanCounter::*;
+    let to_tunnel1 = lan_frame(lan_v4(Ipv4Addr::new(10, 3, 0, 4), 17), &udp_vm);
     let table: Vec<(&str, Vec<u8>, u32, LanCounter)> = vec![
+        ("UDP to tunnel 1", to_tunnel1.clone(), REDIRECT, ToTunnel),
         (
             "UDP to the VNet",
             lan_frame(lan_v4(VM, 17), &udp_vm),
@@ -1070,15 +1094,34 @@ fn root_xdp_lan_table() {
         ),
     ];
     for (name, frame, verdict, counter) in &table {
-        run_lan(&ns, &mut x, name, frame, *verdict, *counter);
+        run_lan(&ns, &mut x, name, frame, *verdict, &[*counter]);
     }
-    // The tunnel down: nothing live to move its flows to.
-    x.set_tunnel_live(0, false).unwrap();
     let frame = lan_frame(lan_v4(VM, 17), &udp_vm);
-    run_lan(&ns, &mut x, "tunnel down", &frame, PASS, NoLiveTunnel);
+    // Tunnel 0 down: its flows move to tunnel 1, counted as moved too.
+    x.set_tunnel_live(0, false).unwrap();
+    run_lan(
+        &ns,
+        &mut x,
+        "tunnel 0 down",
+        &frame,
+        REDIRECT,
+        &[ToTunnel, Failover],
+    );
+    // Both down: nothing live to move them to.
+    x.set_tunnel_live(1, false).unwrap();
+    run_lan(&ns, &mut x, "both down", &frame, PASS, &[NoLiveTunnel]);
+    run_lan(
+        &ns,
+        &mut x,
+        "both down, tunnel 1's",
+        &to_tunnel1,
+        PASS,
+        &[NoLiveTunnel],
+    );
     x.set_tunnel_live(0, true).unwrap();
-    run_lan(&ns, &mut x, "tunnel up again", &frame, PASS, NoSocket);
+    run_lan(&ns, &mut x, "tunnel 0 up again", &frame, PASS, &[NoSocket]);
+    drop(port);
     drop(x);
-    drop(tun);
+    drop(tuns);
     drop(ns);
 }
