@@ -71,8 +71,14 @@ pub fn xdp_dmz(ctx: XdpContext) -> u32 {
 
 /// ESP of a known inbound SA goes to its tunnel's AF_XDP socket on this
 /// queue; anything else goes to the stack (the daemon's slow path counts it).
+/// The workers parse untagged frames only, so VLAN-tagged ESP goes to the
+/// stack too, where the VLAN device strips the tag.
 #[inline(always)]
-fn steer_esp(ctx: &XdpContext, spi: u32) -> u32 {
+fn steer_esp(ctx: &XdpContext, spi: u32, tagged: bool) -> u32 {
+    if tagged {
+        counters::add(&STEER_COUNTERS, SteerCounter::Tagged as u32, 1);
+        return PASS;
+    }
     // SAFETY: the value is copied out before any other map operation.
     let Some(steer) = (unsafe { ESP_STEER.get(spi) }).copied() else {
         counters::add(&STEER_COUNTERS, SteerCounter::NoSa as u32, 1);
@@ -172,7 +178,7 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> (DmzCounter, u32) {
     if u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0 {
         return (DmzCounter::Fragment, PASS);
     }
-    transport(ctx, h[9], l3 + ihl)
+    transport(ctx, h[9], l3 + ihl, l3 != ETH_HLEN)
 }
 
 /// ICMPv6 types of neighbour discovery (RFC 4861 §4): router solicitation
@@ -231,7 +237,7 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> (DmzCounter, u32) {
     if next == IPPROTO_FRAGMENT {
         return (DmzCounter::Fragment, PASS);
     }
-    transport(ctx, next, at)
+    transport(ctx, next, at, l3 != ETH_HLEN)
 }
 
 /// Classifies an allowed packet by its transport header at `l4`.
@@ -239,13 +245,13 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> (DmzCounter, u32) {
 /// Headers are read whole (never a single octet at a variable offset: LLVM
 /// turns `p + 1 > end` into `p >= end`, which the verifier cannot use).
 #[inline(always)]
-fn transport(ctx: &XdpContext, proto: u8, l4: usize) -> (DmzCounter, u32) {
+fn transport(ctx: &XdpContext, proto: u8, l4: usize, tagged: bool) -> (DmzCounter, u32) {
     match proto {
-        IPPROTO_UDP => udp(ctx, l4),
+        IPPROTO_UDP => udp(ctx, l4, tagged),
         // SPI then sequence number must be there; SPIs 1-255 are reserved and
         // 0 is never sent (RFC 4303 §2.1).
         IPPROTO_ESP => match load::<[u8; 8]>(ctx, l4) {
-            Ok(h) if spi(&h, 0) > 255 => (DmzCounter::Esp, steer_esp(ctx, spi(&h, 0))),
+            Ok(h) if spi(&h, 0) > 255 => (DmzCounter::Esp, steer_esp(ctx, spi(&h, 0), tagged)),
             _ => (DmzCounter::DropMalformed, DROP),
         },
         _ => (DmzCounter::Allowed, PASS),
@@ -258,7 +264,7 @@ fn spi(h: &[u8], at: usize) -> u32 {
 }
 
 #[inline(always)]
-fn udp(ctx: &XdpContext, l4: usize) -> (DmzCounter, u32) {
+fn udp(ctx: &XdpContext, l4: usize, tagged: bool) -> (DmzCounter, u32) {
     let Ok(h) = load::<[u8; 8]>(ctx, l4) else {
         return (DmzCounter::DropMalformed, DROP);
     };
@@ -278,7 +284,9 @@ fn udp(ctx: &XdpContext, l4: usize) -> (DmzCounter, u32) {
             0 | 2..8 => (DmzCounter::DropMalformed, DROP),
             _ => match load::<[u8; 16]>(ctx, l4) {
                 Ok(p) if spi(&p, 8) == 0 => (DmzCounter::NattIke, PASS),
-                Ok(p) if spi(&p, 8) > 255 => (DmzCounter::NattEsp, steer_esp(ctx, spi(&p, 8))),
+                Ok(p) if spi(&p, 8) > 255 => {
+                    (DmzCounter::NattEsp, steer_esp(ctx, spi(&p, 8), tagged))
+                }
                 _ => (DmzCounter::DropMalformed, DROP),
             },
         },

@@ -341,14 +341,14 @@ fn dmz_cases() -> Vec<Case> {
             DropNotAllowed,
         ),
         esp_case(
-            "802.1Q ESP in UDP",
+            "802.1Q ESP in UDP with an SA and socket: to the stack",
             eth(
                 &[(Q, 100)],
                 0x0800,
                 &ipv4(v4(ALLOWED, 17), &udp(4500, &esp(SPI_SOCKET))),
             ),
             NattEsp,
-            SteerCounter::Redirected,
+            SteerCounter::Tagged,
         ),
         case(
             "QinQ keepalive",
@@ -371,14 +371,14 @@ fn dmz_cases() -> Vec<Case> {
             DropNotAllowed,
         ),
         esp_case(
-            "QinQ ESP, unknown SPI",
+            "QinQ ESP: to the stack",
             eth(
                 &[(AD, 10), (Q, 100)],
                 0x0800,
                 &ipv4(v4(ALLOWED, 50), &esp(SPI_UNKNOWN)),
             ),
             Esp,
-            SteerCounter::NoSa,
+            SteerCounter::Tagged,
         ),
         case(
             "QinQ IPv6 denied source",
@@ -1124,4 +1124,84 @@ fn root_xdp_lan_table() {
     drop(x);
     drop(tuns);
     drop(ns);
+}
+
+// ---- tagged frames on a real veth --------------------------------------------
+
+/// Sends `frames` as they are out of `iface` (AF_PACKET), in the calling
+/// thread's namespace.
+fn send_raw(iface_index: i32, frames: &[Vec<u8>]) {
+    use socket2::{Domain, SockAddr, SockAddrStorage, Socket, Type};
+    let s = Socket::new(Domain::PACKET, Type::RAW, None).unwrap();
+    let mut storage = SockAddrStorage::zeroed();
+    // struct sockaddr_ll (packet(7)): family, protocol (network order),
+    // ifindex, hatype, pkttype, halen, addr[8].
+    let mut ll = [0u8; 20];
+    ll[..2].copy_from_slice(&17u16.to_ne_bytes()); // AF_PACKET
+    ll[4..8].copy_from_slice(&iface_index.to_ne_bytes());
+    ll[11] = 6;
+    // SAFETY: sockaddr_storage is larger than 20 octets and has no invalid bit patterns.
+    unsafe { *storage.view_as::<[u8; 20]>() = ll };
+    // SAFETY: the storage holds a sockaddr_ll of 20 octets.
+    let to = unsafe { SockAddr::new(storage, 20) };
+    for f in frames {
+        assert_eq!(s.send_to(f, &to).unwrap(), f.len());
+    }
+}
+
+/// Tagged frames sent over a veth reach the DMZ program with their tags, in
+/// native XDP: it classifies them by the IP inside (the allowlist applies),
+/// and passes tagged ESP to the stack rather than to a worker.
+#[test]
+fn root_xdp_dmz_tagged_frames_over_veth() {
+    let p = pair();
+    let mut x = xesp_tests::attach_dmz(&p.dut);
+    x.allow("192.0.2.0/26".parse().unwrap()).unwrap();
+    x.steer(SPI_SOCKET, 0).unwrap();
+    let ifindex: i32 = p
+        .peer
+        .exec("cat", &["/sys/class/net/peer0/ifindex"])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let tagged_udp =
+        |tags: &[(u16, u16)], src| eth(tags, 0x0800, &ipv4(v4(src, 17), &udp(7777, b"tagged")));
+    let mut frames = Vec::new();
+    frames.extend(std::iter::repeat_n(tagged_udp(&[(Q, 100)], ALLOWED), 3));
+    frames.extend(std::iter::repeat_n(tagged_udp(&[(Q, 100)], DENIED), 4));
+    frames.extend(std::iter::repeat_n(
+        tagged_udp(&[(AD, 10), (Q, 100)], DENIED),
+        2,
+    ));
+    let qinq_esp = eth(
+        &[(AD, 10), (Q, 100)],
+        0x0800,
+        &ipv4(v4(ALLOWED, 50), &esp(SPI_SOCKET)),
+    );
+    frames.extend(std::iter::repeat_n(qinq_esp, 2));
+    frames.push(eth(&[], 0x88cc, &[0; 46]));
+    p.peer.enter(|| send_raw(ifindex, &frames)).unwrap();
+
+    let mut c = x.dmz_counters().unwrap();
+    xtask::netns::wait_until(std::time::Duration::from_secs(5), || {
+        c = x.dmz_counters().unwrap();
+        c.total() >= frames.len() as u64
+    });
+    for k in DmzCounter::ALL {
+        let want = match k {
+            DmzCounter::Allowed => 3,
+            DmzCounter::DropNotAllowed => 6,
+            DmzCounter::Esp => 2,
+            DmzCounter::DropUnclassified => 1,
+            _ => 0,
+        };
+        assert_eq!(c.get(k), want, "{} in {c:?}", k.name());
+    }
+    let steer = x.steer_counters().unwrap();
+    for k in SteerCounter::ALL {
+        let want = if k == SteerCounter::Tagged { 2 } else { 0 };
+        assert_eq!(steer[k as usize], want, "steering counter {}", k.name());
+    }
+    p.dut.enter(move || drop(x)).unwrap();
 }

@@ -73,18 +73,22 @@ pub enum SteerCounter {
     NoSa = 1,
     /// The SA is known but no socket is bound at its slot: passed to the stack.
     NoSocket = 2,
+    /// VLAN-tagged (802.1Q/802.1ad): passed to the stack, whose VLAN device
+    /// hands it to the socket path; the workers take untagged frames only.
+    Tagged = 3,
 }
 
 impl SteerCounter {
-    pub const COUNT: u32 = 3;
+    pub const COUNT: u32 = 4;
     pub const ALL: [SteerCounter; Self::COUNT as usize] =
-        [Self::Redirected, Self::NoSa, Self::NoSocket];
+        [Self::Redirected, Self::NoSa, Self::NoSocket, Self::Tagged];
 
     pub const fn name(self) -> &'static str {
         match self {
             Self::Redirected => "redirected",
             Self::NoSa => "no_sa",
             Self::NoSocket => "no_socket",
+            Self::Tagged => "tagged",
         }
     }
 }
