@@ -103,6 +103,8 @@ fn default_mtu() -> u16 {
 struct DmzFile {
     #[serde(default)]
     allow: Vec<String>,
+    #[serde(default)]
+    pass_unclassified: bool,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -174,6 +176,9 @@ pub struct Config {
     pub device: Device,
     /// Allowed source prefixes on the DMZ (the gateways' addresses are added).
     pub dmz_allow: Vec<IpNet>,
+    /// Pass frames the DMZ filter cannot classify (ethertypes other than
+    /// IPv4, IPv6 and ARP, a third VLAN tag) instead of dropping them.
+    pub dmz_pass_unclassified: bool,
     pub tunnels: Vec<Tunnel>,
     /// Things worth a warning (weak PSK, legacy algorithms).
     pub warnings: Vec<String>,
@@ -465,6 +470,7 @@ impl Config {
         Ok(Self {
             device,
             dmz_allow,
+            dmz_pass_unclassified: f.dmz.pass_unclassified,
             tunnels,
             warnings,
         })
@@ -601,5 +607,13 @@ mod tests {
             let host = IpNet::new(t.peer.remote, 32).unwrap();
             assert!(c.dmz_allow.iter().any(|n| n.contains(&host)));
         }
+    }
+
+    #[test]
+    fn the_dmz_drops_unclassified_frames_unless_told_otherwise() {
+        assert!(!parse(EXAMPLE).unwrap().dmz_pass_unclassified);
+        let on = EXAMPLE.replace("pass_unclassified = false", "pass_unclassified = true");
+        assert_ne!(on, EXAMPLE);
+        assert!(parse(&on).unwrap().dmz_pass_unclassified);
     }
 }

@@ -397,6 +397,13 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
             for p in &cfg.dmz_allow {
                 x.allow(*p)?;
             }
+            if cfg.dmz_pass_unclassified {
+                x.set_dmz_flags(xesp_common::dmz_flags::PASS_UNCLASSIFIED)?;
+                log::warn!(
+                    "{}: DMZ filter passes frames it cannot classify (dmz.pass_unclassified)",
+                    cfg.device.dmz_interface
+                );
+            }
             log::info!(
                 "{}: DMZ filter attached ({mode:?} mode), {} allowed prefixes",
                 cfg.device.dmz_interface,
