@@ -165,20 +165,18 @@ impl Connection {
             return Err(Reject::MalformedHeader("IKE_SA_INIT request"));
         }
         // A retransmission of a request we answered.
-        if let Some(sa) = self.sas.iter().find(|s| {
-            s.role == Role::Responder && s.spi_i == h.spi_i && s.state == IkeState::InitDone
-        }) {
+        if let Some(sa) = self.sas.half_open(h.spi_i)
+            && sa.state == IkeState::InitDone
+        {
             if sa.init_i != data {
                 return Err(Reject::NotARetransmission);
             }
-            if sa.init_i == data {
-                let t = Transmit {
-                    local_port,
-                    remote,
-                    data: sa.init_r.clone(),
-                };
-                self.out.transmits.push_back(t);
-            }
+            let t = Transmit {
+                local_port,
+                remote,
+                data: sa.init_r.clone(),
+            };
+            self.out.transmits.push_back(t);
             return Ok(());
         }
         let ni = nonce_of(&msg.payloads).ok_or(Reject::MissingPayload {
@@ -188,11 +186,7 @@ impl Connection {
         if !(16..=256).contains(&ni.len()) {
             return Err(Reject::NonceLength(ni.len()));
         }
-        let half_open = self
-            .sas
-            .iter()
-            .filter(|s| s.state == IkeState::InitDone)
-            .count();
+        let half_open = self.sas.half_open_count();
         if half_open >= cfg.half_open_limit {
             self.stats.half_open_drops += 1;
             return Err(Reject::HalfOpenLimit(cfg.half_open_limit));

@@ -142,37 +142,4 @@ impl Connection {
         }
         resp
     }
-
-    /// Removes a CHILD_SA from the datapath; if it carried the tunnel, the
-    /// newest other CHILD_SA takes over, or the tunnel goes down.
-    pub(super) fn remove_child(&mut self, i: SaId, spi_in: u32, backend: &mut dyn SaBackend) {
-        let Some(c) = self.sas[i].take_child(spi_in) else {
-            return;
-        };
-        if c.routed {
-            let next = self.sas[i]
-                .children
-                .iter_mut()
-                .rev()
-                .find(|c| c.state == ChildState::Installed);
-            match next {
-                Some(n) => {
-                    n.routed = true;
-                    let spi = n.spi_out;
-                    let _ = backend.route(self.cfg.tunnel, Some(spi));
-                }
-                None => {
-                    let _ = backend.route(self.cfg.tunnel, None);
-                    self.tunnel_down("its last CHILD_SA was deleted");
-                }
-            }
-        }
-        let _ = backend.delete(c.spi_out, Direction::Outbound);
-        let _ = backend.delete(c.spi_in, Direction::Inbound);
-        self.out.log(
-            Level::Info,
-            &self.cfg,
-            format!("CHILD_SA {:08x}_i {:08x}_o deleted", c.spi_in, c.spi_out),
-        );
-    }
 }

@@ -1,6 +1,13 @@
 //! Payload helpers the exchanges share.
 
-use super::*;
+use std::net::SocketAddr;
+
+use crate::{
+    codec::{Body, IdType, Identification, Message, Notify, NotifyType, Payload},
+    config::Identity,
+    crypto,
+    ts::{self, TsRange},
+};
 
 pub(super) fn notify(kind: NotifyType) -> Payload {
     Payload::new(Body::Notify(Notify::new(kind, vec![])))

@@ -1,12 +1,18 @@
 //! The state one IKE_SA keeps, and its CHILD_SAs'.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
-use crate::sk::SkError;
-
-use super::{
-    timers::{Timer, TimerTable},
-    *,
+use super::timers::{Timer, TimerTable};
+use crate::{
+    codec::{ExchangeType, FLAG_INITIATOR, FLAG_RESPONSE, Header, IKE_VERSION, PayloadType},
+    crypto::{self, DhPrivate, IkeKeys},
+    proposal::{ChildSuite, IkeSuite},
+    sk::{SkCipher, SkError},
+    ts::TsRange,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -368,6 +374,9 @@ pub(super) struct SaId(u64);
 #[derive(Default)]
 pub(super) struct SaTable {
     sas: BTreeMap<SaId, IkeSa>,
+    /// Responder IKE_SAs waiting for IKE_AUTH (half-open), by the
+    /// initiator's SPI: a flood's state, counted and found without a scan.
+    half_open: HashMap<u64, SaId>,
     next: u64,
 }
 
@@ -375,8 +384,21 @@ impl SaTable {
     pub(super) fn insert(&mut self, sa: IkeSa) -> SaId {
         let id = SaId(self.next);
         self.next += 1;
+        if sa.role == Role::Responder && sa.state == IkeState::InitDone {
+            self.half_open.insert(sa.spi_i, id);
+        }
         self.sas.insert(id, sa);
         id
+    }
+
+    /// The half-open IKE_SA that `spi_i` started.
+    pub(super) fn half_open(&self, spi_i: u64) -> Option<&IkeSa> {
+        self.half_open.get(&spi_i).and_then(|id| self.sas.get(id))
+    }
+
+    /// How many IKE_SAs are half-open.
+    pub(super) fn half_open_count(&self) -> usize {
+        self.half_open.len()
     }
 
     pub(super) fn ids(&self) -> Vec<SaId> {
@@ -404,6 +426,9 @@ impl SaTable {
 
     pub(super) fn reap(&mut self) {
         self.sas.retain(|_, s| s.state != IkeState::Dead);
+        let sas = &self.sas;
+        self.half_open
+            .retain(|_, id| sas.get(id).is_some_and(|s| s.state == IkeState::InitDone));
     }
 }
 
