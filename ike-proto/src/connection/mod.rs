@@ -8,20 +8,20 @@
 //!   [`SaBackend`] given to each call, in make-before-break order.
 //!
 //! This module holds the connection's state, its timers (one table per
-//! IKE_SA, [`timers`]) and the initiator's next attempt; [`receive`] finds
+//! IKE_SA, `timers`) and the initiator's next attempt; `receive` finds
 //! the IKE_SA a message belongs to and keeps the message-ID window and the
 //! retransmission cache. Each exchange lives in its own module, both roles
 //! together:
 //!
-//! * [`ike_sa_init`]: IKE_SA_INIT, with COOKIE and INVALID_KE_PAYLOAD retries
+//! * `ike_sa_init`: IKE_SA_INIT, with COOKIE and INVALID_KE_PAYLOAD retries
 //!   and the responder's half-open limits;
-//! * [`ike_auth`]: IKE_AUTH with a pre-shared key and the first CHILD_SA;
-//! * [`create_child_sa`]: CREATE_CHILD_SA for new and rekeyed CHILD_SAs
+//! * `ike_auth`: IKE_AUTH with a pre-shared key and the first CHILD_SA;
+//! * `create_child_sa`: CREATE_CHILD_SA for new and rekeyed CHILD_SAs
 //!   (optional PFS), with rekey collisions (§2.8.1);
-//! * [`ike_rekey`]: CREATE_CHILD_SA rekeying the IKE_SA (§2.8, §2.18);
-//! * [`informational`]: INFORMATIONAL for DELETE and dead peer detection.
+//! * `ike_rekey`: CREATE_CHILD_SA rekeying the IKE_SA (§2.8, §2.18);
+//! * `informational`: INFORMATIONAL for DELETE and dead peer detection.
 //!
-//! [`child`] is a CHILD_SA's life in the datapath, whichever exchange made it.
+//! `child` is a CHILD_SA's life in the datapath, whichever exchange made it.
 
 mod child;
 mod create_child_sa;
