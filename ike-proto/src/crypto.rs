@@ -523,7 +523,7 @@ impl fmt::Debug for Psk {
 }
 
 /// AUTH with a shared key (§2.15): prf(prf(PSK, "Key Pad for IKEv2"),
-/// <SignedOctets>), where SignedOctets = the sender's first message |
+/// `<SignedOctets>`), where SignedOctets = the sender's first message |
 /// the peer's nonce | prf(SK_p, the sender's ID payload body).
 pub fn psk_auth(
     prf: Prf,
