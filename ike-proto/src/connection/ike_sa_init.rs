@@ -518,3 +518,40 @@ fn cookie(version: u8, secret: &[u8; 32], ni: &[u8], ip: IpAddr, spi_i: u64) -> 
     out.extend_from_slice(ctx.finish().as_ref());
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::random::SeededRandom;
+
+    #[test]
+    fn a_cookie_verifies_only_for_its_initiator_and_two_secrets() {
+        let rng = SeededRandom::new(5);
+        let t0 = Instant::now();
+        let mut c = Cookies::new(&rng, t0);
+        let (ni, ip, spi) = ([7u8; 32], IpAddr::V4(Ipv4Addr::new(203, 0, 113, 11)), 42);
+        let cookie = c.make(&ni, ip, spi);
+        assert!(c.verify(&cookie, &ni, ip, spi));
+        let other = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 12));
+        assert!(!c.verify(&cookie, &ni, other, spi), "another address");
+        assert!(!c.verify(&cookie, &ni, ip, spi + 1), "another SPI");
+        assert!(!c.verify(&cookie, &[8u8; 32], ip, spi), "another nonce");
+        let mut tampered = cookie.clone();
+        tampered[9] ^= 1;
+        assert!(!c.verify(&tampered, &ni, ip, spi));
+        assert!(!c.verify(&cookie[..20], &ni, ip, spi), "truncated");
+        assert!(!c.verify(&[], &ni, ip, spi));
+        // Not old enough to rotate: the same secret.
+        c.refresh(&rng, t0 + COOKIE_SECRET_LIFETIME / 2);
+        assert_eq!(c.make(&ni, ip, spi), cookie);
+        // One rotation: still accepted, new cookies differ.
+        c.refresh(&rng, t0 + COOKIE_SECRET_LIFETIME);
+        assert!(c.verify(&cookie, &ni, ip, spi));
+        assert_ne!(c.make(&ni, ip, spi), cookie);
+        // Two: refused.
+        c.refresh(&rng, t0 + 2 * COOKIE_SECRET_LIFETIME);
+        assert!(!c.verify(&cookie, &ni, ip, spi));
+    }
+}

@@ -668,11 +668,7 @@ fn cookie_is_echoed() {
     let mut p = Pair::new(cfg_a(), b);
     p.run(Duration::from_secs(5));
     assert!(p.up());
-    assert!(
-        Pair::logs(&p.a, Level::Info)
-            .iter()
-            .any(|l| l.contains("COOKIE"))
-    );
+    assert_eq!(p.b.conn.stats.cookies_sent, 1);
     assert_eq!(
         p.sent, 6,
         "IKE_SA_INIT, COOKIE, IKE_SA_INIT again, its response, IKE_AUTH both ways"
@@ -1067,16 +1063,6 @@ fn a_flood_of_ike_sa_init_is_answered_with_cookies_and_the_peer_still_connects()
     assert_eq!(p.b.conn.ike_sa_count(), limit);
     assert_eq!(p.b.conn.stats.half_open_drops, 10_000 - limit as u64);
     assert_eq!(p.b.conn.stats.responder_key_exchanges, limit as u64);
-}
-
-#[test]
-fn a_cookie_of_another_source_or_an_old_secret_is_refused() {
-    let mut b = cfg_b();
-    b.require_cookie = true;
-    let mut p = Pair::new(cfg_a(), b);
-    p.run(Duration::from_secs(5));
-    assert!(p.up());
-    assert_eq!(p.b.conn.stats.cookies_sent, 1);
 }
 
 #[test]
