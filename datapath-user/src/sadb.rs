@@ -364,4 +364,23 @@ mod tests {
         assert!(db.outbound_of(0).is_none());
         assert_eq!(db.orphans(), (1, 2));
     }
+
+    #[test]
+    fn updated_endpoints_keep_the_sa_and_move_its_outer_addresses() {
+        let db = SaDb::new();
+        db.install_outbound(0, OutboundSa::new(&params(0x300), Instant::now()).unwrap());
+        db.install_inbound(0, InboundSa::new(&params(0x301), Instant::now()).unwrap());
+        let moved = Tunnel {
+            local: Ipv4Addr::new(192, 0, 2, 1),
+            remote: Ipv4Addr::new(198, 51, 100, 7),
+            natt: None,
+        };
+        assert!(db.update_endpoints(0x300, false, |_| moved));
+        assert!(db.update_endpoints(0x301, true, |_| moved));
+        assert!(!db.update_endpoints(0x999, false, |t| t), "not installed");
+        assert!(db.route(0, Some(0x300)));
+        let out = db.outbound_of(0).unwrap();
+        assert_eq!(out.sa.lock().unwrap().tunnel(), moved);
+        assert_eq!(db.inbound(0x301).unwrap().sa.lock().unwrap().tunnel(), moved);
+    }
 }
