@@ -381,6 +381,9 @@ mod tests {
         assert!(db.route(0, Some(0x300)));
         let out = db.outbound_of(0).unwrap();
         assert_eq!(out.sa.lock().unwrap().tunnel(), moved);
-        assert_eq!(db.inbound(0x301).unwrap().sa.lock().unwrap().tunnel(), moved);
+        assert_eq!(
+            db.inbound(0x301).unwrap().sa.lock().unwrap().tunnel(),
+            moved
+        );
     }
 }

@@ -6,6 +6,10 @@
 use super::{timers::Timer, *};
 use crate::backend::BackendError;
 
+/// How long the tunnel keeps its route and carrier after the peer deleted
+/// its only CHILD_SA, waiting for the peer's next one.
+pub(super) const CARRIER_GRACE: Duration = Duration::from_secs(3);
+
 impl Connection {
     pub(super) fn note_child(&mut self, c: &ChildSa, rekey_of: Option<u32>) {
         self.stats.child_sas_installed += 1;
@@ -102,8 +106,63 @@ impl Connection {
         if route {
             backend.route(cfg.tunnel, Some(c.spi_out))?;
             self.tunnel_up();
+            // The new CHILD_SA carries the tunnel alone; one the peer deleted
+            // goes now (make-before-break at the interface).
+            let sa = &mut self.sas[i];
+            for other in &mut sa.children {
+                other.routed = false;
+            }
+            let closing: Vec<u32> = sa
+                .children
+                .iter()
+                .filter(|c| c.state == ChildState::Closing)
+                .map(|c| c.spi_in)
+                .collect();
+            for spi in closing {
+                self.remove_child(i, spi, backend);
+            }
         }
         Ok(())
+    }
+
+    /// The peer deleted CHILD_SA `spi_in` (§1.4.1). If it carried the tunnel
+    /// and no other CHILD_SA can, its outbound half keeps the route for
+    /// [`CARRIER_GRACE`] (state `Closing`): a CHILD_SA the peer creates
+    /// meanwhile takes over without the carrier dropping. Otherwise it goes.
+    pub(super) fn peer_deleted_child(
+        &mut self,
+        i: SaId,
+        spi_in: u32,
+        now: Instant,
+        backend: &mut dyn SaBackend,
+    ) {
+        let sa = &self.sas[i];
+        let Some(c) = sa.child(spi_in) else {
+            return;
+        };
+        let alone = c.routed
+            && sa.is_usable()
+            && !sa
+                .children
+                .iter()
+                .any(|o| o.spi_in != spi_in && o.state == ChildState::Installed);
+        if !alone {
+            self.remove_child(i, spi_in, backend);
+            return;
+        }
+        let _ = backend.delete(spi_in, Direction::Inbound);
+        let sa = &mut self.sas[i];
+        if let Some(c) = sa.child_mut(spi_in) {
+            c.state = ChildState::Closing;
+        }
+        sa.timers.stop(Timer::ChildRekey(spi_in));
+        sa.timers
+            .set(Timer::ChildExpire(spi_in), now + CARRIER_GRACE);
+        self.out.log(
+            Level::Info,
+            &self.cfg,
+            format!("the peer deleted CHILD_SA {spi_in:08x}_i; its route stays for a new one"),
+        );
     }
 
     pub(super) fn mark_rekeyed(&mut self, i: SaId, old: u32) {
@@ -130,7 +189,19 @@ impl Connection {
         why: &str,
         backend: &mut dyn SaBackend,
     ) {
-        if self.sas[i].child(spi_in).is_none() {
+        let Some(c) = self.sas[i].child(spi_in) else {
+            return;
+        };
+        if c.state == ChildState::Closing {
+            self.out.log(
+                Level::Info,
+                &self.cfg,
+                format!(
+                    "no new CHILD_SA within {} s of the peer's DELETE of {spi_in:08x}_i",
+                    CARRIER_GRACE.as_secs()
+                ),
+            );
+            self.remove_child(i, spi_in, backend);
             return;
         }
         self.stats.child_sa_hard_expiries += 1;

@@ -16,6 +16,15 @@ pub(super) enum DraftError {
     Dh(#[from] CryptoError),
 }
 
+/// How the responder side of a CHILD_SA is run.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Mode {
+    /// In IKE_AUTH: the nonces were IKE_SA_INIT's, none is sent (§1.2).
+    pub(super) in_ike_auth: bool,
+    /// The request's KE is ignored and a proposal without D-H chosen.
+    pub(super) decline_pfs: bool,
+}
+
 /// How long a CHILD_SA replaced by the peer's rekey waits for the peer's
 /// DELETE before it goes on its own.
 const REKEYED_CHILD_LINGER: Duration = Duration::from_secs(60);
@@ -86,7 +95,7 @@ impl Connection {
         rekey_of: Option<u32>,
         nonces: (Vec<u8>, Vec<u8>),
         ke: Option<(DhGroup, Vec<u8>, Vec<u8>)>,
-        in_ike_auth: bool,
+        mode: Mode,
         backend: &mut dyn SaBackend,
     ) -> Vec<Payload> {
         let cfg = self.cfg.clone();
@@ -94,9 +103,12 @@ impl Connection {
             Body::Sa(s) => Some(s.clone()),
             _ => None,
         });
-        let Some(props) = props else {
+        let Some(mut props) = props else {
             return vec![notify(NotifyType::INVALID_SYNTAX)];
         };
+        if mode.decline_pfs {
+            props = proposal::without_pfs(&props);
+        }
         let Ok((tsi, tsr)) = selectors(inner) else {
             self.stats.selector_overflows += 1;
             return vec![notify(NotifyType::TS_UNACCEPTABLE)];
@@ -182,7 +194,7 @@ impl Connection {
         }
         self.add_child(i, now, child);
         let mut resp = vec![Payload::new(Body::Sa(vec![answer]))];
-        if !in_ike_auth {
+        if !mode.in_ike_auth {
             resp.push(Payload::new(Body::Nonce(nr)));
         }
         if let Some((g, _, public)) = ke {
@@ -244,32 +256,47 @@ impl Connection {
             },
             None => None,
         };
+        let mut decline_pfs = false;
         let ke = match ke_of(inner) {
             Some((g, kei)) => {
-                let Some(group) = DhGroup::from_ike(g)
+                match DhGroup::from_ike(g)
                     .filter(|g| cfg.esp_proposals.iter().any(|p| p.dh.contains(g)))
-                else {
-                    let want = cfg.esp_proposals.iter().flat_map(|p| p.dh.iter()).next();
-                    return match want {
-                        Some(w) => vec![Payload::new(Body::Notify(Notify::new(
-                            NotifyType::INVALID_KE_PAYLOAD,
-                            w.id().to_be_bytes().to_vec(),
-                        )))],
-                        None => vec![notify(NotifyType::NO_PROPOSAL_CHOSEN)],
-                    };
-                };
-                let Ok(dh) = DhPrivate::generate(group, &*self.rng) else {
-                    return vec![notify(NotifyType::TEMPORARY_FAILURE)];
-                };
-                let public = dh.public().to_vec();
-                let Ok(shared) = dh.agree(&kei) else {
-                    return vec![notify(NotifyType::INVALID_SYNTAX)];
-                };
-                Some((group, shared.to_vec(), public))
+                {
+                    Some(group) => {
+                        let Ok(dh) = DhPrivate::generate(group, &*self.rng) else {
+                            return vec![notify(NotifyType::TEMPORARY_FAILURE)];
+                        };
+                        let public = dh.public().to_vec();
+                        let Ok(shared) = dh.agree(&kei) else {
+                            return vec![notify(NotifyType::INVALID_SYNTAX)];
+                        };
+                        Some((group, shared.to_vec(), public))
+                    }
+                    None => match cfg.esp_proposals.iter().flat_map(|p| p.dh.iter()).next() {
+                        // We do PFS, in another group: ask for ours (§1.3).
+                        Some(w) => {
+                            return vec![Payload::new(Body::Notify(Notify::new(
+                                NotifyType::INVALID_KE_PAYLOAD,
+                                w.id().to_be_bytes().to_vec(),
+                            )))];
+                        }
+                        // We do no PFS: choose among the peer's proposals
+                        // without a group and ignore its KE (§1.3.1), as
+                        // strongSwan's re-creation of an expired CHILD_SA needs.
+                        None => {
+                            decline_pfs = true;
+                            None
+                        }
+                    },
+                }
             }
             None => None,
         };
-        self.respond_child(i, now, inner, rekey_of, (ni, nr), ke, false, backend)
+        let mode = Mode {
+            in_ike_auth: false,
+            decline_pfs,
+        };
+        self.respond_child(i, now, inner, rekey_of, (ni, nr), ke, mode, backend)
     }
 
     pub(super) fn child_response(
@@ -303,31 +330,49 @@ impl Connection {
             }
         };
         let ke_group = draft.dh.as_ref().map(DhPrivate::group);
-        let Some((suite, spi_out)) = props.and_then(|p| {
-            proposal::accepted_esp(&cfg.esp_proposals, &p, cfg.allow_legacy, ke_group)
-        }) else {
+        // With PFS offered, the responder may still choose one of our
+        // proposals without a group, and send no KE (§1.3.1).
+        let without_pfs: Vec<_> = cfg
+            .esp_proposals
+            .iter()
+            .filter(|p| p.dh.is_empty())
+            .cloned()
+            .collect();
+        let accepted = props.and_then(|p| {
+            proposal::accepted_esp(&cfg.esp_proposals, &p, cfg.allow_legacy, ke_group).or_else(
+                || {
+                    ke_group?;
+                    let p = proposal::without_pfs(&p);
+                    proposal::accepted_esp(&without_pfs, &p, cfg.allow_legacy, None)
+                },
+            )
+        });
+        let Some((suite, spi_out)) = accepted else {
             self.out.log(
                 Level::Warn,
                 &cfg,
                 "CHILD_SA: the responder chose an ESP proposal we did not offer",
             );
+            let _ = backend.delete(draft.spi_in, Direction::Inbound);
             return;
         };
-        let shared = match (draft.dh, ke_of(inner)) {
-            (Some(dh), Some((_, ker))) => match dh.agree(&ker) {
+        let shared = match (draft.dh, suite.dh, ke_of(inner)) {
+            (Some(dh), Some(_), Some((_, ker))) => match dh.agree(&ker) {
                 Ok(s) => Some(s),
                 Err(e) => {
                     self.out
                         .log(Level::Warn, &cfg, format!("CHILD_SA PFS: {e}"));
+                    let _ = backend.delete(draft.spi_in, Direction::Inbound);
                     return;
                 }
             },
-            (Some(_), None) => {
+            (_, Some(_), _) => {
                 self.out.log(
                     Level::Warn,
                     &cfg,
-                    "CHILD_SA: PFS requested but the responder sent no KE",
+                    "CHILD_SA: a PFS proposal chosen but no KE sent",
                 );
+                let _ = backend.delete(draft.spi_in, Direction::Inbound);
                 return;
             }
             _ => None,

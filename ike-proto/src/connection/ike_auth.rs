@@ -128,7 +128,11 @@ impl Connection {
         ];
         self.established(i, now, initial_contact, backend);
         let (ni, nr) = (self.sas[i].ni.clone(), self.sas[i].nr.clone());
-        resp.extend(self.respond_child(i, now, inner, None, (ni, nr), None, true, backend));
+        let mode = create_child_sa::Mode {
+            in_ike_auth: true,
+            decline_pfs: false,
+        };
+        resp.extend(self.respond_child(i, now, inner, None, (ni, nr), None, mode, backend));
         resp
     }
 

@@ -98,6 +98,7 @@ impl Connection {
     pub(super) fn informational_request(
         &mut self,
         i: SaId,
+        now: Instant,
         inner: &[Payload],
         backend: &mut dyn SaBackend,
     ) -> Vec<Payload> {
@@ -127,7 +128,7 @@ impl Connection {
                         }
                     }
                     for spi in &ours {
-                        self.remove_child(i, *spi, backend);
+                        self.peer_deleted_child(i, *spi, now, backend);
                     }
                     if !ours.is_empty() {
                         resp.push(Payload::new(Body::Delete(Delete {

@@ -111,7 +111,7 @@ impl Connection {
             }
             // Being rekeyed or closed: try again later (§2.25).
             ExchangeType::CREATE_CHILD_SA => vec![notify(NotifyType::TEMPORARY_FAILURE)],
-            ExchangeType::INFORMATIONAL => self.informational_request(i, &inner, backend),
+            ExchangeType::INFORMATIONAL => self.informational_request(i, now, &inner, backend),
             _ => vec![notify(NotifyType::INVALID_SYNTAX)],
         };
         // The request's handler may have removed this IKE_SA's keys (deleted).

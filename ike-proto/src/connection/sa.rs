@@ -42,6 +42,11 @@ pub(super) enum ChildState {
     Rekeyed,
     /// We asked the peer to delete it.
     Deleting,
+    /// The peer deleted it while it carried the tunnel and no other
+    /// CHILD_SA could: its inbound half is gone, its outbound half keeps the
+    /// tunnel's route (and carrier) for a moment, in case the peer creates
+    /// the next CHILD_SA right after (strongSwan does, at a hard expiry).
+    Closing,
 }
 
 pub(super) struct ChildSa {

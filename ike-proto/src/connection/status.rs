@@ -59,10 +59,11 @@ impl Connection {
                 ChildStatus {
                     spi_in: format!("{:08x}", c.spi_in),
                     spi_out: format!("{:08x}", c.spi_out),
-                    state: if c.state == ChildState::Installed {
-                        "INSTALLED"
-                    } else {
-                        "REKEYED"
+                    state: match c.state {
+                        ChildState::Installed => "INSTALLED",
+                        ChildState::Rekeyed => "REKEYED",
+                        ChildState::Deleting => "DELETING",
+                        ChildState::Closing => "CLOSING",
                     }
                     .into(),
                     routed: c.routed,

@@ -1254,3 +1254,82 @@ fn a_rekey_refused_with_temporary_failure_is_retried() {
     p.assert_one_child_pair();
     assert_ne!(Pair::inbound(&p.a), before, "retried and rekeyed");
 }
+
+/// The device (A) answers; the gateway (B) starts the IKE_SA and its
+/// CHILD_SAs, like an Azure instance that initiates.
+fn gateway_initiates() -> Pair {
+    let mut a = cfg_a();
+    a.initiator = false;
+    let mut b = cfg_b();
+    b.initiator = true;
+    let mut p = Pair::new(a, b);
+    p.run(Duration::from_secs(5));
+    assert!(p.up());
+    p
+}
+
+fn tunnel_downs(p: &Peer) -> usize {
+    p.events
+        .iter()
+        .filter(|e| matches!(e, Event::TunnelDown { .. }))
+        .count()
+}
+
+#[test]
+fn the_peer_deleting_then_creating_its_child_sa_keeps_the_carrier() {
+    // strongSwan at a CHILD_SA's hard expiry: DELETE, then a new CHILD_SA.
+    let mut p = gateway_initiates();
+    let before = Pair::inbound(&p.a);
+    let spi = p.b.backend.route_of(7).expect("B routes");
+    let now = p.now;
+    p.b.conn
+        .expired(now, spi, Direction::Outbound, true, &mut p.b.backend);
+    p.run(Duration::from_secs(5));
+    assert!(p.up());
+    p.assert_one_child_pair();
+    assert_ne!(Pair::inbound(&p.a), before, "a new CHILD_SA");
+    assert_eq!(tunnel_downs(&p.a), 0, "A's carrier never dropped");
+    assert!(
+        !p.a.backend.calls.contains(&BackendCall::Route {
+            tunnel: 0,
+            spi: None
+        }),
+        "A's route never went away"
+    );
+}
+
+#[test]
+fn without_a_new_child_sa_the_carrier_drops_after_the_grace() {
+    // The peer deletes the only CHILD_SA and makes no other: A keeps the
+    // route for a moment, then drops carrier and creates one itself.
+    let mut p = established();
+    let spi = p.b.backend.route_of(7).expect("B routes");
+    let now = p.now;
+    p.b.conn
+        .expired(now, spi, Direction::Outbound, true, &mut p.b.backend);
+    p.run(Duration::from_secs(2));
+    assert_eq!(tunnel_downs(&p.a), 0, "within the grace");
+    p.run(Duration::from_secs(5));
+    assert_eq!(tunnel_downs(&p.a), 1, "after it");
+    assert!(p.up(), "A's next attempt made a new CHILD_SA");
+    p.assert_one_child_pair();
+}
+
+#[test]
+fn a_responder_without_pfs_accepts_a_request_with_ke() {
+    // A offers PFS first and no PFS second; B has no PFS: B chooses the
+    // second and ignores A's KE (§1.3.1); A accepts the answer without KEr.
+    let mut a = cfg_a();
+    let mut with_pfs = a.esp_proposals[0].clone();
+    with_pfs.dh = vec![crate::crypto::DhGroup::Modp2048];
+    a.esp_proposals.insert(0, with_pfs);
+    let mut p = Pair::new(a, cfg_b());
+    p.run(Duration::from_secs(5));
+    assert!(p.up());
+    let before = Pair::inbound(&p.a);
+    p.a.conn.rekey_child(p.now, &mut p.a.backend);
+    p.run(Duration::from_secs(5));
+    p.assert_one_child_pair();
+    assert_ne!(Pair::inbound(&p.a), before, "rekeyed");
+    assert_eq!(p.a.conn.stats.child_sa_refusals, 0);
+}
