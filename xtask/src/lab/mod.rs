@@ -60,8 +60,8 @@ pub struct LabConfig {
     pub xesp: XespSettings,
     /// The gateways start their CHILD_SA themselves (xesp then responds).
     pub gateway_initiates: bool,
-    /// The gateways' CHILD_SA rekey time (strongSwan syntax).
-    pub gateway_child_rekey: String,
+    /// The gateways' CHILD_SA lifetimes, as swanctl.conf lines.
+    pub gateway_child_lifetimes: String,
 }
 
 impl Default for LabConfig {
@@ -75,7 +75,7 @@ impl Default for LabConfig {
             standin_esp: "aes256gcm16".to_string(),
             xesp: XespSettings::default(),
             gateway_initiates: false,
-            gateway_child_rekey: "27000s".to_string(),
+            gateway_child_lifetimes: "rekey_time = 27000s".to_string(),
         }
     }
 }
@@ -161,7 +161,7 @@ impl Lab {
                 &lab.config.gateway_ike,
                 &lab.config.gateway_esp,
                 lab.config.gateway_initiates,
-                &lab.config.gateway_child_rekey,
+                &lab.config.gateway_child_lifetimes,
             ))?;
             let d = gw.charon.start(&lab.ns.azgw[i])?;
             lab.daemons.push(d);
