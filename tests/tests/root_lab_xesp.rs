@@ -140,6 +140,35 @@ fn root_xesp_initiator_azure_default_and_cisco_legacy_two_tunnels() {
         log.contains("legacy algorithms"),
         "the legacy warning is logged"
     );
+    stop_signals_keep_or_close_the_tunnels(lab);
+}
+
+/// SIGHUP (no reload yet) leaves xesp and its tunnels as they were; SIGTERM
+/// deletes both IKE_SAs at the gateways before xesp exits.
+fn stop_signals_keep_or_close_the_tunnels(mut lab: Lab) {
+    let spis = |lab: &Lab| {
+        let st = xesp_status(lab);
+        [0, 1].map(|i| tunnel(&st, i)["connection"]["ike"]["spi_i"].clone())
+    };
+    let before = spis(&lab);
+    assert!(lab.hangup_xesp());
+    // It answers after the signal, with the same IKE_SAs up.
+    assert_eq!(spis(&lab), before);
+    assert_eq!(lab.xesp.as_ref().unwrap().0.tunnels_up(), 2);
+    assert!(lab.xesp_running(), "SIGHUP did not end xesp");
+    for gw in &lab.gateways {
+        assert_eq!(gw.charon.established_ike_sas(), 1);
+    }
+    assert!(lab.terminate_xesp());
+    for gw in &lab.gateways {
+        assert!(
+            wait_until(Duration::from_secs(10), || gw.charon.established_ike_sas()
+                == 0),
+            "xesp's DELETE reached the gateway:\n{}",
+            gw.charon.list_sas()
+        );
+    }
+    assert!(wait_until(Duration::from_secs(5), || !lab.xesp_running()));
 }
 
 #[test]

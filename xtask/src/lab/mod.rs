@@ -312,6 +312,39 @@ impl Lab {
             .map(Daemon::pid)
     }
 
+    /// The xesp daemon's process, in [`OnpremMode::Xesp`].
+    fn xesp_daemon(&mut self) -> Option<&mut Daemon> {
+        let name = format!("xesp in {}", self.ns.onprem.name());
+        self.daemons.iter_mut().find(|d| d.name() == name)
+    }
+
+    /// SIGHUP to the xesp daemon; false if it does not run.
+    pub fn hangup_xesp(&mut self) -> bool {
+        self.signal_xesp(libc::SIGHUP)
+    }
+
+    /// SIGTERM to the xesp daemon (it deletes its IKE_SAs and exits);
+    /// false if it does not run.
+    pub fn terminate_xesp(&mut self) -> bool {
+        self.signal_xesp(libc::SIGTERM)
+    }
+
+    fn signal_xesp(&mut self, signal: i32) -> bool {
+        match self.xesp_daemon() {
+            Some(d) if d.is_running() => {
+                // SAFETY: signalling our own child.
+                unsafe { libc::kill(d.pid() as i32, signal) };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the xesp daemon still runs.
+    pub fn xesp_running(&mut self) -> bool {
+        self.xesp_daemon().is_some_and(Daemon::is_running)
+    }
+
     /// Starts gateway `i`'s strongSwan again.
     pub fn start_gateway_ike(&mut self, i: usize) -> Result<()> {
         let d = self.gateways[i].charon.start(&self.ns.azgw[i])?;
