@@ -330,14 +330,15 @@ impl Lab {
     }
 
     fn signal_xesp(&mut self, signal: i32) -> bool {
-        match self.xesp_daemon() {
-            Some(d) if d.is_running() => {
-                // SAFETY: signalling our own child.
-                unsafe { libc::kill(d.pid() as i32, signal) };
-                true
-            }
-            _ => false,
+        let Some(d) = self.xesp_daemon() else {
+            return false;
+        };
+        if !d.is_running() {
+            return false;
         }
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(d.pid() as i32, signal) };
+        true
     }
 
     /// Whether the xesp daemon still runs.
