@@ -1333,3 +1333,53 @@ fn a_responder_without_pfs_accepts_a_request_with_ke() {
     assert_ne!(Pair::inbound(&p.a), before, "rekeyed");
     assert_eq!(p.a.conn.stats.child_sa_refusals, 0);
 }
+
+#[test]
+fn a_lingering_rekeyed_ike_sa_does_not_block_the_next_attempt() {
+    let mut p = established();
+    let old_spi =
+        p.a.conn
+            .status(p.now, &mut RecordingBackend::default())
+            .ike
+            .unwrap()
+            .spi_i;
+    let old_spi = u64::from_str_radix(&old_spi, 16).unwrap().to_be_bytes();
+    // B rekeys the IKE_SA; its DELETE of the old one never reaches A, so
+    // the old one lingers on A (up to 120 s).
+    p.filter = Box::new(move |_, from, t| {
+        let h = &t.data;
+        let old_deleted = h.len() >= 28 && h[18] == 37 && h[19] & 0x20 == 0 && h[..8] == old_spi;
+        if from == Side::B && old_deleted {
+            Fate::Drop
+        } else {
+            Fate::Deliver
+        }
+    });
+    p.b.conn.rekey_ike(p.now);
+    p.run(Duration::from_secs(2));
+    assert_eq!(p.a.conn.ike_sa_count(), 2, "the rekeyed IKE_SA lingers");
+    // Then B vanishes while A sends: DPD kills the new IKE_SA.
+    p.filter = Box::new(|_, _, _| Fate::Drop);
+    let out = p.a.backend.route_of(0).unwrap();
+    for s in 1..=30u64 {
+        p.a.backend
+            .counters
+            .entry((out, Direction::Outbound))
+            .or_default()
+            .packets = s * 100;
+        p.run(Duration::from_secs(1));
+        if !p.a.conn.is_up() {
+            break;
+        }
+    }
+    assert_eq!(p.a.conn.stats.dpd_failures, 1);
+    // B is back, new; A initiates again though the old IKE_SA lingers.
+    p.filter = Box::new(|_, _, _| Fate::Deliver);
+    p.b = Peer {
+        conn: Connection::new(Arc::new(cfg_b()), Arc::new(SeededRandom::new(98)), p.now),
+        backend: RecordingBackend::new(0xd000_0000),
+        events: vec![],
+    };
+    p.run(Duration::from_secs(30));
+    assert!(p.up(), "re-established while the rekeyed IKE_SA lingered");
+}
