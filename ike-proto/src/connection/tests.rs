@@ -10,7 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{Connection, Event, Level, Reject, Transmit};
+use super::{Connection, Event, Level, Reject, Transmit, payloads::notify};
+use crate::codec::NotifyType;
 use crate::{
     backend::{BackendCall, Direction, RecordingBackend, SaBackend},
     config::{EspProposal, IkeProposal, PeerConfig},
@@ -1382,4 +1383,55 @@ fn a_lingering_rekeyed_ike_sa_does_not_block_the_next_attempt() {
     };
     p.run(Duration::from_secs(30));
     assert!(p.up(), "re-established while the rekeyed IKE_SA lingered");
+}
+
+#[test]
+fn an_ike_sa_rekey_refused_keeps_the_ike_sa_and_is_retried() {
+    use crate::codec::ExchangeType;
+    let mut p = established();
+    let (spi_i, _) = spis_of(&p.a.conn);
+    // A's IKE_SA rekey request is lost on its way; B answers it (with its
+    // keys and the request's message ID) with NO_PROPOSAL_CHOSEN, as a peer
+    // that will not rekey now would.
+    p.filter = Box::new(|_, from, t| {
+        let create_child_request = t.data.len() >= 28 && t.data[18] == 36 && t.data[19] & 0x20 == 0;
+        if from == Side::A && create_child_request {
+            Fate::Drop
+        } else {
+            Fate::Deliver
+        }
+    });
+    p.a.conn.rekey_ike(p.now);
+    p.collect();
+    let b = p.b.conn.active().expect("B's IKE_SA");
+    let sa = &mut p.b.conn.sas[b];
+    let header = sa.header(ExchangeType::CREATE_CHILD_SA, true, sa.peer_mid);
+    sa.peer_mid += 1;
+    let refusal = sa
+        .sk_out
+        .as_ref()
+        .expect("keys")
+        .seal(
+            header,
+            &[notify(NotifyType::NO_PROPOSAL_CHOSEN)],
+            &SeededRandom::new(5),
+        )
+        .expect("sealed");
+    let (from, to_port) = (
+        SocketAddr::new(IpAddr::V4(B_IP), sa.local_port()),
+        sa.remote.port(),
+    );
+    let now = p.now;
+    p.a.conn
+        .handle_datagram(now, to_port, from, &refusal, &mut p.a.backend);
+    p.filter = Box::new(|_, _, _| Fate::Deliver);
+    p.run(Duration::from_secs(1));
+    assert!(p.up());
+    assert_eq!(p.a.conn.ike_sa_count(), 1, "the IKE_SA goes on");
+    assert_eq!(spis_of(&p.a.conn).0, spi_i);
+    // Tried again later, and then rekeyed.
+    p.run(Duration::from_secs(15));
+    assert!(p.up());
+    assert_ne!(spis_of(&p.a.conn).0, spi_i, "rekeyed on the retry");
+    p.assert_one_child_pair();
 }
