@@ -11,7 +11,7 @@ pub mod backend;
 
 use std::{
     io,
-    net::{SocketAddr, UdpSocket},
+    net::{IpAddr, SocketAddr, UdpSocket},
     path::PathBuf,
     sync::{
         Arc,
@@ -23,6 +23,7 @@ use std::{
 use datapath_user::{
     DatapathError,
     netlink::{NetlinkError, Rtnl, ifindex},
+    rxq,
     sadb::SaDb,
     slowpath::{SlowCounters, SlowPath, raw_esp_socket},
     tun::Tun,
@@ -167,7 +168,10 @@ impl Driver {
             Some(i) => {
                 self.conns[i].handle_datagram(Instant::now(), port, from, data, &mut self.backend)
             }
-            None => log::debug!("IKE from {from}, which is no configured peer: dropped"),
+            None => {
+                self.slow.ike_not_peer.fetch_add(1, Ordering::Relaxed);
+                log::debug!("IKE from {from}, which is no configured peer: dropped");
+            }
         }
     }
 
@@ -275,17 +279,6 @@ impl Driver {
             }
         }
         let (unknown_spi, no_outbound_sa) = self.backend.sadb.orphans();
-        let bgp = self.cfg.device.bird_socket.as_ref().map(|s| {
-            match std::process::Command::new("birdc")
-                .arg("-s")
-                .arg(s)
-                .args(["show", "protocols"])
-                .output()
-            {
-                Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
-                Err(e) => format!("birdc: {e}"),
-            }
-        });
         DeviceStatus {
             version: env!("CARGO_PKG_VERSION").to_string(),
             public_address: self.cfg.device.public_address.to_string(),
@@ -315,7 +308,8 @@ impl Driver {
                 .collect(),
             unknown_spi,
             no_outbound_sa,
-            bgp,
+            // Filled off the IKE task (see `bgp_protocols`).
+            bgp: None,
         }
     }
 }
@@ -356,6 +350,49 @@ async fn serve_control(listener: UnixListener, requests: mpsc::Sender<StatusRepl
             let _ = wr.write_all(answer.as_bytes()).await;
             let _ = wr.shutdown().await;
         });
+    }
+}
+
+/// How long `birdc` may take to answer for `xesp status`.
+const BIRDC_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// `birdc show protocols` through BIRD's control socket, or why not.
+async fn bgp_protocols(socket: &std::path::Path) -> String {
+    let run = tokio::process::Command::new("birdc")
+        .arg("-s")
+        .arg(socket)
+        .args(["show", "protocols"])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(BIRDC_TIMEOUT, run).await {
+        Ok(Ok(o)) => String::from_utf8_lossy(&o.stdout).into_owned(),
+        Ok(Err(e)) => format!("birdc: {e}"),
+        Err(_) => format!(
+            "birdc: no answer from {} within {:?} (is BIRD hung?)",
+            socket.display(),
+            BIRDC_TIMEOUT
+        ),
+    }
+}
+
+/// How many IKE datagrams from UDP 4500 may wait for the IKE task.
+const IKE_QUEUE: usize = 256;
+
+/// One datagram from UDP 500, with the socket's receive-buffer drops.
+async fn recv_udp500(
+    sock: &tokio::net::UdpSocket,
+    buf: &mut [u8],
+) -> std::io::Result<rxq::Received> {
+    use std::os::fd::AsRawFd;
+    loop {
+        sock.readable().await?;
+        match sock.try_io(tokio::io::Interest::READABLE, || {
+            rxq::recv(sock.as_raw_fd(), buf)
+        }) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
     }
 }
 
@@ -422,6 +459,8 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
     let udp500 = tokio::net::UdpSocket::bind((public, 500))
         .await
         .map_err(io_err(format!("binding UDP {public}:500")))?;
+    rxq::enable(std::os::fd::AsRawFd::as_raw_fd(&udp500))
+        .map_err(io_err("SO_RXQ_OVFL on UDP 500"))?;
     let udp4500 = Arc::new(
         UdpSocket::bind((public, 4500)).map_err(io_err(format!("binding UDP {public}:4500")))?,
     );
@@ -478,10 +517,18 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
             Some(counters)
         }
     };
-    let (ike_tx, mut ike_rx) = mpsc::unbounded_channel::<(SocketAddr, Vec<u8>)>();
+    // IKE on UDP 4500 reaches the IKE task through a bounded queue, and only
+    // from a configured peer: a flood from elsewhere costs a counter.
+    let (ike_tx, mut ike_rx) = mpsc::channel::<(SocketAddr, Vec<u8>)>(IKE_QUEUE);
+    let peers: Vec<IpAddr> = cfg.tunnels.iter().map(|t| t.peer.remote).collect();
+    let gate = slow.clone();
     let threads = path
         .start(move |from, data| {
-            let _ = ike_tx.send((from, data.to_vec()));
+            if !peers.contains(&from.ip()) {
+                gate.ike_not_peer.fetch_add(1, Ordering::Relaxed);
+            } else if ike_tx.try_send((from, data.to_vec())).is_err() {
+                gate.ike_queue_full.fetch_add(1, Ordering::Relaxed);
+            }
         })
         .map_err(io_err("starting the datapath threads"))?;
 
@@ -532,10 +579,13 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
             .next_deadline()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
-            r = d.udp500.recv_from(&mut buf) => match r {
-                Ok((n, from)) => {
-                    let data = buf[..n].to_vec();
-                    d.datagram(500, from, &data);
+            r = recv_udp500(&d.udp500, &mut buf) => match r {
+                Ok(r) => {
+                    rxq::note(&d.slow.udp500_buffer_drops, &r);
+                    if let Some(from) = r.from {
+                        let data = buf[..r.len].to_vec();
+                        d.datagram(500, from, &data);
+                    }
                 }
                 Err(e) => log::warn!("UDP 500: {e}"),
             },
@@ -548,7 +598,16 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
                 }
             }
             Some(reply) = req_rx.recv() => {
-                let _ = reply.send(d.status());
+                // BIRD is asked off this task: a hung BIRD must not stall
+                // retransmissions, DPD and rekeys.
+                let mut st = d.status();
+                let bird = d.cfg.device.bird_socket.clone();
+                tokio::spawn(async move {
+                    if let Some(s) = bird {
+                        st.bgp = Some(bgp_protocols(&s).await);
+                    }
+                    let _ = reply.send(st);
+                });
             }
             _ = hup.recv() => log::warn!("SIGHUP ignored: xesp has no reload yet; restart it to apply a changed configuration"),
             _ = term.recv() => break,

@@ -312,6 +312,21 @@ impl Lab {
             .map(Daemon::pid)
     }
 
+    /// On-prem's BIRD hangs: it is stopped, and its control socket becomes a
+    /// listener that never answers (kept open while the returned value lives).
+    pub fn hang_onprem_bird(&mut self) -> Result<std::os::unix::net::UnixListener> {
+        let name = format!("bird in {}", self.ns.onprem.name());
+        for d in self.daemons.iter_mut().filter(|d| d.name() == name) {
+            d.stop();
+        }
+        self.daemons
+            .retain_mut(|d| d.is_running() || d.name() != name);
+        let ctl = Bird::at(&self.dir.join("onprem")).ctl();
+        let _ = std::fs::remove_file(&ctl);
+        std::os::unix::net::UnixListener::bind(&ctl)
+            .with_context(|| format!("binding {}", ctl.display()))
+    }
+
     /// The xesp daemon's process, in [`OnpremMode::Xesp`].
     fn xesp_daemon(&mut self) -> Option<&mut Daemon> {
         let name = format!("xesp in {}", self.ns.onprem.name());
