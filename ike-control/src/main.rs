@@ -4,7 +4,10 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use ike_control::{config::Config, control, daemon};
+use ike_control::{
+    config::{Config, ConfigError},
+    control, daemon,
+};
 
 /// The on-premises end of a site-to-site IPsec VPN to an active-active Azure
 /// VPN gateway (IKEv2 with a pre-shared key, one tunnel per gateway instance,
@@ -60,7 +63,11 @@ enum Command {
 }
 
 fn load(path: &std::path::Path) -> Result<Config, String> {
-    Config::load(path).map_err(|e| format!("{}: {e}", path.display()))
+    Config::load(path).map_err(|e| match e {
+        // These name the file already.
+        ConfigError::Read { .. } | ConfigError::Syntax { .. } => e.to_string(),
+        _ => format!("{}: {e}", path.display()),
+    })
 }
 
 fn main() -> ExitCode {
