@@ -8,6 +8,7 @@
 //! * [`config`]: the `xesp.toml` file;
 //! * [`daemon`]: `xesp run`, the tokio driver, and [`control`], its socket.
 
+pub mod azure;
 pub mod backend;
 pub mod config;
 pub mod control;

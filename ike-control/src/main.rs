@@ -5,6 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use ike_control::{
+    azure::cmd::{ExportArgs, ImportArgs, run_export, run_import},
     config::{Config, ConfigError},
     control, daemon,
 };
@@ -15,6 +16,8 @@ use ike_control::{
 #[derive(Parser)]
 #[command(version, about, long_about = None, after_help = "\
 Examples:
+  xesp azure import --gateway gw.json --connection conn.json ... -o xesp.toml
+                                         write xesp.toml from Azure's values
   xesp check -c /etc/xesp/xesp.toml      check a configuration, show warnings
   xesp run -c /etc/xesp/xesp.toml        run the daemon (as root)
   xesp status -c /etc/xesp/xesp.toml     tunnels, IKE_SAs, CHILD_SAs, counters
@@ -60,6 +63,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Azure in and out: write xesp.toml from the gateway's JSON, print the
+    /// matching Azure side, build the DMZ allowlist.
+    #[command(subcommand)]
+    Azure(AzureCommand),
+}
+
+#[derive(Subcommand)]
+enum AzureCommand {
+    /// Write a complete xesp.toml from the VPN gateway's JSON (and the
+    /// connection's) and the on-prem values, checked as `xesp check` does;
+    /// every value says where it came from. The sharedKey goes to a psk_file
+    /// (mode 0600), never into the TOML.
+    Import(ImportArgs),
+    /// Print the Azure side matching this device: the local network gateway
+    /// and the connection (its IPsec policy = xesp's first proposals), as az
+    /// commands or an ARM template.
+    Export(ExportArgs),
 }
 
 fn load(path: &std::path::Path) -> Result<Config, String> {
@@ -116,6 +136,17 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }
+        Command::Azure(AzureCommand::Import(a)) => run_import(&a)
+            .map(|s| print!("{s}"))
+            .map_err(|e| e.to_string()),
+        Command::Azure(AzureCommand::Export(a)) => run_export(&a)
+            .map(|(s, warnings)| {
+                for w in warnings {
+                    eprintln!("warning: {w}");
+                }
+                print!("{s}");
+            })
+            .map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
