@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use ike_control::{
-    azure::cmd::{ExportArgs, ImportArgs, run_export, run_import},
+    azure::cmd::{AllowlistArgs, ExportArgs, ImportArgs, run_allowlist, run_export, run_import},
     config::{Config, ConfigError},
     control, daemon,
 };
@@ -80,6 +80,10 @@ enum AzureCommand {
     /// and the connection (its IPsec policy = xesp's first proposals), as az
     /// commands or an ARM template.
     Export(ExportArgs),
+    /// Set [dmz] allow from Microsoft's published prefixes: the communities
+    /// named in Get-AzBgpServiceCommunity's output, or service tags. Prints
+    /// the difference; --write updates the file.
+    Allowlist(AllowlistArgs),
 }
 
 fn load(path: &std::path::Path) -> Result<Config, String> {
@@ -137,6 +141,9 @@ fn main() -> ExitCode {
             })
         }
         Command::Azure(AzureCommand::Import(a)) => run_import(&a)
+            .map(|s| print!("{s}"))
+            .map_err(|e| e.to_string()),
+        Command::Azure(AzureCommand::Allowlist(a)) => run_allowlist(&a)
             .map(|s| print!("{s}"))
             .map_err(|e| e.to_string()),
         Command::Azure(AzureCommand::Export(a)) => run_export(&a)

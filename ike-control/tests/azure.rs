@@ -578,6 +578,7 @@ fn every_command_help_has_an_example() {
     for cmd in [
         &["azure", "import", "--help"][..],
         &["azure", "export", "--help"],
+        &["azure", "allowlist", "--help"],
     ] {
         let (ok, out, _) = xesp(&d, cmd);
         assert!(
@@ -585,4 +586,133 @@ fn every_command_help_has_an_example() {
             "{cmd:?}: {out}"
         );
     }
+}
+
+#[test]
+fn allowlist_from_communities_or_service_tags() {
+    let d = workdir("allowlist");
+    let (ok, _, err) = import(
+        &d,
+        "gateway.json",
+        &["--connection", "connection.json", "-o", "xesp.toml"],
+    );
+    assert!(ok, "{err}");
+    fs::set_permissions(d.join("xesp.toml"), fs::Permissions::from_mode(0o640)).unwrap();
+    let before = fs::read_to_string(d.join("xesp.toml")).unwrap();
+    let args = |extra: &[&'static str]| {
+        let mut a = vec!["azure", "allowlist", "-c", "xesp.toml"];
+        a.extend_from_slice(extra);
+        a
+    };
+    // A dry run prints the difference and leaves the file alone.
+    let (ok, out, err) = xesp(
+        &d,
+        &args(&[
+            "--communities",
+            "communities-ps.json",
+            "--community",
+            "12076:51026",
+        ]),
+    );
+    assert!(ok, "{err}");
+    golden("allowlist.out", &out);
+    assert_eq!(fs::read_to_string(d.join("xesp.toml")).unwrap(), before);
+    // --write updates [dmz] allow only, keeps comments and the mode.
+    let (ok, out, err) = xesp(
+        &d,
+        &args(&[
+            "--communities",
+            "communities-ps.json",
+            "--community",
+            "12076:51026",
+            "--write",
+        ]),
+    );
+    assert!(ok && out.contains("wrote xesp.toml"), "{out}{err}");
+    let after = fs::read_to_string(d.join("xesp.toml")).unwrap();
+    golden("allowlist.toml", &after);
+    assert_eq!(
+        fs::metadata(d.join("xesp.toml"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o640
+    );
+    let (ok, out, err) = xesp(&d, &["check", "-c", "xesp.toml"]);
+    assert!(ok, "{out}{err}");
+    // The REST form by name, and the service tag of the region, say the same.
+    for extra in [
+        &[
+            "--communities",
+            "communities-rest.json",
+            "--community",
+            "azurewestus2",
+        ][..],
+        &[
+            "--service-tags",
+            "servicetags.json",
+            "--tag",
+            "AzureCloud.westus2",
+        ],
+    ] {
+        let (ok, out, err) = xesp(&d, &args(extra));
+        assert!(
+            ok && out.contains("nothing to change"),
+            "{extra:?}: {out}{err}"
+        );
+    }
+    // Two communities add the second's prefixes.
+    let (ok, out, _) = xesp(
+        &d,
+        &args(&[
+            "--communities",
+            "communities-ps.json",
+            "--community",
+            "12076:51026",
+            "--community",
+            "12076:51004",
+        ]),
+    );
+    assert!(
+        ok && out.contains("+ 20.42.0.0/17") && out.contains("2 added, 0 removed, 5 unchanged"),
+        "{out}"
+    );
+    // What is not there is named, with what is.
+    for (extra, want) in [
+        (
+            &[
+                "--communities",
+                "communities-ps.json",
+                "--community",
+                "12076:99999",
+            ][..],
+            &[
+                "community 12076:99999",
+                "communities-ps.json",
+                "12076:51026 AzureWestUS2",
+            ][..],
+        ),
+        (
+            &[
+                "--service-tags",
+                "servicetags.json",
+                "--tag",
+                "AzureCloud.mars",
+            ],
+            &["service tag AzureCloud.mars", "AzureCloud.eastus"],
+        ),
+        (&["--service-tags", "servicetags.json"], &["--tag"]),
+        (
+            &["--communities", "servicetags.json", "--community", "x"],
+            &["not Get-AzBgpServiceCommunity's output"],
+        ),
+    ] {
+        let (ok, out, err) = xesp(&d, &args(extra));
+        assert!(!ok, "{extra:?}: {out}");
+        for w in want {
+            assert!(err.contains(w), "{extra:?}: {err:?} lacks {w:?}");
+        }
+    }
+    assert_eq!(fs::read_to_string(d.join("xesp.toml")).unwrap(), after);
 }

@@ -289,3 +289,152 @@ pub fn run_export(a: &ExportArgs) -> Result<(String, Vec<String>), CmdError> {
     };
     Ok((out, side.warnings))
 }
+
+const ALLOWLIST_EXAMPLE: &str = "\
+Examples:
+  Get-AzBgpServiceCommunity | ConvertTo-Json -Depth 5 > communities.json   (PowerShell)
+  xesp azure allowlist -c /etc/xesp/xesp.toml --communities communities.json --community 12076:51026
+  xesp azure allowlist -c /etc/xesp/xesp.toml --service-tags ServiceTags_Public_20261130.json \\
+      --tag AzureCloud.westus2 --write
+
+Without --write it prints the difference only. The list becomes exactly the
+prefixes named; the gateways' addresses are always allowed besides. A running
+daemon takes the new list when restarted.";
+
+/// `xesp azure allowlist`.
+#[derive(Debug, Args)]
+#[command(after_help = ALLOWLIST_EXAMPLE)]
+pub struct AllowlistArgs {
+    #[arg(short, long, default_value = "/etc/xesp/xesp.toml")]
+    pub config: PathBuf,
+    /// Get-AzBgpServiceCommunity's output as JSON (PowerShell or REST form).
+    #[arg(long, value_name = "FILE", conflicts_with = "service_tags")]
+    pub communities: Option<PathBuf>,
+    /// A community to allow, by value (12076:51026) or name (AzureWestUS2); repeat.
+    #[arg(long = "community", value_name = "COMMUNITY", requires = "communities")]
+    pub community: Vec<String>,
+    /// A Service Tags file (ServiceTags_Public_YYYYMMDD.json).
+    #[arg(long, value_name = "FILE")]
+    pub service_tags: Option<PathBuf>,
+    /// A service tag to allow (AzureCloud.westus2); repeat.
+    #[arg(long = "tag", value_name = "TAG", requires = "service_tags")]
+    pub tag: Vec<String>,
+    /// Update the configuration (comments and everything else kept).
+    #[arg(long)]
+    pub write: bool,
+}
+
+/// Replaces `path` with `text`, keeping its permissions (it may hold a key).
+fn replace_file(path: &Path, text: &str) -> Result<(), CmdError> {
+    let io = |source| CmdError::Io {
+        path: path.into(),
+        source,
+    };
+    let mode = fs::metadata(path).map_err(io)?.permissions().mode() & 0o7777;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.xesp-{}", std::process::id()));
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    let written = f
+        .write_all(text.as_bytes())
+        .and_then(|()| f.set_permissions(fs::Permissions::from_mode(mode)))
+        .and_then(|()| f.sync_all())
+        .and_then(|()| fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written.map_err(io)
+}
+
+/// Runs `xesp azure allowlist`; returns what to print.
+pub fn run_allowlist(a: &AllowlistArgs) -> Result<String, CmdError> {
+    use super::allowlist::{current, diff, from_communities, from_service_tags, set};
+    let text = read(&a.config)?;
+    // Checked first: its errors never show a line holding the key.
+    Config::parse(&text, &a.config)?;
+    let mut doc: toml_edit::DocumentMut = text
+        .parse()
+        .map_err(|_| CmdError::Azure(super::refused(a.config.display().to_string(), "not TOML")))?;
+    let mut warnings = vec![];
+    let (file, new) = match (&a.communities, &a.service_tags) {
+        (Some(f), None) => {
+            if a.community.is_empty() {
+                return Err(super::refused(
+                    "--community",
+                    "name one or more communities, e.g. 12076:51026",
+                )
+                .into());
+            }
+            let name = f.display().to_string();
+            let v = parse(&read(f)?, &name)?;
+            let new = from_communities(&Node::root(&v, &name), &a.community, &mut warnings)?;
+            (name, new)
+        }
+        (None, Some(f)) => {
+            if a.tag.is_empty() {
+                return Err(super::refused(
+                    "--tag",
+                    "name one or more service tags, e.g. AzureCloud.westus2",
+                )
+                .into());
+            }
+            let name = f.display().to_string();
+            let v = parse(&read(f)?, &name)?;
+            (
+                name.clone(),
+                from_service_tags(&Node::root(&v, &name), &a.tag)?,
+            )
+        }
+        _ => {
+            return Err(super::refused(
+                "input",
+                "give --communities FILE with --community, or --service-tags FILE with --tag",
+            )
+            .into());
+        }
+    };
+    let cur = current(&doc)?;
+    let d = diff(&cur, &new);
+    let mut s = format!(
+        "{}: [dmz] allow has {} prefixes; {} name {}\n",
+        a.config.display(),
+        cur.len(),
+        file,
+        new.len()
+    );
+    s.push_str(&d.render());
+    for w in &warnings {
+        s.push_str(&format!("warning: {w}\n"));
+    }
+    if d.is_empty() {
+        s.push_str("nothing to change\n");
+    } else if a.write {
+        let names = if a.communities.is_some() {
+            &a.community
+        } else {
+            &a.tag
+        };
+        set(
+            &mut doc,
+            &new,
+            &format!("from {file}: {} (xesp azure allowlist)", names.join(", ")),
+        );
+        let out = doc.to_string();
+        Config::parse(&out, &a.config).map_err(CmdError::Check)?;
+        replace_file(&a.config, &out)?;
+        s.push_str(&format!(
+            "wrote {}; restart xesp to apply the new list\n",
+            a.config.display()
+        ));
+    } else {
+        s.push_str("not written: run again with --write to update the file\n");
+    }
+    Ok(s)
+}

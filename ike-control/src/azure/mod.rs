@@ -1,8 +1,10 @@
 //! Azure in and out: `xesp azure import` (the gateway's and connection's
-//! JSON to an `xesp.toml`) and `xesp azure export` (this device as Azure's
-//! local network gateway and connection: `az` commands and ARM JSON).
+//! JSON to an `xesp.toml`), `xesp azure export` (this device as Azure's
+//! local network gateway and connection: `az` commands and ARM JSON) and
+//! `xesp azure allowlist` (Microsoft's published prefixes to `[dmz] allow`).
 //! Field names follow `AZURE.md`; they are matched case-insensitively.
 
+pub mod allowlist;
 pub mod cmd;
 pub mod export;
 pub mod import;
