@@ -10,6 +10,7 @@
 
 pub mod azure;
 pub mod backend;
+pub mod bgp_config;
 pub mod config;
 pub mod control;
 pub mod daemon;

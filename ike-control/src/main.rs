@@ -6,6 +6,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use ike_control::{
     azure::cmd::{AllowlistArgs, ExportArgs, ImportArgs, run_allowlist, run_export, run_import},
+    bgp_config,
     config::{Config, ConfigError},
     control, daemon,
 };
@@ -19,6 +20,7 @@ Examples:
   xesp azure import --gateway gw.json --connection conn.json ... -o xesp.toml
                                          write xesp.toml from Azure's values
   xesp check -c /etc/xesp/xesp.toml      check a configuration, show warnings
+  xesp bgp-config --bird -c /etc/xesp/xesp.toml > /etc/bird/bird.conf
   xesp run -c /etc/xesp/xesp.toml        run the daemon (as root)
   xesp status -c /etc/xesp/xesp.toml     tunnels, IKE_SAs, CHILD_SAs, counters
   xesp status --json -s /run/xesp/xesp.sock
@@ -62,6 +64,25 @@ enum Command {
         /// Print JSON instead of tables.
         #[arg(long)]
         json: bool,
+    },
+    /// Print the routing daemon's configuration for BGP over the tunnels
+    /// (the article's `router bgp 65010`) from [bgp] and the tunnels.
+    #[command(after_help = "\
+Example:
+  xesp bgp-config --bird -c /etc/xesp/xesp.toml > /etc/bird/bird.conf && birdc configure
+
+BIRD peers with each tunnel's bgp_peer (eBGP multihop from bgp.source, Loopback0),
+routes each peer's /32 through its tunnel interface, advertises bgp.networks and
+merges the routes learned over both tunnels into one ECMP route.")]
+    BgpConfig {
+        #[arg(short, long, default_value = "/etc/xesp/xesp.toml")]
+        config: PathBuf,
+        /// BIRD 2 (the only routing daemon supported so far).
+        #[arg(long, required = true)]
+        bird: bool,
+        /// A file BIRD logs to (`log "FILE" all;`).
+        #[arg(long, value_name = "FILE")]
+        log: Option<PathBuf>,
     },
     /// Azure in and out: write xesp.toml from the gateway's JSON, print the
     /// matching Azure side, build the DMZ allowlist.
@@ -143,6 +164,15 @@ fn main() -> ExitCode {
         Command::Azure(AzureCommand::Import(a)) => run_import(&a)
             .map(|s| print!("{s}"))
             .map_err(|e| e.to_string()),
+        Command::BgpConfig {
+            config,
+            bird: _,
+            log,
+        } => load(&config).and_then(|c| {
+            bgp_config::bird(&c, log.as_deref())
+                .map(|s| print!("{s}"))
+                .map_err(|e| format!("{}: {e}", config.display()))
+        }),
         Command::Azure(AzureCommand::Allowlist(a)) => run_allowlist(&a)
             .map(|s| print!("{s}"))
             .map_err(|e| e.to_string()),
