@@ -11,9 +11,12 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 
-use super::topology::{
-    AZURE_PUBLIC_PREFIX, GW_BGP, GW_PUBLIC, ONPREM_DMZ_IF, ONPREM_LAN_IF, ONPREM_PUBLIC,
-    TUNNEL_ADDR,
+use super::{
+    bird::Bird,
+    topology::{
+        AZURE_ASN, AZURE_PUBLIC_PREFIX, GW_BGP, GW_PUBLIC, ONPREM_ASN, ONPREM_DMZ_IF,
+        ONPREM_LAN_IF, ONPREM_LOOPBACK, ONPREM_NETS, ONPREM_PUBLIC, TUNNEL_ADDR,
+    },
 };
 use crate::{
     netns::{Daemon, Netns, output, wait_until},
@@ -113,6 +116,17 @@ mss_clamp = 1350
 [dmz]
 allow = ["{AZURE_PUBLIC_PREFIX}"]
 
+[bgp]
+asn = {ONPREM_ASN}
+peer_asn = {AZURE_ASN}
+source = "{ONPREM_LOOPBACK}"
+networks = [{}]
+multihop = 5
+# Short timers, so that tests see sessions fail and return quickly.
+hold_time = "9s"
+keepalive = "3s"
+connect_retry = "5s"
+
 [ike]
 psk = "{psk}"
 {}
@@ -120,6 +134,11 @@ psk = "{psk}"
             s.datapath,
             self.socket().display(),
             bird_ctl.display(),
+            ONPREM_NETS
+                .iter()
+                .map(|(n, _)| format!("\"{n}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
             s.ike
         );
         for i in 0..2 {
@@ -142,6 +161,21 @@ psk = "{psk}"
         )
         .context("xesp check refused the lab's configuration")?;
         Ok(())
+    }
+
+    /// BIRD's configuration, as `xesp bgp-config --bird` writes it from
+    /// this xesp's configuration (the article's router bgp 65010).
+    pub fn bird_conf(&self, bird: &Bird) -> Result<String> {
+        output(
+            Command::new(binary()?)
+                .arg("bgp-config")
+                .arg("--bird")
+                .arg("-c")
+                .arg(self.conf())
+                .arg("--log")
+                .arg(bird.log()),
+        )
+        .context("xesp bgp-config --bird")
     }
 
     /// Starts `xesp run` in `ns`; waits for its control socket.
