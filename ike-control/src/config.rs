@@ -391,12 +391,9 @@ impl Config {
                 (Some(p), None) => p.clone(),
                 (None, Some(file)) => {
                     let p = base.join(file);
-                    let key = std::fs::read_to_string(&p)
-                        .map_err(|e| {
-                            field(format!("{at}.psk_file"), format!("{}: {e}", p.display()))
-                        })?
-                        .trim_end_matches(['\n', '\r'])
-                        .to_string();
+                    let key = read_psk_file(&p).map_err(|e| {
+                        field(format!("{at}.psk_file"), format!("{}: {e}", p.display()))
+                    })?;
                     if let Some(w) = perms::secret_file_warning(&p, "the pre-shared key")
                         && !warnings.contains(&w)
                     {
@@ -588,6 +585,25 @@ impl Config {
             psk_inline,
         })
     }
+}
+
+/// A key file is small and regular: a device or a huge file is a mistake,
+/// not a key (and /dev/zero would never end).
+const MAX_PSK_FILE: u64 = 4096;
+
+fn read_psk_file(p: &Path) -> Result<String, String> {
+    let meta = std::fs::metadata(p).map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.len() > MAX_PSK_FILE {
+        return Err(format!(
+            "{} bytes: a key file holds at most {MAX_PSK_FILE}",
+            meta.len()
+        ));
+    }
+    let text = std::fs::read_to_string(p).map_err(|e| e.to_string())?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_string())
 }
 
 fn no_proposal(field: &str, example: &str) -> ConfigError {

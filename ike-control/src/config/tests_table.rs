@@ -381,3 +381,29 @@ fn secrets_open_to_other_users_are_warned_about() {
     }
     fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_psk_file_must_be_a_small_regular_file() {
+    let dir = std::env::temp_dir().join(format!("xesp-cfg-pskfile-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("big"), vec![b'k'; 5000]).unwrap();
+    for (file, want) in [
+        ("/dev/zero", "not a regular file"),
+        ("/tmp", "not a regular file"),
+        ("big", "5000 bytes"),
+        ("absent", "No such file"),
+    ] {
+        let t = text(BASE).replace(
+            "psk = \"a-long-enough-test-key\"",
+            &format!("psk_file = \"{file}\""),
+        );
+        let e = Config::parse(&t, &dir.join("xesp.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tunnel[0].psk_file") && e.contains(want),
+            "{file}: {e}"
+        );
+    }
+    fs::remove_dir_all(&dir).unwrap();
+}
