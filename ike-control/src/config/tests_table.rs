@@ -196,6 +196,34 @@ fn what_cannot_work_is_refused() {
             ],
         ),
         (
+            "keepalives rarer than the hold time",
+            Edit {
+                bgp: "hold_time = \"9s\"\nkeepalive = \"30s\"",
+                ..BASE
+            },
+            &[
+                "bgp.keepalive = \"30s\"",
+                "longer than bgp.hold_time",
+                "allowed: 1s to the hold time (9s)",
+            ],
+        ),
+        (
+            "a hold time BGP forbids",
+            Edit {
+                bgp: "hold_time = \"1s\"",
+                ..BASE
+            },
+            &["bgp.hold_time = \"1s\"", "RFC 4271", "allowed: 3s to"],
+        ),
+        (
+            "a TTL beyond 255",
+            Edit {
+                bgp: "multihop = 300",
+                ..BASE
+            },
+            &["bgp.multihop = 300", "allowed: 1 to 255 hops"],
+        ),
+        (
             "an MSS no TCP can have",
             Edit {
                 device: "mss_clamp = 70000",
@@ -262,6 +290,12 @@ fn what_cannot_work_is_refused_when_replacing_a_line() {
             "asn = 65010",
             "asn = 4294967296",
             &["bgp.asn = 4294967296", "allowed: 1 to 4294967294"],
+        ),
+        (
+            "a network with host bits",
+            "networks = [\"10.0.0.0/24\"",
+            "networks = [\"10.0.0.1/24\"",
+            &["bgp.networks[0]", "host bits", "10.0.0.0/24"],
         ),
         (
             "Loopback0 on a tunnel address",
