@@ -40,6 +40,7 @@ pub const FUZZ_TARGETS: &[(&str, &str)] = &[
     ("fuzz", "esp_decap"),
     ("fuzz", "ike_parse"),
     ("fuzz", "ike_datagram"),
+    ("fuzz", "config_text"),
 ];
 
 pub fn run(args: &TestArgs) -> Result<()> {
