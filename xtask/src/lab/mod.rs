@@ -207,7 +207,7 @@ impl Lab {
             );
             let dir = lab.dir.join("onprem");
             let (x, bird) = (Xesp::at(&dir), Bird::at(&dir));
-            x.write_conf(&x.config(&lab.config.psk, &lab.config.xesp, &bird.ctl()))?;
+            x.write_conf(&lab.config.psk, &lab.config.xesp, &bird.ctl())?;
             let d = x.start(&lab.ns.onprem)?;
             lab.daemons.push(d);
             // BIRD as xesp bgp-config --bird writes it, checked by BIRD itself.
