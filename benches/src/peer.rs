@@ -14,15 +14,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ike_control::{
+use ike_proto::{
     backend::{ChildSaSpec, Direction, RecordingBackend},
-    proto::{
-        config::{EspProposal, IkeProposal, PeerConfig},
-        connection::{Connection, Event, Level},
-        crypto::Psk,
-    },
+    config::{EspProposal, IkeProposal, PeerConfig},
+    connection::{Connection, Event, Level},
+    crypto::Psk,
+    random::SystemRandom,
 };
-use ring::rand::SystemRandom;
+
 use xesp_common::bench;
 use xesp_esp::sa::{InboundSa, Lifetime, OutboundSa, SaParams};
 

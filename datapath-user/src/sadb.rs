@@ -16,7 +16,7 @@ use std::{
 
 use std::time::Instant;
 
-use xesp_esp::sa::{DropCounters, DropReason, Expiry, InboundSa, OutboundSa, SaCounters};
+use xesp_esp::sa::{DropCounters, DropReason, Expiry, InboundSa, OutboundSa, SaCounters, Tunnel};
 
 /// An inbound SA and the tunnel it belongs to.
 pub struct InboundEntry {
@@ -107,6 +107,34 @@ impl SaDb {
                 sa: Mutex::new(sa),
             }),
         );
+    }
+
+    /// Moves one direction to new outer endpoints (the peer's NAT mapping
+    /// changed), keeping its keys, sequence numbers and counters. False if
+    /// it is not installed.
+    pub fn update_endpoints(
+        &self,
+        spi: u32,
+        inbound: bool,
+        f: impl FnOnce(Tunnel) -> Tunnel,
+    ) -> bool {
+        let t = self.tables.read().unwrap_or_else(lock_poisoned);
+        if inbound {
+            let Some(e) = t.inbound.get(&spi) else {
+                return false;
+            };
+            let mut sa = e.sa.lock().unwrap_or_else(lock_poisoned);
+            let next = f(sa.tunnel());
+            sa.set_tunnel(next);
+        } else {
+            let Some(e) = t.outbound.get(&spi) else {
+                return false;
+            };
+            let mut sa = e.sa.lock().unwrap_or_else(lock_poisoned);
+            let next = f(sa.tunnel());
+            sa.set_tunnel(next);
+        }
+        true
     }
 
     /// Makes outbound `spi` the one `tunnel` sends on (or none). False if
@@ -335,5 +363,27 @@ mod tests {
         db.delete_outbound(0x2000);
         assert!(db.outbound_of(0).is_none());
         assert_eq!(db.orphans(), (1, 2));
+    }
+
+    #[test]
+    fn updated_endpoints_keep_the_sa_and_move_its_outer_addresses() {
+        let db = SaDb::new();
+        db.install_outbound(0, OutboundSa::new(&params(0x300), Instant::now()).unwrap());
+        db.install_inbound(0, InboundSa::new(&params(0x301), Instant::now()).unwrap());
+        let moved = Tunnel {
+            local: Ipv4Addr::new(192, 0, 2, 1),
+            remote: Ipv4Addr::new(198, 51, 100, 7),
+            natt: None,
+        };
+        assert!(db.update_endpoints(0x300, false, |_| moved));
+        assert!(db.update_endpoints(0x301, true, |_| moved));
+        assert!(!db.update_endpoints(0x999, false, |t| t), "not installed");
+        assert!(db.route(0, Some(0x300)));
+        let out = db.outbound_of(0).unwrap();
+        assert_eq!(out.sa.lock().unwrap().tunnel(), moved);
+        assert_eq!(
+            db.inbound(0x301).unwrap().sa.lock().unwrap().tunnel(),
+            moved
+        );
     }
 }

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::os::fd::RawFd;
 
 use aya::{
-    Ebpf,
+    Ebpf, TestRun, TestRunOptions,
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, XskMap, lpm_trie::Key},
     programs::{Xdp, XdpMode},
 };
@@ -55,7 +55,16 @@ impl DmzCounters {
 
     /// Packets dropped for any reason.
     pub fn dropped(&self) -> u64 {
-        self.get(DmzCounter::DropNotAllowed) + self.get(DmzCounter::DropMalformed)
+        DmzCounter::ALL
+            .iter()
+            .filter(|c| c.is_drop())
+            .map(|c| self.get(*c))
+            .sum()
+    }
+
+    /// Packets counted in any class.
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
     }
 }
 
@@ -158,6 +167,42 @@ impl XdpPrograms {
         self.ebpf
             .map_mut(name)
             .ok_or(DatapathError::MissingMap(name))
+    }
+
+    /// Sets the DMZ filter's [`xesp_common::dmz_flags`] (all off at load).
+    pub fn set_dmz_flags(&mut self, flags: u32) -> Result<(), DatapathError> {
+        let name = map::DMZ_CONFIG;
+        let mut a: Array<&mut MapData, u32> =
+            Array::try_from(self.map_mut(name)?).map_err(|e| DatapathError::map(name, e))?;
+        a.set(0, flags, 0).map_err(|e| DatapathError::map(name, e))
+    }
+
+    /// Runs program `name` (loading it if needed, attached or not) once on
+    /// `frame` with `BPF_PROG_TEST_RUN`, in the calling thread's network
+    /// namespace, and returns its XDP action. The maps and counters are the
+    /// live ones: a dry run counts like a received frame.
+    pub fn test_run(&mut self, name: &'static str, frame: &[u8]) -> Result<u32, DatapathError> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram(name))?
+            .try_into()
+            .map_err(|e| DatapathError::program(name, e))?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .map_err(|e| DatapathError::program(name, e))?;
+        }
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ..TestRunOptions::new()
+        };
+        program
+            .test_run(opts)
+            .map(|r| r.return_value)
+            .map_err(|e| DatapathError::program(name, e))
     }
 
     /// Lets traffic from `prefix` through the DMZ classifier.

@@ -8,9 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ike_control::{
-    backend::RecordingBackend,
-    proto::{config::PeerConfig, connection::Connection, crypto::Psk},
+use ike_proto::{
+    backend::RecordingBackend, config::PeerConfig, connection::Connection, crypto::Psk,
+    random::SeededRandom,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
     cfg.initiator = mode & 1 == 1;
     let now = Instant::now();
     let mut backend = RecordingBackend::new(0x1000);
-    let mut c = Connection::new(Arc::new(cfg), Arc::new(ring::rand::SystemRandom::new()), now);
+    let mut c = Connection::new(Arc::new(cfg), Arc::new(SeededRandom::new(1)), now);
     c.handle_timeout(now, &mut backend);
     while c.poll_transmit().is_some() {}
     let port = if mode & 2 == 0 { 500 } else { 4500 };

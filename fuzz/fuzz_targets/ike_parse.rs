@@ -2,7 +2,7 @@
 //! same octets (reserved fields and unknown payloads included).
 #![no_main]
 
-use ike_control::proto::codec::Message;
+use ike_proto::codec::Message;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

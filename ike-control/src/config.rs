@@ -12,7 +12,7 @@ use std::{
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::proto::{
+use ike_proto::{
     config::{Dpd, EspProposal, IkeProposal, Lifetimes, PeerConfig},
     crypto::Psk,
     ts::TsRange,
@@ -129,6 +129,8 @@ fn default_mtu() -> i64 {
 struct DmzFile {
     #[serde(default)]
     allow: Vec<String>,
+    #[serde(default)]
+    pass_unclassified: bool,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -200,6 +202,9 @@ pub struct Config {
     pub device: Device,
     /// Allowed source prefixes on the DMZ (the gateways' addresses are added).
     pub dmz_allow: Vec<IpNet>,
+    /// Pass frames the DMZ filter cannot classify (ethertypes other than
+    /// IPv4, IPv6 and ARP, a third VLAN tag) instead of dropping them.
+    pub dmz_pass_unclassified: bool,
     pub tunnels: Vec<Tunnel>,
     /// `[bgp]`, for `xesp bgp-config`.
     pub bgp: Option<Bgp>,
@@ -579,6 +584,7 @@ impl Config {
         Ok(Self {
             device,
             dmz_allow,
+            dmz_pass_unclassified: f.dmz.pass_unclassified,
             tunnels,
             bgp,
             warnings,
@@ -613,7 +619,7 @@ fn no_proposal(field: &str, example: &str) -> ConfigError {
         reason: "no proposal: no SA could ever be negotiated".into(),
         allowed: format!(
             "one or more proposals, e.g. [\"{example}\"] (keywords: {})",
-            crate::proto::config::KEYWORDS
+            ike_proto::config::KEYWORDS
         ),
     }
 }
@@ -830,5 +836,13 @@ mod tests {
             let host = IpNet::new(t.peer.remote, 32).unwrap();
             assert!(c.dmz_allow.iter().any(|n| n.contains(&host)));
         }
+    }
+
+    #[test]
+    fn the_dmz_drops_unclassified_frames_unless_told_otherwise() {
+        assert!(!parse(EXAMPLE).unwrap().dmz_pass_unclassified);
+        let on = EXAMPLE.replace("pass_unclassified = false", "pass_unclassified = true");
+        assert_ne!(on, EXAMPLE);
+        assert!(parse(&on).unwrap().dmz_pass_unclassified);
     }
 }

@@ -15,7 +15,7 @@ use std::{
 use datapath_user::sadb::TunnelTotals;
 use serde::{Deserialize, Serialize};
 
-use crate::proto::status::ConnStatus;
+use ike_proto::status::ConnStatus;
 
 /// The one request there is.
 pub const STATUS_REQUEST: &str = "status";

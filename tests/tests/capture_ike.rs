@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used)] // a test: a failed step is a failed test
 
-use ike_control::proto::{
+use ike_proto::{
     codec::{Body, ExchangeType, Message, Payload},
     crypto::{Prf, Psk, child_keymat, derive_ike_keys, psk_auth, psk_auth_ok, skeyseed},
     sk::SkCipher,

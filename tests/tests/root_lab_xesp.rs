@@ -140,6 +140,35 @@ fn root_xesp_initiator_azure_default_and_cisco_legacy_two_tunnels() {
         log.contains("legacy algorithms"),
         "the legacy warning is logged"
     );
+    stop_signals_keep_or_close_the_tunnels(lab);
+}
+
+/// SIGHUP (no reload yet) leaves xesp and its tunnels as they were; SIGTERM
+/// deletes both IKE_SAs at the gateways before xesp exits.
+fn stop_signals_keep_or_close_the_tunnels(mut lab: Lab) {
+    let spis = |lab: &Lab| {
+        let st = xesp_status(lab);
+        [0, 1].map(|i| tunnel(&st, i)["connection"]["ike"]["spi_i"].clone())
+    };
+    let before = spis(&lab);
+    assert!(lab.hangup_xesp());
+    // It answers after the signal, with the same IKE_SAs up.
+    assert_eq!(spis(&lab), before);
+    assert_eq!(lab.xesp.as_ref().unwrap().0.tunnels_up(), 2);
+    assert!(lab.xesp_running(), "SIGHUP did not end xesp");
+    for gw in &lab.gateways {
+        assert_eq!(gw.charon.established_ike_sas(), 1);
+    }
+    assert!(lab.terminate_xesp());
+    for gw in &lab.gateways {
+        assert!(
+            wait_until(Duration::from_secs(10), || gw.charon.established_ike_sas()
+                == 0),
+            "xesp's DELETE reached the gateway:\n{}",
+            gw.charon.list_sas()
+        );
+    }
+    assert!(wait_until(Duration::from_secs(5), || !lab.xesp_running()));
 }
 
 #[test]
@@ -243,4 +272,75 @@ fn root_xesp_responder_dpd_finds_a_killed_gateway() {
     );
     let out = ping_from_onprem(&lab, GW_BGP[0], 3, "0.2");
     assert!(!lost(&out), "{out}");
+}
+
+/// Each tunnel interface's `carrier_changes` in the on-prem namespace.
+fn carrier_changes(lab: &Lab) -> Vec<u64> {
+    TUNNEL_IFS
+        .iter()
+        .map(|t| {
+            lab.ns
+                .onprem
+                .exec("cat", &[&format!("/sys/class/net/{t}/carrier_changes")])
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// 30 s of pings through both tunnels with the gateways' CHILD_SAs living
+/// as `child_lifetimes` says and xesp's 12 s: the tunnels' carrier never
+/// changes, no echo is lost, and the CHILD_SAs were replaced at least
+/// `replaced` times on each tunnel.
+fn carrier_holds_across_child_sa_changes(child_lifetimes: &str, replaced: u64) {
+    let lab = Lab::up(LabConfig {
+        onprem: OnpremMode::Xesp,
+        xesp: XespSettings {
+            ike: format!("{ARTICLE_IKE}child_lifetime = \"12s\"\n"),
+            ..XespSettings::default()
+        },
+        gateway_child_lifetimes: child_lifetimes.into(),
+        ..LabConfig::default()
+    })
+    .unwrap();
+    lab.wait_ready(Duration::from_secs(60)).unwrap();
+    let before = carrier_changes(&lab);
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| ping_from_onprem(&lab, GW_BGP[0], 150, "0.2"));
+        let b = s.spawn(|| ping_from_onprem(&lab, GW_BGP[1], 150, "0.2"));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let after = carrier_changes(&lab);
+    let st = xesp_status(&lab);
+    for (i, name) in TUNNEL_IFS.iter().enumerate() {
+        let c = &tunnel(&st, i)["connection"];
+        let installed = c["stats"]["child_sas_installed"].as_u64().unwrap();
+        assert!(
+            installed > replaced,
+            "{name}: {installed} CHILD_SAs in 30 s:\n{c:#}"
+        );
+        assert_eq!(c["up"], true, "{c:#}");
+    }
+    assert_eq!(
+        before, after,
+        "the tunnels' carrier changed across CHILD_SA changes:\n{st:#}"
+    );
+    assert!(!lost(&a) && !lost(&b), "echoes lost:\n{a}\n{b}\n{st:#}");
+}
+
+#[test]
+fn root_xesp_carrier_holds_when_both_sides_rekey() {
+    // The gateways rekey every 8 s (life 20 s), xesp at about 10 s of 12 s:
+    // rekeys from either side, and crossing ones.
+    carrier_holds_across_child_sa_changes("rekey_time = 8s\n                life_time = 20s", 3);
+}
+
+#[test]
+fn root_xesp_carrier_holds_when_the_gateway_deletes_and_recreates() {
+    // With only rekey_time = 8s, libipsec's CHILD_SA reaches its hard expiry
+    // first: strongSwan deletes it and creates a new one right after (with
+    // a KE, its first proposal being PFS). xesp keeps the route meanwhile.
+    carrier_holds_across_child_sa_changes("rekey_time = 8s", 3);
 }

@@ -13,7 +13,8 @@ use std::{
 use datapath_user::xdp::{DmzCounters, XdpPrograms};
 use xesp_common::DmzCounter;
 use xesp_tests::{
-    ALLOWED_PREFIX, ALLOWED_SRC, DENIED_SRC, Pair, attach_dmz, pair, send_esp, send_udp, udp_from,
+    ALLOWED_PREFIX, ALLOWED_SRC, DENIED_SRC, DUT, Pair, attach_dmz, pair, send_esp, send_udp,
+    udp_from,
 };
 use xtask::netns::wait_until;
 
@@ -36,7 +37,7 @@ fn wait_for_total(filter: &XdpPrograms, total: u64) -> DmzCounters {
     let ok = wait_until(Duration::from_secs(5), || {
         last = filter.dmz_counters().unwrap();
         last.iter()
-            .filter(|(n, _)| *n != DmzCounter::NonIp.name())
+            .filter(|(n, _)| *n != DmzCounter::Arp.name())
             .map(|(_, v)| v)
             .sum::<u64>()
             >= total
@@ -130,5 +131,94 @@ fn root_xdp_dmz_classifies_every_kind_and_drops_disallowed_sources() {
         "a datagram got through after disallow"
     );
     filter.flush_logs();
+    dut.enter(move || drop(filter)).unwrap();
+}
+
+/// RFC 791 fragments of ESP in UDP 4500 and of ESP, from a peer whose
+/// datagrams exceed the link MTU: every fragment, first or later, goes to
+/// the stack (counted as `fragment`, never steered even when the SPI has an
+/// SA), and the stack hands the reassembled packet to the sockets the
+/// daemon's socket path reads (UDP 4500 and the raw ESP socket).
+#[test]
+fn root_xdp_dmz_sends_fragments_whole_to_the_stack() {
+    const SPI: u32 = 0x4000;
+    let Pair { dut, peer } = pair();
+    let mut filter = attach_dmz(&dut);
+    filter.allow(ALLOWED_PREFIX.parse().unwrap()).unwrap();
+    filter.steer(SPI, 0).unwrap();
+    let (udp4500, raw) = dut
+        .enter(|| {
+            let u = UdpSocket::bind(SocketAddrV4::new(DUT, 4500)).unwrap();
+            u.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let r = socket2::Socket::new(
+                socket2::Domain::IPV4,
+                socket2::Type::RAW,
+                Some(socket2::Protocol::from(50)),
+            )
+            .unwrap();
+            r.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            (u, r)
+        })
+        .unwrap();
+
+    // 2000 octets of "ESP" over a 1500-octet link: two fragments each.
+    let mut big = xesp_tests::fake_esp(SPI, 1);
+    big.resize(2000, 0xcd);
+    peer.enter(|| {
+        send_udp(&udp_from(ALLOWED_SRC), 4500, &big, 1);
+        let s = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::from(50)),
+        )
+        .unwrap();
+        s.bind(&std::net::SocketAddr::from(SocketAddrV4::new(ALLOWED_SRC, 0)).into())
+            .unwrap();
+        s.send_to(
+            &big,
+            &std::net::SocketAddr::from(SocketAddrV4::new(DUT, 0)).into(),
+        )
+        .unwrap();
+        // And the same from a source outside the allowlist: four drops.
+        send_udp(&udp_from(DENIED_SRC), 4500, &big, 2);
+    })
+    .unwrap();
+
+    let c = wait_for_total(&filter, 8);
+    for k in DmzCounter::ALL {
+        let want = match k {
+            DmzCounter::Fragment | DmzCounter::DropNotAllowed => 4,
+            _ => 0,
+        };
+        if k != DmzCounter::Arp {
+            assert_eq!(c.get(k), want, "{} in {c:?}", k.name());
+        }
+    }
+    assert_eq!(
+        filter.steer_counters().unwrap(),
+        [0; xesp_common::SteerCounter::COUNT as usize],
+        "a fragment was steered"
+    );
+    let mut buf = [0u8; 4096];
+    let (n, from) = udp4500.recv_from(&mut buf).unwrap();
+    assert_eq!((n, from.ip()), (2000, std::net::IpAddr::V4(ALLOWED_SRC)));
+    assert_eq!(&buf[..n], &big[..], "reassembled ESP in UDP");
+    let mut rbuf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+    let n = raw.recv(&mut rbuf).unwrap();
+    // SAFETY: recv initialised the first n octets.
+    let got: Vec<u8> = rbuf[..n]
+        .iter()
+        .map(|b| unsafe { b.assume_init() })
+        .collect();
+    assert_eq!(n, 20 + 2000, "reassembled ESP with its IPv4 header");
+    assert_eq!(&got[20..], &big[..]);
+    // Nothing else arrives: the denied datagrams never reached the stack.
+    udp4500
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    assert!(
+        udp4500.recv_from(&mut buf).is_err(),
+        "a denied datagram got through"
+    );
     dut.enter(move || drop(filter)).unwrap();
 }

@@ -40,7 +40,7 @@ pub const FUZZ_TARGETS: &[(&str, &str)] = &[
     ("fuzz", "esp_decap"),
     ("fuzz", "ike_parse"),
     ("fuzz", "ike_datagram"),
-    ("fuzz", "config_text"),
+    ("fuzz", "ike_authenticated"),
 ];
 
 pub fn run(args: &TestArgs) -> Result<()> {

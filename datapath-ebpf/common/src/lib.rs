@@ -11,6 +11,8 @@ pub mod map {
     pub const ALLOW_V4: &str = "ALLOW_V4";
     /// `LpmTrie<[u8; 16], u32>`: IPv6 source prefixes allowed on the DMZ side.
     pub const ALLOW_V6: &str = "ALLOW_V6";
+    /// `Array<u32>` of one entry: the DMZ filter's [`crate::dmz_flags`].
+    pub const DMZ_CONFIG: &str = "DMZ_CONFIG";
     /// `HashMap<u32, EspSteer>`: inbound SPI (host order) to its tunnel; the IKE
     /// controller fills it as it installs inbound CHILD_SAs.
     pub const ESP_STEER: &str = "ESP_STEER";
@@ -71,18 +73,22 @@ pub enum SteerCounter {
     NoSa = 1,
     /// The SA is known but no socket is bound at its slot: passed to the stack.
     NoSocket = 2,
+    /// VLAN-tagged (802.1Q/802.1ad): passed to the stack, whose VLAN device
+    /// hands it to the socket path; the workers take untagged frames only.
+    Tagged = 3,
 }
 
 impl SteerCounter {
-    pub const COUNT: u32 = 3;
+    pub const COUNT: u32 = 4;
     pub const ALL: [SteerCounter; Self::COUNT as usize] =
-        [Self::Redirected, Self::NoSa, Self::NoSocket];
+        [Self::Redirected, Self::NoSa, Self::NoSocket, Self::Tagged];
 
     pub const fn name(self) -> &'static str {
         match self {
             Self::Redirected => "redirected",
             Self::NoSa => "no_sa",
             Self::NoSocket => "no_socket",
+            Self::Tagged => "tagged",
         }
     }
 }
@@ -100,7 +106,16 @@ pub mod prog {
 /// Capacity of each allowlist trie (Azure regional prefix lists are a few hundred).
 pub const ALLOW_MAX_ENTRIES: u32 = 16384;
 
+/// Bits of entry 0 of [`map::DMZ_CONFIG`]; all off by default.
+pub mod dmz_flags {
+    /// Pass frames the DMZ filter cannot classify (ethertypes other than
+    /// IPv4, IPv6 and ARP; more than two VLAN tags), counted as
+    /// [`crate::DmzCounter::PassUnclassified`], instead of dropping them.
+    pub const PASS_UNCLASSIFIED: u32 = 1;
+}
+
 /// How the DMZ XDP program classified a packet; index into `DMZ_COUNTERS`.
+/// Every frame lands in exactly one of them, whatever its VLAN tags.
 #[repr(u32)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DmzCounter {
@@ -118,14 +133,28 @@ pub enum DmzCounter {
     Allowed = 5,
     /// Dropped: the source address is in no allowed prefix.
     DropNotAllowed = 6,
-    /// Dropped: truncated or inconsistent IP/UDP/ESP header.
+    /// Dropped: truncated or inconsistent Ethernet/VLAN/IP/UDP/ESP header.
     DropMalformed = 7,
-    /// Not IP (ARP and the like): passed, the stack needs it.
-    NonIp = 8,
+    /// ARP (RFC 826): passed, the stack resolves its neighbours with it.
+    Arp = 8,
+    /// An IPv4 fragment (MF set or offset != 0, RFC 791) or an IPv6 packet
+    /// with a Fragment header (RFC 8200 §4.5) from an allowed source: passed
+    /// to the stack, which reassembles it, never steered to a worker.
+    Fragment = 9,
+    /// IPv6 neighbour discovery (ICMPv6 133-137 with hop limit 255, RFC 4861)
+    /// from a link-local or unspecified source: passed.
+    Ipv6Nd = 10,
+    /// Dropped: anything else from an IPv6 link-local or unspecified source.
+    DropLinkLocal = 11,
+    /// Dropped: a frame the filter cannot classify (an ethertype other than
+    /// IPv4, IPv6 and ARP, or more than two VLAN tags).
+    DropUnclassified = 12,
+    /// Such a frame, passed because [`dmz_flags::PASS_UNCLASSIFIED`] is set.
+    PassUnclassified = 13,
 }
 
 impl DmzCounter {
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 14;
     pub const ALL: [DmzCounter; Self::COUNT as usize] = [
         Self::Ike,
         Self::NattIke,
@@ -135,7 +164,12 @@ impl DmzCounter {
         Self::Allowed,
         Self::DropNotAllowed,
         Self::DropMalformed,
-        Self::NonIp,
+        Self::Arp,
+        Self::Fragment,
+        Self::Ipv6Nd,
+        Self::DropLinkLocal,
+        Self::DropUnclassified,
+        Self::PassUnclassified,
     ];
 
     /// Stable snake_case name for status output and JSON.
@@ -149,8 +183,24 @@ impl DmzCounter {
             Self::Allowed => "allowed",
             Self::DropNotAllowed => "drop_not_allowed",
             Self::DropMalformed => "drop_malformed",
-            Self::NonIp => "non_ip",
+            Self::Arp => "arp",
+            Self::Fragment => "fragment",
+            Self::Ipv6Nd => "ipv6_nd",
+            Self::DropLinkLocal => "drop_link_local",
+            Self::DropUnclassified => "drop_unclassified",
+            Self::PassUnclassified => "pass_unclassified",
         }
+    }
+
+    /// Whether the filter drops what this counter counts.
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Self::DropNotAllowed
+                | Self::DropMalformed
+                | Self::DropLinkLocal
+                | Self::DropUnclassified
+        )
     }
 }
 
@@ -229,6 +279,19 @@ pub mod wire {
     pub const ETH_HLEN: usize = 14;
     pub const ETH_P_IP: u16 = 0x0800;
     pub const ETH_P_IPV6: u16 = 0x86DD;
+    pub const ETH_P_ARP: u16 = 0x0806;
+    /// IEEE 802.1Q: customer VLAN tag (C-TAG) TPID.
+    pub const ETH_P_8021Q: u16 = 0x8100;
+    /// IEEE 802.1ad (802.1Q §9.5): service VLAN tag (S-TAG) TPID, the outer tag of QinQ.
+    pub const ETH_P_8021AD: u16 = 0x88A8;
+    /// Octets of one VLAN tag (TPID + TCI).
+    pub const VLAN_HLEN: usize = 4;
+    /// RFC 8200 §4: IPv6 extension headers the DMZ filter walks.
+    pub const IPPROTO_HOPOPTS: u8 = 0;
+    pub const IPPROTO_ROUTING: u8 = 43;
+    pub const IPPROTO_FRAGMENT: u8 = 44;
+    pub const IPPROTO_DSTOPTS: u8 = 60;
+    pub const IPPROTO_ICMPV6: u8 = 58;
     pub const IPPROTO_TCP: u8 = 6;
     pub const IPPROTO_UDP: u8 = 17;
     pub const AF_INET: u8 = 2;

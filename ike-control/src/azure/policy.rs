@@ -7,7 +7,7 @@ use serde::Serialize;
 use xesp_esp::alg::{AesKeyBits, Encr, Integ};
 
 use super::{AzureError, json::Node};
-use crate::proto::{
+use ike_proto::{
     config::{EspProposal, IkeProposal},
     crypto::{DhGroup, Prf},
 };

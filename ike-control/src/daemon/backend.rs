@@ -5,13 +5,18 @@
 //! are steered to their tunnel's AF_XDP sockets and the LAN program learns
 //! which tunnels are live.
 
-use std::{collections::HashSet, sync::Arc, time::Instant};
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Instant,
+};
 
 use datapath_user::{sadb::SaDb, tun::Tun, xdp::XdpPrograms};
-use ring::rand::{SecureRandom, SystemRandom};
-use xesp_esp::sa::{InboundSa, OutboundSa, SaCounters};
+use ike_proto::random::{Random, SystemRandom};
+use xesp_esp::sa::{InboundSa, NattPorts, OutboundSa, SaCounters};
 
-use crate::backend::{BackendError, ChildSaSpec, Direction, SaBackend};
+use ike_proto::backend::{BackendError, ChildSaSpec, Direction, SaBackend};
 
 /// SAs into the SA database, carrier onto the tunnel devices.
 pub struct UserBackend {
@@ -37,37 +42,41 @@ impl UserBackend {
     }
 }
 
-fn err(m: impl Into<String>) -> BackendError {
-    BackendError(m.into())
+fn system(m: impl Into<String>) -> BackendError {
+    BackendError::System(m.into())
 }
 
 impl SaBackend for UserBackend {
     fn allocate_spi(&mut self) -> Result<u32, BackendError> {
         for _ in 0..64 {
             let mut b = [0u8; 4];
-            self.rng
-                .fill(&mut b)
-                .map_err(|_| err("the system random number generator failed"))?;
+            self.rng.fill(&mut b).map_err(|_| BackendError::Random)?;
             let spi = u32::from_be_bytes(b);
             if spi >= 256 && !self.reserved.contains(&spi) && !self.sadb.contains_inbound(spi) {
                 self.reserved.insert(spi);
                 return Ok(spi);
             }
         }
-        Err(err("no free inbound SPI found"))
+        Err(BackendError::NoFreeSpi)
     }
 
     fn install(&mut self, spec: &ChildSaSpec) -> Result<(), BackendError> {
         if spec.tunnel as usize >= self.tuns.len() {
-            return Err(err(format!("tunnel {} has no device", spec.tunnel)));
+            return Err(BackendError::NoTunnel(spec.tunnel));
         }
         let Some(params) = spec.sa_params() else {
-            return Err(err(format!(
-                "SPI {:08x}: the user-space datapath has IPv4 outer addresses only ({} -> {})",
-                spec.spi, spec.local, spec.remote
-            )));
+            return Err(BackendError::Unsupported {
+                spi: spec.spi,
+                reason: format!(
+                    "the user-space datapath has IPv4 outer addresses only ({} -> {})",
+                    spec.local, spec.remote
+                ),
+            });
         };
-        let bad = |e: xesp_esp::sa::SaError| err(format!("SPI {:08x}: {e}", spec.spi));
+        let bad = |e: xesp_esp::sa::SaError| BackendError::Invalid {
+            spi: spec.spi,
+            reason: e.to_string(),
+        };
         match spec.direction {
             Direction::Inbound => {
                 let sa = InboundSa::new(&params, Instant::now()).map_err(bad)?;
@@ -75,7 +84,7 @@ impl SaBackend for UserBackend {
                 self.reserved.remove(&spec.spi);
                 if let Some(x) = &mut self.xdp {
                     x.steer(spec.spi, spec.tunnel)
-                        .map_err(|e| err(format!("steering SPI {:08x}: {e}", spec.spi)))?;
+                        .map_err(|e| system(format!("steering SPI {:08x}: {e}", spec.spi)))?;
                 }
             }
             Direction::Outbound => {
@@ -88,20 +97,52 @@ impl SaBackend for UserBackend {
 
     fn route(&mut self, tunnel: u32, spi: Option<u32>) -> Result<(), BackendError> {
         if !self.sadb.route(tunnel, spi) {
-            return Err(err(format!(
-                "tunnel {tunnel}: no outbound SA {:08x} to route",
-                spi.unwrap_or(0)
-            )));
+            return Err(BackendError::NoSuchSa {
+                spi: spi.unwrap_or(0),
+                direction: Direction::Outbound,
+            });
         }
         if let Some(x) = &mut self.xdp {
             x.set_tunnel_live(tunnel, spi.is_some())
-                .map_err(|e| err(format!("tunnel {tunnel}: {e}")))?;
+                .map_err(|e| system(format!("tunnel {tunnel}: {e}")))?;
         }
         if let Some(t) = self.tuns.get(tunnel as usize) {
             t.set_carrier(spi.is_some())
-                .map_err(|e| err(format!("{}: setting carrier: {e}", t.name())))?;
+                .map_err(|e| system(format!("{}: setting carrier: {e}", t.name())))?;
         }
         Ok(())
+    }
+
+    fn update(
+        &mut self,
+        spi: u32,
+        direction: Direction,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> Result<(), BackendError> {
+        let (IpAddr::V4(local_ip), IpAddr::V4(remote_ip)) = (local.ip(), remote.ip()) else {
+            return Err(BackendError::Unsupported {
+                spi,
+                reason: format!("IPv4 outer addresses only ({local} -> {remote})"),
+            });
+        };
+        let moved = self
+            .sadb
+            .update_endpoints(spi, direction == Direction::Inbound, |t| {
+                xesp_esp::sa::Tunnel {
+                    local: local_ip,
+                    remote: remote_ip,
+                    natt: t.natt.map(|_| NattPorts {
+                        local: local.port(),
+                        remote: remote.port(),
+                    }),
+                }
+            });
+        if moved {
+            Ok(())
+        } else {
+            Err(BackendError::NoSuchSa { spi, direction })
+        }
     }
 
     fn delete(&mut self, spi: u32, direction: Direction) -> Result<(), BackendError> {
@@ -111,7 +152,7 @@ impl SaBackend for UserBackend {
                 self.sadb.delete_inbound(spi);
                 if let Some(x) = &mut self.xdp {
                     x.unsteer(spi)
-                        .map_err(|e| err(format!("unsteering SPI {spi:08x}: {e}")))?;
+                        .map_err(|e| system(format!("unsteering SPI {spi:08x}: {e}")))?;
                 }
             }
             Direction::Outbound => self.sadb.delete_outbound(spi),

@@ -30,7 +30,6 @@ use datapath_user::{
     xdp::{XdpAttach, XdpPrograms},
     xsk::XskError,
 };
-use ring::rand::SystemRandom;
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::UnixListener,
@@ -44,7 +43,11 @@ use self::backend::UserBackend;
 use crate::{
     config::{Config, DatapathMode},
     control::{self, DeviceStatus, STATUS_REQUEST, TunnelStatus},
-    proto::connection::{Connection, Event, Level},
+};
+use ike_proto::{
+    backend::Direction,
+    connection::{Connection, Event, Level},
+    random::SystemRandom,
 };
 
 /// Why the daemon could not start or stopped.
@@ -151,6 +154,9 @@ impl Driver {
                     },
                     Event::TunnelUp { .. } => log::info!("{name}: tunnel up"),
                     Event::TunnelDown { reason, .. } => log::warn!("{name}: tunnel down: {reason}"),
+                    Event::Rejected { from, reason } => {
+                        log::debug!("{name}: dropped a message from {from}: {reason}")
+                    }
                 }
             }
         }
@@ -175,7 +181,7 @@ impl Driver {
     }
 
     /// SA lifetimes in bytes and sequence numbers end in the datapath: a soft
-    /// expiry asks the connection for a CHILD_SA rekey.
+    /// expiry rekeys the CHILD_SA the SA belongs to, a hard one removes it.
     fn expiries(&mut self) {
         let now = Instant::now();
         for (tunnel, spi, inbound, x) in self.backend.sadb.poll_expiries(now) {
@@ -183,19 +189,28 @@ impl Driver {
                 continue;
             };
             let dir = if inbound { "inbound" } else { "outbound" };
-            match x {
+            let direction = if inbound {
+                Direction::Inbound
+            } else {
+                Direction::Outbound
+            };
+            let hard = match x {
                 Expiry::Soft(l) => {
                     log::info!(
                         "{}: {dir} SA {spi:08x} reached its soft {l:?} limit: rekeying",
                         c.config().name
                     );
-                    c.rekey_child(now, &mut self.backend);
+                    false
                 }
-                Expiry::Hard(l) => log::warn!(
-                    "{}: {dir} SA {spi:08x} reached its hard {l:?} limit",
-                    c.config().name
-                ),
-            }
+                Expiry::Hard(l) => {
+                    log::warn!(
+                        "{}: {dir} SA {spi:08x} reached its hard {l:?} limit: removed",
+                        c.config().name
+                    );
+                    true
+                }
+            };
+            c.expired(now, spi, direction, hard, &mut self.backend);
         }
     }
 
@@ -382,6 +397,13 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
             for p in &cfg.dmz_allow {
                 x.allow(*p)?;
             }
+            if cfg.dmz_pass_unclassified {
+                x.set_dmz_flags(xesp_common::dmz_flags::PASS_UNCLASSIFIED)?;
+                log::warn!(
+                    "{}: DMZ filter passes frames it cannot classify (dmz.pass_unclassified)",
+                    cfg.device.dmz_interface
+                );
+            }
             log::info!(
                 "{}: DMZ filter attached ({mode:?} mode), {} allowed prefixes",
                 cfg.device.dmz_interface,
@@ -498,6 +520,9 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
     );
     let mut term = signal(SignalKind::terminate()).map_err(io_err("SIGTERM handler"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io_err("SIGINT handler"))?;
+    // Until `xesp reload` exists, SIGHUP must not end the daemon without
+    // its DELETEs (its default action): it is logged and ignored.
+    let mut hup = signal(SignalKind::hangup()).map_err(io_err("SIGHUP handler"))?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut buf = vec![0u8; 65536];
     loop {
@@ -525,6 +550,7 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
             Some(reply) = req_rx.recv() => {
                 let _ = reply.send(d.status());
             }
+            _ = hup.recv() => log::warn!("SIGHUP ignored: xesp has no reload yet; restart it to apply a changed configuration"),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }

@@ -60,6 +60,8 @@ pub struct LabConfig {
     pub xesp: XespSettings,
     /// The gateways start their CHILD_SA themselves (xesp then responds).
     pub gateway_initiates: bool,
+    /// The gateways' CHILD_SA lifetimes, as swanctl.conf lines.
+    pub gateway_child_lifetimes: String,
 }
 
 impl Default for LabConfig {
@@ -73,6 +75,7 @@ impl Default for LabConfig {
             standin_esp: "aes256gcm16".to_string(),
             xesp: XespSettings::default(),
             gateway_initiates: false,
+            gateway_child_lifetimes: "rekey_time = 27000s".to_string(),
         }
     }
 }
@@ -158,6 +161,7 @@ impl Lab {
                 &lab.config.gateway_ike,
                 &lab.config.gateway_esp,
                 lab.config.gateway_initiates,
+                &lab.config.gateway_child_lifetimes,
             ))?;
             let d = gw.charon.start(&lab.ns.azgw[i])?;
             lab.daemons.push(d);
@@ -299,6 +303,40 @@ impl Lab {
             .iter()
             .find(|d| d.name() == name)
             .map(Daemon::pid)
+    }
+
+    /// The xesp daemon's process, in [`OnpremMode::Xesp`].
+    fn xesp_daemon(&mut self) -> Option<&mut Daemon> {
+        let name = format!("xesp in {}", self.ns.onprem.name());
+        self.daemons.iter_mut().find(|d| d.name() == name)
+    }
+
+    /// SIGHUP to the xesp daemon; false if it does not run.
+    pub fn hangup_xesp(&mut self) -> bool {
+        self.signal_xesp(libc::SIGHUP)
+    }
+
+    /// SIGTERM to the xesp daemon (it deletes its IKE_SAs and exits);
+    /// false if it does not run.
+    pub fn terminate_xesp(&mut self) -> bool {
+        self.signal_xesp(libc::SIGTERM)
+    }
+
+    fn signal_xesp(&mut self, signal: i32) -> bool {
+        let Some(d) = self.xesp_daemon() else {
+            return false;
+        };
+        if !d.is_running() {
+            return false;
+        }
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(d.pid() as i32, signal) };
+        true
+    }
+
+    /// Whether the xesp daemon still runs.
+    pub fn xesp_running(&mut self) -> bool {
+        self.xesp_daemon().is_some_and(Daemon::is_running)
     }
 
     /// Starts gateway `i`'s strongSwan again.

@@ -169,7 +169,8 @@ aes256gcm16-prfsha256-modp2048,aes256-sha256-curve25519";
 pub const GATEWAY_ESP_PROPOSALS: &str = "aes256gcm16,aes128gcm16,aes256-sha1,aes128-sha1,aes256-sha256,aes256gcm16-ecp384,aes128gcm16-ecp256";
 
 /// swanctl.conf of a gateway instance: the Azure side, a responder with
-/// 0.0.0.0/0 selectors narrowed to what on-prem proposes.
+/// 0.0.0.0/0 selectors narrowed to what on-prem proposes. `child_lifetimes`
+/// are the CHILD_SA's swanctl lifetime lines (`rekey_time = 27000s`, ...).
 pub fn gateway_swanctl(
     me: Ipv4Addr,
     peer: Ipv4Addr,
@@ -177,6 +178,7 @@ pub fn gateway_swanctl(
     ike: &str,
     esp: &str,
     initiate: bool,
+    child_lifetimes: &str,
 ) -> String {
     let start_action = if initiate { "start" } else { "none" };
     format!(
@@ -202,7 +204,7 @@ pub fn gateway_swanctl(
                 local_ts = 0.0.0.0/0
                 remote_ts = 0.0.0.0/0
                 esp_proposals = {esp}
-                rekey_time = 27000s
+                {child_lifetimes}
                 start_action = {start_action}
                 dpd_action = clear
             }}

@@ -377,6 +377,20 @@ pub fn accepted_ike(
 
 /// Initiator: the responder's single ESP proposal, checked against our
 /// offer; returns the suite and the responder's SPI.
+/// The peer's proposals that do without a Diffie-Hellman exchange (none
+/// offered, or NONE among them): what a responder without PFS may choose
+/// when the request carries a KE payload anyway (RFC 7296 §1.3.1: KEr only
+/// if the selected suite includes that group).
+pub fn without_pfs(peer: &[Proposal]) -> Vec<Proposal> {
+    peer.iter()
+        .filter(|p| {
+            let dh = offered(p).dh;
+            dh.is_empty() || dh.contains(&None)
+        })
+        .cloned()
+        .collect()
+}
+
 pub fn accepted_esp(
     ours: &[EspProposal],
     answer: &[Proposal],

@@ -321,6 +321,11 @@ pub struct PeerConfig {
     pub retransmit_tries: u32,
     /// Answer IKE_SA_INIT with a COOKIE first (RFC 7296 §2.6).
     pub require_cookie: bool,
+    /// With this many half-open IKE_SAs (IKE_SA_INIT answered, no IKE_AUTH
+    /// yet), IKE_SA_INIT is answered with a stateless COOKIE only (§2.6).
+    pub cookie_threshold: usize,
+    /// With this many, IKE_SA_INIT is dropped.
+    pub half_open_limit: usize,
     /// Claim to be behind a NAT so that ESP is always UDP-encapsulated
     /// (RFC 3948), as strongSwan's libipsec does.
     pub force_encap: bool,
@@ -361,6 +366,8 @@ impl PeerConfig {
             retransmit_timeout: Duration::from_secs(2),
             retransmit_tries: 5,
             require_cookie: false,
+            cookie_threshold: 5,
+            half_open_limit: 25,
             force_encap: false,
         }
     }

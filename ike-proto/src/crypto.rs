@@ -2,7 +2,7 @@
 //! functions and prf+, SKEYSEED and the SK_* keys, CHILD_SA KEYMAT, PSK
 //! authentication, NAT detection hashes, and Diffie-Hellman.
 //!
-//! Randomness comes from the caller ([`ring::rand::SecureRandom`]): the core
+//! Randomness comes from the caller ([`crate::random::Random`]): the core
 //! has no global state.
 
 use core::fmt;
@@ -11,7 +11,9 @@ use crypto_bigint::{
     Encoding, U1024, U2048, Uint,
     modular::runtime_mod::{DynResidue, DynResidueParams},
 };
-use ring::{agreement, hmac, rand::SecureRandom};
+use ring::{agreement, hmac};
+
+use crate::random::Random;
 use subtle::{ConstantTimeEq, ConstantTimeGreater, ConstantTimeLess};
 use xesp_esp::alg::Suite;
 use zeroize::{Zeroize, Zeroizing};
@@ -263,9 +265,14 @@ where
 
 impl DhPrivate {
     /// Picks a private value and computes our public value.
-    pub fn generate(group: DhGroup, rng: &dyn SecureRandom) -> Result<Self, CryptoError> {
+    ///
+    /// MODP private values come from `rng`. ring draws elliptic-curve
+    /// private keys only from its own system generator, so with ECP groups
+    /// and Curve25519 the key bytes differ between runs even with a seeded
+    /// `rng`; no decision of the protocol depends on them.
+    pub fn generate(group: DhGroup, rng: &dyn Random) -> Result<Self, CryptoError> {
         let ecdh = |alg: &'static agreement::Algorithm| -> Result<Self, CryptoError> {
-            let k = agreement::EphemeralPrivateKey::generate(alg, rng)
+            let k = agreement::EphemeralPrivateKey::generate(alg, &ring::rand::SystemRandom::new())
                 .map_err(|_| CryptoError::Random)?;
             let pk = k.compute_public_key().map_err(|_| CryptoError::Random)?;
             // RFC 5903 §7: x || y, without the uncompressed-point 0x04 octet.
@@ -285,7 +292,7 @@ impl DhPrivate {
             DhGroup::Curve25519 => ecdh(&agreement::X25519),
             DhGroup::Modp1024 | DhGroup::Modp2048 => {
                 let mut x = Zeroizing::new(vec![0u8; MODP_EXPONENT_BITS / 8]);
-                rng.fill(&mut x).map_err(|_| CryptoError::Random)?;
+                rng.fill(&mut x[..]).map_err(|_| CryptoError::Random)?;
                 x[0] |= 0x80;
                 let public = if group == DhGroup::Modp1024 {
                     modp_pow::<{ U1024::LIMBS }>(MODP1024_P, &[2], &x)
@@ -303,7 +310,7 @@ impl DhPrivate {
                 let q = crypto_bigint::U256::from_be_hex(MODP2048S256_Q);
                 let x = loop {
                     let mut b = Zeroizing::new([0u8; 32]);
-                    rng.fill(&mut *b).map_err(|_| CryptoError::Random)?;
+                    rng.fill(&mut b[..]).map_err(|_| CryptoError::Random)?;
                     let v = crypto_bigint::U256::from_be_slice(&*b);
                     if bool::from(v.ct_lt(&q)) && v != crypto_bigint::U256::ZERO {
                         break Zeroizing::new(b.to_vec());
@@ -516,7 +523,7 @@ impl fmt::Debug for Psk {
 }
 
 /// AUTH with a shared key (§2.15): prf(prf(PSK, "Key Pad for IKEv2"),
-/// <SignedOctets>), where SignedOctets = the sender's first message |
+/// `<SignedOctets>`), where SignedOctets = the sender's first message |
 /// the peer's nonce | prf(SK_p, the sender's ID payload body).
 pub fn psk_auth(
     prf: Prf,
@@ -554,11 +561,10 @@ pub fn nat_detection_hash(spi_i: u64, spi_r: u64, addr: std::net::IpAddr, port: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ring::rand::SystemRandom;
 
     #[test]
     fn every_group_agrees_with_itself() {
-        let rng = SystemRandom::new();
+        let rng = crate::random::SeededRandom::new(1);
         for g in DhGroup::ALL {
             let a = DhPrivate::generate(g, &rng).unwrap();
             let b = DhPrivate::generate(g, &rng).unwrap();
@@ -573,7 +579,7 @@ mod tests {
 
     #[test]
     fn bad_public_values_are_refused() {
-        let rng = SystemRandom::new();
+        let rng = crate::random::SeededRandom::new(1);
         for g in DhGroup::ALL {
             let len = g.public_len();
             // 1 as the group encodes it: big-endian, but little-endian for X25519,

@@ -4,8 +4,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::connection::ConnStats;
-
 /// One tunnel.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConnStatus {
@@ -63,4 +61,32 @@ pub struct ChildStatus {
     pub age_secs: u64,
     pub rekey_in_secs: u64,
     pub lifetime_secs: u64,
+}
+
+/// What one connection counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnStats {
+    pub ike_sas_established: u64,
+    pub child_sas_installed: u64,
+    pub rekeys: u64,
+    pub retransmits: u64,
+    pub dpd_failures: u64,
+    pub auth_failures: u64,
+    /// Messages dropped before they changed anything.
+    pub invalid_messages: u64,
+    /// CREATE_CHILD_SA requests of ours the peer refused.
+    pub child_sa_refusals: u64,
+    /// CHILD_SAs ended by their hard lifetime (time, bytes or sequence numbers).
+    pub child_sa_hard_expiries: u64,
+    /// Crossing rekeys (§2.8.1, §2.8.2) in which ours survived, or went.
+    pub rekey_collisions_won: u64,
+    pub rekey_collisions_lost: u64,
+    /// IKE_SA_INIT requests answered with a COOKIE only (§2.6).
+    pub cookies_sent: u64,
+    /// IKE_SA_INIT requests dropped at the half-open limit.
+    pub half_open_drops: u64,
+    /// CHILD_SA negotiations refused for more traffic selectors than allowed.
+    pub selector_overflows: u64,
+    /// Diffie-Hellman computations for the peer's IKE_SA_INIT.
+    pub responder_key_exchanges: u64,
 }

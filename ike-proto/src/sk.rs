@@ -1,7 +1,7 @@
 //! The Encrypted and Authenticated payload, SK{...} (RFC 7296 §3.14; with
 //! AES-GCM, RFC 5282), on the transforms of `xesp_esp`.
 
-use ring::rand::SecureRandom;
+use crate::random::Random;
 use xesp_esp::{
     alg::Suite,
     crypto::{Cipher, CryptoError, Mac},
@@ -27,6 +27,8 @@ pub enum SkError {
     Inner(#[from] DecodeError),
     #[error("SK keys: {0}")]
     Key(CryptoError),
+    #[error("the message would exceed 64 KiB")]
+    TooLong,
     #[error("random number generator failed")]
     Random,
 }
@@ -62,14 +64,27 @@ impl SkCipher {
     /// Builds a whole message: `header` and SK{`inner`}.
     pub fn seal(
         &self,
-        mut header: Header,
+        header: Header,
         inner: &[Payload],
-        rng: &dyn SecureRandom,
+        rng: &dyn Random,
+    ) -> Result<Vec<u8>, SkError> {
+        let mut plain = Vec::new();
+        let first = emit_payloads(inner, &mut plain);
+        self.seal_plain(header, first, plain, rng)
+    }
+
+    /// Builds a whole message around payload octets as they are, `first`
+    /// naming the first one's type (for peers in tests and fuzzing that
+    /// send what a real peer would not).
+    pub fn seal_plain(
+        &self,
+        mut header: Header,
+        first: PayloadType,
+        mut plain: Vec<u8>,
+        rng: &dyn Random,
     ) -> Result<Vec<u8>, SkError> {
         let encr = self.suite.encr;
         let (iv_len, icv_len) = (encr.iv_len(), self.suite.icv_len());
-        let mut plain = Vec::new();
-        let first = emit_payloads(inner, &mut plain);
         // Pad Length last; CBC needs whole blocks, GCM none (RFC 5282 §3).
         let block = if encr.is_aead() { 1 } else { encr.block_len() };
         let pad = (block - (plain.len() + 1) % block) % block;
@@ -78,12 +93,13 @@ impl SkCipher {
 
         let sk_len = 4 + iv_len + plain.len() + icv_len;
         let total = HEADER_LEN + sk_len;
+        let sk_len = u16::try_from(sk_len).map_err(|_| SkError::TooLong)?;
         header.next_payload = PayloadType::SK;
         let mut out = Vec::with_capacity(total);
         header.emit(&mut out, total);
         out.push(first.0);
         out.push(0);
-        out.extend_from_slice(&(sk_len as u16).to_be_bytes());
+        out.extend_from_slice(&sk_len.to_be_bytes());
         let iv_at = out.len();
         out.resize(iv_at + iv_len, 0);
         rng.fill(&mut out[iv_at..]).map_err(|_| SkError::Random)?;
@@ -169,10 +185,9 @@ impl SkCipher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::codec::{
+    use crate::codec::{
         ExchangeType, FLAG_INITIATOR, IKE_VERSION, IdType, Identification, Notify, NotifyType,
     };
-    use ring::rand::SystemRandom;
     use xesp_esp::alg::{AesKeyBits, Encr, Integ};
 
     fn header() -> Header {
@@ -203,7 +218,7 @@ mod tests {
 
     #[test]
     fn seal_open_for_each_suite_and_tamper_anywhere() {
-        let rng = SystemRandom::new();
+        let rng = crate::random::SeededRandom::new(1);
         for suite in [
             Suite::new(
                 Encr::AesCbc(AesKeyBits::B256),

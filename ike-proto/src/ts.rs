@@ -6,6 +6,10 @@ use std::net::Ipv4Addr;
 
 use super::codec::{TrafficSelector, TsType};
 
+/// The most traffic selectors one TS payload may carry, received or sent
+/// (the wire's count is one octet; a route-based tunnel needs a few).
+pub const MAX_SELECTORS: usize = 16;
+
 /// One IPv4 traffic selector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct TsRange {

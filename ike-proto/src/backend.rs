@@ -12,7 +12,7 @@ use xesp_esp::{
 };
 use zeroize::Zeroizing;
 
-use crate::proto::ts::TsRange;
+use crate::ts::TsRange;
 
 /// Which way an SA carries traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -88,10 +88,24 @@ impl ChildSaSpec {
     }
 }
 
-/// A datapath refused something.
+/// What a datapath refused, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("datapath: {0}")]
-pub struct BackendError(pub String);
+pub enum BackendError {
+    #[error("no free inbound SPI")]
+    NoFreeSpi,
+    #[error("the random number generator failed")]
+    Random,
+    #[error("tunnel {0} has no device")]
+    NoTunnel(u32),
+    #[error("SPI {spi:08x}: {reason}")]
+    Unsupported { spi: u32, reason: String },
+    #[error("SPI {spi:08x} ({direction:?}) is not installed")]
+    NoSuchSa { spi: u32, direction: Direction },
+    #[error("SPI {spi:08x}: {reason}")]
+    Invalid { spi: u32, reason: String },
+    #[error("the datapath failed: {0}")]
+    System(String),
+}
 
 /// What the controller asks of a datapath. Calls are made in the order that
 /// keeps traffic flowing across rekeys (make-before-break): a new inbound SA
@@ -104,6 +118,15 @@ pub trait SaBackend {
     fn install(&mut self, sa: &ChildSaSpec) -> Result<(), BackendError>;
     /// Makes `spi` the outbound SA of `tunnel`, or takes the tunnel down.
     fn route(&mut self, tunnel: u32, outbound_spi: Option<u32>) -> Result<(), BackendError>;
+    /// Moves one direction to new outer endpoints: the peer's NAT mapping
+    /// changed (RFC 7296 §2.23; strongSwan's `update_sa`).
+    fn update(
+        &mut self,
+        spi: u32,
+        direction: Direction,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> Result<(), BackendError>;
     /// Removes one direction (not an error if it is already gone).
     fn delete(&mut self, spi: u32, direction: Direction) -> Result<(), BackendError>;
     /// Counters of one direction, if installed.
@@ -125,6 +148,11 @@ pub enum BackendCall {
         tunnel: u32,
         spi: Option<u32>,
     },
+    Update {
+        spi: u32,
+        direction: Direction,
+        remote: SocketAddr,
+    },
     Delete {
         spi: u32,
         direction: Direction,
@@ -140,8 +168,8 @@ pub struct RecordingBackend {
     pub installed: Vec<ChildSaSpec>,
     pub routes: std::collections::HashMap<u32, Option<u32>>,
     pub counters: std::collections::HashMap<(u32, Direction), SaCounters>,
-    /// When set, `install` fails with this message.
-    pub fail_install: Option<String>,
+    /// When set, `install` fails with this error.
+    pub fail_install: Option<BackendError>,
 }
 
 impl RecordingBackend {
@@ -173,8 +201,8 @@ impl SaBackend for RecordingBackend {
     }
 
     fn install(&mut self, sa: &ChildSaSpec) -> Result<(), BackendError> {
-        if let Some(m) = &self.fail_install {
-            return Err(BackendError(m.clone()));
+        if let Some(e) = &self.fail_install {
+            return Err(e.clone());
         }
         self.calls.push(BackendCall::Install {
             tunnel: sa.tunnel,
@@ -192,6 +220,28 @@ impl SaBackend for RecordingBackend {
     fn route(&mut self, tunnel: u32, spi: Option<u32>) -> Result<(), BackendError> {
         self.calls.push(BackendCall::Route { tunnel, spi });
         self.routes.insert(tunnel, spi);
+        Ok(())
+    }
+
+    fn update(
+        &mut self,
+        spi: u32,
+        direction: Direction,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> Result<(), BackendError> {
+        let sa = self
+            .installed
+            .iter_mut()
+            .find(|s| s.spi == spi && s.direction == direction)
+            .ok_or(BackendError::NoSuchSa { spi, direction })?;
+        sa.local = local;
+        sa.remote = remote;
+        self.calls.push(BackendCall::Update {
+            spi,
+            direction,
+            remote,
+        });
         Ok(())
     }
 
