@@ -24,10 +24,10 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use self::{
-    bird::{Bird, PeerRoute},
+    bird::Bird,
     strongswan::Charon,
     topology::{GW_BGP, GW_PUBLIC, Namespaces, ONPREM_PUBLIC},
-    xesp::{TUNNEL_IFS, Xesp, XespSettings},
+    xesp::{Xesp, XespSettings},
 };
 use crate::{
     netns::{self, Daemon, Netns, wait_until},
@@ -189,13 +189,8 @@ impl Lab {
             ))?;
             let d = gw.charon.start(&lab.ns.onprem)?;
             lab.daemons.push(d);
-            gw.bird.write_conf(&bird::onprem_conf(
-                &gw.bird,
-                &[
-                    PeerRoute::OnLink("ipsec0".into()),
-                    PeerRoute::OnLink("ipsec0".into()),
-                ],
-            ))?;
+            gw.bird
+                .write_conf(&bird::standin_conf(&gw.bird, "ipsec0"))?;
             // BIRD needs ipsec0, which libipsec creates at start-up.
             if !wait_until(Duration::from_secs(10), || {
                 lab.ns.onprem.ip(&["link", "show", "ipsec0"]).is_ok()
@@ -216,13 +211,11 @@ impl Lab {
             );
             let dir = lab.dir.join("onprem");
             let (x, bird) = (Xesp::at(&dir), Bird::at(&dir));
-            x.write_conf(&x.config(&lab.config.psk, &lab.config.xesp, &bird.ctl()))?;
+            x.write_conf(&lab.config.psk, &lab.config.xesp, &bird.ctl())?;
             let d = x.start(&lab.ns.onprem)?;
             lab.daemons.push(d);
-            bird.write_conf(&bird::onprem_conf(
-                &bird,
-                &TUNNEL_IFS.map(|t| PeerRoute::Device(t.into())),
-            ))?;
+            // BIRD as xesp bgp-config --bird writes it, checked by BIRD itself.
+            bird.write_conf(&x.bird_conf(&bird)?)?;
             let d = bird.start(&lab.ns.onprem)?;
             lab.daemons.push(d);
             lab.xesp = Some((x, bird));
