@@ -8,6 +8,7 @@
 //! DMZ XDP filter.
 
 pub mod backend;
+mod workers;
 
 use std::{
     io,
@@ -27,7 +28,6 @@ use datapath_user::{
     sadb::SaDb,
     slowpath::{SlowCounters, SlowPath, raw_esp_socket},
     tun::Tun,
-    worker::{Worker, WorkerCounters},
     xdp::{XdpAttach, XdpPrograms},
     xsk::XskError,
 };
@@ -40,7 +40,7 @@ use tokio::{
 use xesp_common::{LanCounter, SteerCounter};
 use xesp_esp::sa::{DropReason, Expiry};
 
-use self::backend::UserBackend;
+use self::{backend::UserBackend, workers::Workers};
 use crate::{
     config::{Config, DatapathMode},
     control::{self, DeviceStatus, STATUS_REQUEST, TunnelStatus},
@@ -62,6 +62,8 @@ pub enum DaemonError {
     Datapath(#[from] DatapathError),
     #[error(transparent)]
     Xsk(#[from] XskError),
+    #[error("{0}")]
+    Workers(String),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DaemonError {
@@ -112,7 +114,7 @@ struct Driver {
     udp500: tokio::net::UdpSocket,
     udp4500: Arc<UdpSocket>,
     slow: Arc<SlowCounters>,
-    workers: Option<Arc<WorkerCounters>>,
+    workers: Option<Workers>,
     started_utc: String,
 }
 
@@ -293,12 +295,7 @@ impl Driver {
             workers: self
                 .workers
                 .as_ref()
-                .map(|w| {
-                    w.snapshot()
-                        .into_iter()
-                        .map(|(k, v)| (k.to_string(), v))
-                        .collect()
-                })
+                .map(Workers::snapshot)
                 .unwrap_or_default(),
             socket_path: self
                 .slow
@@ -477,44 +474,24 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
         counters: slow.clone(),
         stop: stop.clone(),
     });
-    let mut worker_threads = Vec::new();
     let workers = match &mut xdp {
         None => None,
         Some(x) => {
-            let counters = Arc::new(WorkerCounters::default());
             let lan_if = &cfg.device.lan_interfaces[0];
             let queues = queue_count(&cfg.device.dmz_interface).min(queue_count(lan_if));
-            for q in 0..queues {
-                let (w, socks) = Worker::new(
-                    q,
-                    &cfg.device.dmz_interface,
-                    lan_if,
-                    path.clone(),
-                    counters.clone(),
-                )?;
-                for (t, fd) in socks.dmz.iter().enumerate() {
-                    if let Some(fd) = fd {
-                        x.bind_dmz_xsk(q, t as u32, *fd)?;
-                    }
-                }
-                for (t, fd) in socks.lan.iter().enumerate() {
-                    if let Some(fd) = fd {
-                        x.bind_lan_xsk(q, t as u32, *fd)?;
-                    }
-                }
-                let stop = stop.clone();
-                worker_threads.push(
-                    std::thread::Builder::new()
-                        .name(format!("xsk-q{q}"))
-                        .spawn(move || w.run(stop))
-                        .map_err(io_err("starting an AF_XDP worker"))?,
-                );
-            }
+            let w = Workers::start(
+                queues,
+                &cfg.device.dmz_interface,
+                lan_if,
+                path.clone(),
+                x,
+                stop.clone(),
+            )?;
             log::info!(
                 "{queues} AF_XDP worker(s) on {} and {lan_if}",
                 cfg.device.dmz_interface
             );
-            Some(counters)
+            Some(w)
         }
     };
     // IKE on UDP 4500 reaches the IKE task through a bounded queue, and only
@@ -570,6 +547,7 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
     // Until `xesp reload` exists, SIGHUP must not end the daemon without
     // its DELETEs (its default action): it is logged and ignored.
     let mut hup = signal(SignalKind::hangup()).map_err(io_err("SIGHUP handler"))?;
+    let mut failed = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut buf = vec![0u8; 65536];
     loop {
@@ -593,6 +571,13 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
             _ = tokio::time::sleep_until(deadline.into()) => {}
             _ = tick.tick() => {
                 d.expiries();
+                if let (Some(w), Some(x)) = (&mut d.workers, &mut d.backend.xdp)
+                    && let Err(e) = w.watch(x, Instant::now())
+                {
+                    log::error!("{e}");
+                    failed = Some(e);
+                    break;
+                }
                 if let Some(x) = &mut d.backend.xdp {
                     x.flush_logs();
                 }
@@ -625,8 +610,9 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
     control_task.abort();
     let _ = std::fs::remove_file(&sock_path);
     stop.store(true, Ordering::Relaxed);
-    for t in threads.handles.into_iter().chain(worker_threads) {
+    let workers = d.workers.take().into_iter().flat_map(Workers::into_handles);
+    for t in threads.handles.into_iter().chain(workers) {
         let _ = t.join();
     }
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }

@@ -62,6 +62,8 @@ pub struct LabConfig {
     pub gateway_initiates: bool,
     /// The gateways' CHILD_SA lifetimes, as swanctl.conf lines.
     pub gateway_child_lifetimes: String,
+    /// Environment variables for xesp (e.g. `XESP_FAULT_INJECT` in tests).
+    pub xesp_env: Vec<(String, String)>,
 }
 
 impl Default for LabConfig {
@@ -76,6 +78,7 @@ impl Default for LabConfig {
             xesp: XespSettings::default(),
             gateway_initiates: false,
             gateway_child_lifetimes: "rekey_time = 27000s".to_string(),
+            xesp_env: Vec::new(),
         }
     }
 }
@@ -212,7 +215,7 @@ impl Lab {
             let dir = lab.dir.join("onprem");
             let (x, bird) = (Xesp::at(&dir), Bird::at(&dir));
             x.write_conf(&lab.config.psk, &lab.config.xesp, &bird.ctl())?;
-            let d = x.start(&lab.ns.onprem)?;
+            let d = x.start(&lab.ns.onprem, &lab.config.xesp_env)?;
             lab.daemons.push(d);
             // BIRD as xesp bgp-config --bird writes it, checked by BIRD itself.
             bird.write_conf(&x.bird_conf(&bird)?)?;
@@ -352,6 +355,11 @@ impl Lab {
     /// Whether the xesp daemon still runs.
     pub fn xesp_running(&mut self) -> bool {
         self.xesp_daemon().is_some_and(Daemon::is_running)
+    }
+
+    /// The xesp daemon's exit code, once it has exited.
+    pub fn xesp_exit_code(&mut self) -> Option<i32> {
+        self.xesp_daemon().and_then(Daemon::exit_code)
     }
 
     /// Starts gateway `i`'s strongSwan again.

@@ -265,10 +265,11 @@ impl Xesp {
     }
 
     /// Starts `xesp run` in `ns`; waits for its control socket.
-    pub fn start(&self, ns: &Netns) -> Result<Daemon> {
+    pub fn start(&self, ns: &Netns, env: &[(String, String)]) -> Result<Daemon> {
         let _ = fs::remove_file(self.socket());
         let log = fs::File::create(self.log())?;
         let mut cmd = ns.cmd(binary()?);
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         cmd.arg("run")
             .arg("-c")
             .arg(self.conf())
