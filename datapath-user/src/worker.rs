@@ -30,7 +30,7 @@ use xesp_esp::wire::{Outer, parse_outer};
 use crate::{
     mss::{Clamp, checksum_replace, clamp_mss},
     netlink::ifindex,
-    nexthop::{NextHop, NextHops},
+    nexthop::{NextHop, NextHopStats, NextHops},
     slowpath::SlowPath,
     xsk::{Frame, KernelDrops, Port, PortConfig, SockId, Verdict, XskError},
 };
@@ -74,6 +74,12 @@ pub struct WorkerCounters {
     pub xsk_fill_ring_empty: AtomicU64,
     /// TX descriptors the kernel refused.
     pub xsk_tx_invalid: AtomicU64,
+    /// The next-hop caches' kernel lookups, and the destinations not looked
+    /// up because the lookup budget was spent (sent through the stack).
+    pub nexthop_lookups: AtomicU64,
+    pub nexthop_rate_limited: AtomicU64,
+    /// A frame without room for the Ethernet header in front of the packet.
+    pub no_headroom: AtomicU64,
 }
 
 impl WorkerCounters {
@@ -94,6 +100,9 @@ impl WorkerCounters {
             ("xsk_rx_dropped", g(&self.xsk_rx_dropped)),
             ("xsk_fill_ring_empty", g(&self.xsk_fill_ring_empty)),
             ("xsk_tx_invalid", g(&self.xsk_tx_invalid)),
+            ("nexthop_lookups", g(&self.nexthop_lookups)),
+            ("nexthop_rate_limited", g(&self.nexthop_rate_limited)),
+            ("no_headroom", g(&self.no_headroom)),
         ]
     }
 }
@@ -173,6 +182,7 @@ impl Worker {
         let (dmz_tx, lan_tx) = (self.dmz[0], self.lan[0]);
         let mut tx_full_seen = 0;
         let mut drops_seen = KernelDrops::default();
+        let mut hops_seen = NextHopStats::default();
         let mut drops_read = Instant::now();
         let mut busy = false;
         while !stop.load(Ordering::Relaxed) {
@@ -213,9 +223,22 @@ impl Worker {
             if now.duration_since(drops_read) >= DROPS_EVERY {
                 drops_read = now;
                 drops_seen = self.add_kernel_drops(drops_seen);
+                hops_seen = self.add_nexthop_stats(&hops, hops_seen);
             }
         }
         self.add_kernel_drops(drops_seen);
+        self.add_nexthop_stats(&hops, hops_seen);
+    }
+
+    /// Adds the next-hop cache's lookups since `seen` to the counters.
+    fn add_nexthop_stats(&self, hops: &NextHops, seen: NextHopStats) -> NextHopStats {
+        let now = hops.stats();
+        let c = &self.counters;
+        c.nexthop_lookups
+            .fetch_add(now.lookups - seen.lookups, Ordering::Relaxed);
+        c.nexthop_rate_limited
+            .fetch_add(now.rate_limited - seen.rate_limited, Ordering::Relaxed);
+        now
     }
 
     /// Adds the kernel's drops since `seen` to the counters; returns the new totals.
@@ -334,7 +357,10 @@ impl Ctx<'_> {
                 {
                     count(&self.c.mss_clamped);
                 }
-                let at = inner.start - ETH_HLEN;
+                let Some(at) = inner.start.checked_sub(ETH_HLEN) else {
+                    count(&self.c.no_headroom);
+                    return Verdict::Drop;
+                };
                 write_eth(f.buf, at, src, dst, ETH_P_IP);
                 count(&self.c.decap_forwarded);
                 return Verdict::Transmit {
@@ -376,7 +402,10 @@ impl Ctx<'_> {
         };
         match self.hops.resolve(t.remote, self.now) {
             NextHop::Ether { ifindex, src, dst } if ifindex == self.dmz_ifindex => {
-                let at = outer.start - ETH_HLEN;
+                let Some(at) = outer.start.checked_sub(ETH_HLEN) else {
+                    count(&self.c.no_headroom);
+                    return Verdict::Drop;
+                };
                 write_eth(f.buf, at, src, dst, ETH_P_IP);
                 count(&self.c.encap_sent);
                 Verdict::Transmit {
