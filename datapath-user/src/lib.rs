@@ -3,6 +3,7 @@
 pub mod mss;
 pub mod netlink;
 pub mod nexthop;
+pub mod rxq;
 pub mod sadb;
 pub mod slowpath;
 pub mod tun;

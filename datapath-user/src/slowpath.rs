@@ -36,6 +36,7 @@ use xesp_esp::{
 
 use crate::{
     mss::{Clamp, clamp_mss},
+    rxq,
     sadb::SaDb,
     tun::Tun,
 };
@@ -65,6 +66,16 @@ pub struct SlowCounters {
     pub tun_malformed: AtomicU64,
     /// TCP SYNs whose MSS was lowered.
     pub mss_clamped: AtomicU64,
+    /// IKE from an address that is no configured peer (UDP 500 or 4500),
+    /// dropped before it was queued for the IKE daemon.
+    pub ike_not_peer: AtomicU64,
+    /// IKE dropped because the queue to the IKE daemon was full.
+    pub ike_queue_full: AtomicU64,
+    /// Datagrams the kernel dropped at a full receive buffer (SO_RXQ_OVFL),
+    /// per socket: UDP 500, UDP 4500, raw ESP.
+    pub udp500_buffer_drops: AtomicU64,
+    pub udp4500_buffer_drops: AtomicU64,
+    pub esp_buffer_drops: AtomicU64,
 }
 
 impl SlowCounters {
@@ -78,6 +89,11 @@ impl SlowCounters {
             ("send_errors", g(&self.send_errors)),
             ("tun_malformed", g(&self.tun_malformed)),
             ("mss_clamped", g(&self.mss_clamped)),
+            ("ike_not_peer", g(&self.ike_not_peer)),
+            ("ike_queue_full", g(&self.ike_queue_full)),
+            ("udp500_buffer_drops", g(&self.udp500_buffer_drops)),
+            ("udp4500_buffer_drops", g(&self.udp4500_buffer_drops)),
+            ("esp_buffer_drops", g(&self.esp_buffer_drops)),
         ]
     }
 }
@@ -120,6 +136,8 @@ impl SlowPath {
         ike: impl Fn(SocketAddr, &[u8]) + Send + 'static,
     ) -> io::Result<SlowPathThreads> {
         self.udp4500.set_read_timeout(Some(TICK))?;
+        rxq::enable(self.udp4500.as_raw_fd())?;
+        rxq::enable(self.raw_esp.as_raw_fd())?;
         let mut handles = Vec::new();
         for n in 0..self.tuns.len() {
             let me = self.clone();
@@ -239,8 +257,15 @@ impl SlowPath {
     fn udp_loop(&self, ike: impl Fn(SocketAddr, &[u8])) {
         let mut buf = vec![0u8; MAX_PACKET + 64];
         while !self.stop.load(Ordering::Relaxed) {
-            let (len, from) = match self.udp4500.recv_from(&mut buf) {
-                Ok(x) => x,
+            let (len, from) = match rxq::recv(self.udp4500.as_raw_fd(), &mut buf) {
+                Ok(r) => {
+                    rxq::note(&self.counters.udp4500_buffer_drops, &r);
+                    let Some(from) = r.from else {
+                        Self::count(&self.counters.malformed);
+                        continue;
+                    };
+                    (r.len, from)
+                }
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -274,19 +299,11 @@ impl SlowPath {
     fn raw_loop(&self) {
         let mut buf = vec![0u8; MAX_PACKET + 64];
         while !self.stop.load(Ordering::Relaxed) {
-            // SAFETY: recv on a valid socket into buf.
-            let n = unsafe {
-                libc::recv(
-                    self.raw_esp.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    0,
-                )
-            };
-            if n <= 0 {
+            let Ok(r) = rxq::recv(self.raw_esp.as_raw_fd(), &mut buf) else {
                 continue;
-            }
-            match parse_outer(&buf[..n as usize]) {
+            };
+            rxq::note(&self.counters.esp_buffer_drops, &r);
+            match parse_outer(&buf[..r.len]) {
                 Ok(Outer::Esp { spi, esp, .. }) => self.receive_esp(&mut buf, spi, esp),
                 _ => Self::count(&self.counters.malformed),
             }

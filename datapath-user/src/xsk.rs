@@ -493,7 +493,7 @@ impl Port {
         };
         match (f(buf), self.socks.get_mut(on.0)) {
             (Some((offset, len)), Some(s))
-                if offset + len <= fs
+                if offset.checked_add(len).is_some_and(|end| end <= fs)
                     && s.tx.is_some()
                     && s.tx_batch.len() < s.tx_batch.capacity() =>
             {

@@ -18,6 +18,21 @@ use ike_proto::{
     ts::TsRange,
 };
 
+mod bgp;
+pub mod limits;
+mod perms;
+mod syntax;
+#[cfg(test)]
+mod tests_table;
+
+pub use bgp::{AZURE_RESERVED_ASNS, Bgp, reserved_asn};
+pub use syntax::SyntaxError;
+
+use limits::{
+    CHILD_LIFETIME_KB, DPD_INTERVAL, DPD_RETRY, DPD_TRIES, LIFETIME, MSS_CLAMP, REPLAY_WINDOW,
+    TUNNEL_MTU, max_xdp_tunnel_mtu,
+};
+
 /// A configuration problem, naming the field.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -26,10 +41,19 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: {message}")]
-    Syntax { path: PathBuf, message: String },
+    /// The TOML itself is wrong; never shows a line that may hold a secret.
+    #[error("{path}: {error}")]
+    Syntax { path: PathBuf, error: SyntaxError },
     #[error("{field}: {reason}")]
     Field { field: String, reason: String },
+    /// A value outside what can work.
+    #[error("{field} = {value}: {reason} (allowed: {allowed})")]
+    Range {
+        field: String,
+        value: String,
+        reason: String,
+        allowed: String,
+    },
 }
 
 fn field(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
@@ -58,6 +82,8 @@ struct File {
     dmz: DmzFile,
     #[serde(default)]
     ike: IkeFile,
+    #[serde(default)]
+    bgp: Option<bgp::BgpFile>,
     #[serde(default, rename = "tunnel")]
     tunnels: Vec<TunnelFile>,
 }
@@ -75,9 +101,9 @@ struct DeviceFile {
     #[serde(default = "default_socket")]
     control_socket: PathBuf,
     #[serde(default = "default_mss")]
-    mss_clamp: u16,
+    mss_clamp: i64,
     #[serde(default = "default_mtu")]
-    tunnel_mtu: u16,
+    tunnel_mtu: i64,
     #[serde(default)]
     bird_socket: Option<PathBuf>,
 }
@@ -91,10 +117,10 @@ fn default_datapath() -> DatapathMode {
 fn default_socket() -> PathBuf {
     "/run/xesp/xesp.sock".into()
 }
-fn default_mss() -> u16 {
+fn default_mss() -> i64 {
     1350
 }
-fn default_mtu() -> u16 {
+fn default_mtu() -> i64 {
     1400
 }
 
@@ -112,7 +138,7 @@ struct DmzFile {
 struct DpdFile {
     interval: Option<String>,
     retry: Option<String>,
-    tries: Option<u32>,
+    tries: Option<i64>,
     on_demand: Option<bool>,
 }
 
@@ -126,10 +152,10 @@ struct IkeFile {
     allow_legacy: Option<bool>,
     lifetime: Option<String>,
     child_lifetime: Option<String>,
-    child_lifetime_kb: Option<u64>,
+    child_lifetime_kb: Option<i64>,
     dpd: Option<DpdFile>,
     initiator: Option<bool>,
-    replay_window: Option<u32>,
+    replay_window: Option<i64>,
     local_ts: Option<Vec<String>>,
     remote_ts: Option<Vec<String>>,
 }
@@ -180,8 +206,12 @@ pub struct Config {
     /// IPv4, IPv6 and ARP, a third VLAN tag) instead of dropping them.
     pub dmz_pass_unclassified: bool,
     pub tunnels: Vec<Tunnel>,
-    /// Things worth a warning (weak PSK, legacy algorithms).
+    /// `[bgp]`, for `xesp bgp-config`.
+    pub bgp: Option<Bgp>,
+    /// Things worth a warning (weak PSK, legacy algorithms, risky values).
     pub warnings: Vec<String>,
+    /// A `psk` is written in the file itself.
+    psk_inline: bool,
 }
 
 /// Parses `30s`, `10m`, `8h`, `7h30m`, `1d` or plain seconds.
@@ -212,7 +242,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     (any && num.is_empty()).then(|| Duration::from_secs(total))
 }
 
-fn ipv4(field_name: &str, s: &str) -> Result<Ipv4Addr, ConfigError> {
+pub(crate) fn ipv4(field_name: &str, s: &str) -> Result<Ipv4Addr, ConfigError> {
     Ipv4Addr::from_str(s.trim())
         .map_err(|_| field(field_name, format!("{s:?} is not an IPv4 address")))
 }
@@ -223,12 +253,20 @@ const WEAK_PSK: usize = 16;
 const MAX_TUNNELS: usize = xesp_common::MAX_TUNNELS as usize;
 
 impl Config {
+    /// Reads, parses and checks `path`; warns if it holds a pre-shared key
+    /// and other users may read it.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.into(),
             source,
         })?;
-        Self::parse(&text, path)
+        let mut c = Self::parse(&text, path)?;
+        if c.psk_inline
+            && let Some(w) = perms::secret_file_warning(path, "a pre-shared key (psk)")
+        {
+            c.warnings.push(w);
+        }
+        Ok(c)
     }
 
     /// Parses and checks `text` (read from `path`, which relative files are
@@ -236,16 +274,35 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let f: File = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: path.into(),
-            message: e.to_string(),
+            error: syntax::redact(text, &e),
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let mut warnings = Vec::new();
+        let psk_inline = f.ike.psk.is_some() || f.tunnels.iter().any(|t| t.ike.psk.is_some());
         let public = ipv4("device.public_address", &f.device.public_address)?;
-        if f.device.mss_clamp < 536 || f.device.mss_clamp > 9000 {
-            return Err(field("device.mss_clamp", "must be between 536 and 9000"));
-        }
-        if f.device.tunnel_mtu < 576 || f.device.tunnel_mtu > 9000 {
-            return Err(field("device.tunnel_mtu", "must be between 576 and 9000"));
+        let mss_clamp = MSS_CLAMP.check(
+            "device.mss_clamp",
+            f.device.mss_clamp,
+            "out of range for a TCP MSS",
+        )? as u16;
+        let tunnel_mtu = TUNNEL_MTU.check(
+            "device.tunnel_mtu",
+            f.device.tunnel_mtu,
+            "out of range for an IPv4 MTU",
+        )? as u16;
+        if f.device.datapath == DatapathMode::Xdp && u32::from(tunnel_mtu) > max_xdp_tunnel_mtu() {
+            return Err(ConfigError::Range {
+                field: "device.tunnel_mtu".into(),
+                value: tunnel_mtu.to_string(),
+                reason: format!(
+                    "with datapath = \"xdp\" an encrypted packet must fit one AF_XDP frame \
+                     ({} octets, {} of headroom, up to {} of Ethernet, IPv4, UDP, ESP and padding)",
+                    datapath_user::xsk::PortConfig::default().frame_size,
+                    limits::XDP_HEADROOM,
+                    limits::ESP_WORST_OVERHEAD
+                ),
+                allowed: format!("{} to {} octets", TUNNEL_MTU.min, max_xdp_tunnel_mtu()),
+            });
         }
         if f.device.datapath == DatapathMode::Xdp && f.device.lan_interfaces.len() != 1 {
             return Err(field(
@@ -259,8 +316,8 @@ impl Config {
             lan_interfaces: f.device.lan_interfaces,
             datapath: f.device.datapath,
             control_socket: f.device.control_socket,
-            mss_clamp: f.device.mss_clamp,
-            tunnel_mtu: f.device.tunnel_mtu,
+            mss_clamp,
+            tunnel_mtu,
             bird_socket: f.device.bird_socket,
         };
         let mut dmz_allow = Vec::new();
@@ -272,6 +329,7 @@ impl Config {
                 )
             })?);
         }
+        let bgp = f.bgp.map(|b| b.check(&mut warnings)).transpose()?;
         if f.tunnels.is_empty() {
             return Err(field("tunnel", "no [[tunnel]] configured"));
         }
@@ -306,12 +364,30 @@ impl Config {
                     format!("{remote} is used by two tunnels"),
                 ));
             }
+            if remote == public {
+                return Err(field(
+                    format!("{at}.remote"),
+                    format!(
+                        "{remote} is this device's own device.public_address; remote is the \
+                         Azure gateway instance's public IP (bgpSettings.bgpPeeringAddresses[].tunnelIpAddresses)"
+                    ),
+                ));
+            }
             let address = ipv4(&format!("{at}.address"), &t.address)?;
             let bgp_peer = t
                 .bgp_peer
                 .as_deref()
                 .map(|b| ipv4(&format!("{at}.bgp_peer"), b))
                 .transpose()?;
+            check_addresses(
+                &at,
+                &t.name,
+                address,
+                bgp_peer,
+                public,
+                &tunnels,
+                bgp.as_ref(),
+            )?;
             let ike = merge(&f.ike, &t.ike);
             let psk = match (&ike.psk, &ike.psk_file) {
                 (Some(_), Some(_)) => {
@@ -320,12 +396,15 @@ impl Config {
                 (Some(p), None) => p.clone(),
                 (None, Some(file)) => {
                     let p = base.join(file);
-                    std::fs::read_to_string(&p)
-                        .map_err(|e| {
-                            field(format!("{at}.psk_file"), format!("{}: {e}", p.display()))
-                        })?
-                        .trim_end_matches(['\n', '\r'])
-                        .to_string()
+                    let key = read_psk_file(&p).map_err(|e| {
+                        field(format!("{at}.psk_file"), format!("{}: {e}", p.display()))
+                    })?;
+                    if let Some(w) = perms::secret_file_warning(&p, "the pre-shared key")
+                        && !warnings.contains(&w)
+                    {
+                        warnings.push(w);
+                    }
+                    key
                 }
                 (None, None) => {
                     return Err(field(
@@ -352,6 +431,12 @@ impl Config {
                 Psk::new(psk.as_bytes()),
             );
             if let Some(p) = &ike.proposals {
+                if p.is_empty() {
+                    return Err(no_proposal(
+                        &format!("{at}.proposals"),
+                        "aes256-sha256-modp2048",
+                    ));
+                }
                 peer.ike_proposals = p
                     .iter()
                     .enumerate()
@@ -362,6 +447,9 @@ impl Config {
                     .collect::<Result<_, _>>()?;
             }
             if let Some(p) = &ike.esp_proposals {
+                if p.is_empty() {
+                    return Err(no_proposal(&format!("{at}.esp_proposals"), "aes256gcm16"));
+                }
                 peer.esp_proposals = p
                     .iter()
                     .enumerate()
@@ -386,45 +474,71 @@ impl Config {
                     t.name
                 ));
             }
-            let dur =
-                |name: &str, v: &Option<String>, d: Duration| -> Result<Duration, ConfigError> {
-                    match v {
-                        None => Ok(d),
-                        Some(s) => parse_duration(s).filter(|d| !d.is_zero()).ok_or_else(|| {
-                            field(
-                                format!("{at}.{name}"),
-                                format!("{s:?} is not a duration like 30s, 10m, 8h or 7h30m"),
-                            )
-                        }),
-                    }
-                };
-            let defaults = Lifetimes::default();
-            peer.lifetimes = Lifetimes {
-                ike: dur("lifetime", &ike.lifetime, defaults.ike)?,
-                child: dur("child_lifetime", &ike.child_lifetime, defaults.child)?,
-                child_bytes: ike
-                    .child_lifetime_kb
-                    .map(|kb| kb.saturating_mul(1024))
-                    .or(defaults.child_bytes),
-                ..defaults
+            let mut dur = |name: &str,
+                           v: &Option<String>,
+                           limit: &limits::DurationLimit,
+                           d: Duration|
+             -> Result<Duration, ConfigError> {
+                match v {
+                    None => Ok(d),
+                    Some(s) => limit.check(&format!("{at}.{name}"), s, &mut warnings),
+                }
             };
+            let defaults = Lifetimes::default();
+            let ike_lifetime = dur("lifetime", &ike.lifetime, &LIFETIME, defaults.ike)?;
+            let child_lifetime = dur(
+                "child_lifetime",
+                &ike.child_lifetime,
+                &LIFETIME,
+                defaults.child,
+            )?;
             let d = ike.dpd.clone().unwrap_or_default();
             let dd = Dpd::default();
+            let dpd_interval = dur("dpd.interval", &d.interval, &DPD_INTERVAL, dd.interval)?;
+            let dpd_retry = dur("dpd.retry", &d.retry, &DPD_RETRY, dd.retry)?;
+            let child_bytes = match ike.child_lifetime_kb {
+                Some(kb) => Some(
+                    CHILD_LIFETIME_KB.check(
+                        &format!("{at}.child_lifetime_kb"),
+                        kb,
+                        "a CHILD_SA this small dies after a handful of packets; Azure's minimum is 1024",
+                    )? as u64
+                        * 1024,
+                ),
+                None => defaults.child_bytes,
+            };
+            peer.lifetimes = Lifetimes {
+                ike: ike_lifetime,
+                child: child_lifetime,
+                child_bytes,
+                ..defaults
+            };
             peer.dpd = Dpd {
-                interval: dur("dpd.interval", &d.interval, dd.interval)?,
-                retry: dur("dpd.retry", &d.retry, dd.retry)?,
-                tries: d.tries.unwrap_or(dd.tries).max(1),
+                interval: dpd_interval,
+                retry: dpd_retry,
+                tries: match d.tries {
+                    Some(n) => DPD_TRIES.check(
+                        &format!("{at}.dpd.tries"),
+                        n,
+                        "the peer must be probed at least once",
+                    )? as u32,
+                    None => dd.tries,
+                },
                 on_demand: d.on_demand.unwrap_or(dd.on_demand),
             };
             peer.initiator = ike.initiator.unwrap_or(true);
             if let Some(w) = ike.replay_window {
-                if w > xesp_esp::replay::MAX_WINDOW {
-                    return Err(field(
-                        format!("{at}.replay_window"),
-                        format!("at most {}", xesp_esp::replay::MAX_WINDOW),
+                let f = format!("{at}.replay_window");
+                peer.replay_window =
+                    REPLAY_WINDOW.check(&f, w, "beyond the anti-replay window")? as u32;
+                if w == 0 {
+                    warnings.push(format!(
+                        "{f} = 0: turns anti-replay off, so replayed ESP packets are accepted \
+                         (allowed: {}; default {})",
+                        REPLAY_WINDOW.allowed(),
+                        xesp_esp::replay::DEFAULT_WINDOW
                     ));
                 }
-                peer.replay_window = w;
             }
             let ts = |name: &str,
                       v: &Option<Vec<String>>|
@@ -472,9 +586,120 @@ impl Config {
             dmz_allow,
             dmz_pass_unclassified: f.dmz.pass_unclassified,
             tunnels,
+            bgp,
             warnings,
+            psk_inline,
         })
     }
+}
+
+/// A key file is small and regular: a device or a huge file is a mistake,
+/// not a key (and /dev/zero would never end).
+const MAX_PSK_FILE: u64 = 4096;
+
+fn read_psk_file(p: &Path) -> Result<String, String> {
+    let meta = std::fs::metadata(p).map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.len() > MAX_PSK_FILE {
+        return Err(format!(
+            "{} bytes: a key file holds at most {MAX_PSK_FILE}",
+            meta.len()
+        ));
+    }
+    let text = std::fs::read_to_string(p).map_err(|e| e.to_string())?;
+    Ok(text.trim_end_matches(['\n', '\r']).to_string())
+}
+
+fn no_proposal(field: &str, example: &str) -> ConfigError {
+    ConfigError::Range {
+        field: field.into(),
+        value: "[]".into(),
+        reason: "no proposal: no SA could ever be negotiated".into(),
+        allowed: format!(
+            "one or more proposals, e.g. [\"{example}\"] (keywords: {})",
+            ike_proto::config::KEYWORDS
+        ),
+    }
+}
+
+/// A tunnel's own /32 and its BGP peer must be distinct from every other
+/// address the device routes: another tunnel's, the LAN's, Loopback0's.
+fn check_addresses(
+    at: &str,
+    name: &str,
+    address: Ipv4Addr,
+    bgp_peer: Option<Ipv4Addr>,
+    public: Ipv4Addr,
+    earlier: &[Tunnel],
+    bgp: Option<&Bgp>,
+) -> Result<(), ConfigError> {
+    let clash = |what: &str, value: Ipv4Addr, reason: String| ConfigError::Range {
+        field: format!("{at}.{what}"),
+        value: value.to_string(),
+        reason,
+        allowed: "an address of its own, outside the on-prem networks (the article: Tunnel0 \
+                  172.16.0.1, Tunnel1 172.16.0.2)"
+            .into(),
+    };
+    if let Some(o) = earlier.iter().find(|o| o.address == address) {
+        return Err(clash(
+            "address",
+            address,
+            format!("also the address of {} ({name} needs its own /32)", o.name),
+        ));
+    }
+    if address == public {
+        return Err(clash(
+            "address",
+            address,
+            "is device.public_address, which carries the tunnel itself".into(),
+        ));
+    }
+    if let Some(b) = bgp {
+        if let Some((k, n)) = b
+            .networks
+            .iter()
+            .enumerate()
+            .find(|(_, n)| n.contains(&address))
+        {
+            return Err(clash(
+                "address",
+                address,
+                format!(
+                    "inside the on-prem network bgp.networks[{k}] = {n}: the LAN's traffic \
+                     would be routed into the tunnel interface"
+                ),
+            ));
+        }
+        if b.source == address {
+            return Err(clash(
+                "address",
+                address,
+                "is bgp.source (Loopback0), which must be an address of its own".into(),
+            ));
+        }
+    }
+    if let Some(p) = bgp_peer {
+        if p == address {
+            return Err(clash(
+                "bgp_peer",
+                p,
+                "is the tunnel's own address; bgp_peer is the Azure instance's BGP address \
+                 (defaultBgpIpAddresses, 10.2.0.228 in the article)"
+                    .into(),
+            ));
+        }
+        if let Some(n) = bgp.and_then(|b| b.networks.iter().find(|n| n.contains(&p))) {
+            return Err(clash(
+                "bgp_peer",
+                p,
+                format!("inside the on-prem network {n}: it must be reached through the tunnel"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A tunnel's IKE settings over the [ike] defaults.
@@ -534,6 +759,10 @@ mod tests {
         assert!(p.dpd.on_demand);
         assert_eq!(p.lifetimes.ike, Duration::from_secs(28800));
         assert_eq!(p.lifetimes.child, Duration::from_secs(27000));
+        let b = c.bgp.as_ref().unwrap();
+        assert_eq!((b.asn, b.peer_asn), (65010, 65000));
+        assert_eq!(b.source, Ipv4Addr::new(172, 16, 0, 3));
+        assert_eq!(b.networks.len(), 2);
         assert!(
             c.warnings.iter().any(|w| w.contains("pre-shared key")),
             "the article's PSK is weak"

@@ -3,8 +3,12 @@
 //! * [`config`]: the `xesp.toml` file, checked field by field;
 //! * [`daemon`]: `xesp run`, the tokio driver, and the user-space
 //!   [`ike_proto::backend::SaBackend`];
-//! * [`control`]: the control socket and `xesp status`.
+//! * [`control`]: the control socket and `xesp status`;
+//! * [`azure`]: `xesp azure import|export|allowlist`;
+//! * [`bgp_config`]: `xesp bgp-config --bird`.
 
+pub mod azure;
+pub mod bgp_config;
 pub mod config;
 pub mod control;
 pub mod daemon;

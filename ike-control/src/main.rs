@@ -4,7 +4,12 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use ike_control::{config::Config, control, daemon};
+use ike_control::{
+    azure::cmd::{AllowlistArgs, ExportArgs, ImportArgs, run_allowlist, run_export, run_import},
+    bgp_config,
+    config::{Config, ConfigError},
+    control, daemon,
+};
 
 /// The on-premises end of a site-to-site IPsec VPN to an active-active Azure
 /// VPN gateway (IKEv2 with a pre-shared key, one tunnel per gateway instance,
@@ -12,7 +17,10 @@ use ike_control::{config::Config, control, daemon};
 #[derive(Parser)]
 #[command(version, about, long_about = None, after_help = "\
 Examples:
+  xesp azure import --gateway gw.json --connection conn.json ... -o xesp.toml
+                                         write xesp.toml from Azure's values
   xesp check -c /etc/xesp/xesp.toml      check a configuration, show warnings
+  xesp bgp-config --bird -c /etc/xesp/xesp.toml > /etc/bird/bird.conf
   xesp run -c /etc/xesp/xesp.toml        run the daemon (as root)
   xesp status -c /etc/xesp/xesp.toml     tunnels, IKE_SAs, CHILD_SAs, counters
   xesp status --json -s /run/xesp/xesp.sock
@@ -57,10 +65,54 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the routing daemon's configuration for BGP over the tunnels
+    /// (the article's `router bgp 65010`) from [bgp] and the tunnels.
+    #[command(after_help = "\
+Example:
+  xesp bgp-config --bird -c /etc/xesp/xesp.toml > /etc/bird/bird.conf && birdc configure
+
+BIRD peers with each tunnel's bgp_peer (eBGP multihop from bgp.source, Loopback0),
+routes each peer's /32 through its tunnel interface, advertises bgp.networks and
+merges the routes learned over both tunnels into one ECMP route.")]
+    BgpConfig {
+        #[arg(short, long, default_value = "/etc/xesp/xesp.toml")]
+        config: PathBuf,
+        /// BIRD 2 (the only routing daemon supported so far).
+        #[arg(long, required = true)]
+        bird: bool,
+        /// A file BIRD logs to (`log "FILE" all;`).
+        #[arg(long, value_name = "FILE")]
+        log: Option<PathBuf>,
+    },
+    /// Azure in and out: write xesp.toml from the gateway's JSON, print the
+    /// matching Azure side, build the DMZ allowlist.
+    #[command(subcommand)]
+    Azure(AzureCommand),
+}
+
+#[derive(Subcommand)]
+enum AzureCommand {
+    /// Write a complete xesp.toml from the VPN gateway's JSON (and the
+    /// connection's) and the on-prem values, checked as `xesp check` does;
+    /// every value says where it came from. The sharedKey goes to a psk_file
+    /// (mode 0600), never into the TOML.
+    Import(ImportArgs),
+    /// Print the Azure side matching this device: the local network gateway
+    /// and the connection (its IPsec policy = xesp's first proposals), as az
+    /// commands or an ARM template.
+    Export(ExportArgs),
+    /// Set [dmz] allow from Microsoft's published prefixes: the communities
+    /// named in Get-AzBgpServiceCommunity's output, or service tags. Prints
+    /// the difference; --write updates the file.
+    Allowlist(AllowlistArgs),
 }
 
 fn load(path: &std::path::Path) -> Result<Config, String> {
-    Config::load(path).map_err(|e| format!("{}: {e}", path.display()))
+    Config::load(path).map_err(|e| match e {
+        // These name the file already.
+        ConfigError::Read { .. } | ConfigError::Syntax { .. } => e.to_string(),
+        _ => format!("{}: {e}", path.display()),
+    })
 }
 
 fn main() -> ExitCode {
@@ -109,6 +161,29 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }
+        Command::Azure(AzureCommand::Import(a)) => run_import(&a)
+            .map(|s| print!("{s}"))
+            .map_err(|e| e.to_string()),
+        Command::BgpConfig {
+            config,
+            bird: _,
+            log,
+        } => load(&config).and_then(|c| {
+            bgp_config::bird(&c, log.as_deref())
+                .map(|s| print!("{s}"))
+                .map_err(|e| format!("{}: {e}", config.display()))
+        }),
+        Command::Azure(AzureCommand::Allowlist(a)) => run_allowlist(&a)
+            .map(|s| print!("{s}"))
+            .map_err(|e| e.to_string()),
+        Command::Azure(AzureCommand::Export(a)) => run_export(&a)
+            .map(|(s, warnings)| {
+                for w in warnings {
+                    eprintln!("warning: {w}");
+                }
+                print!("{s}");
+            })
+            .map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -224,6 +224,20 @@ fn root_afxdp_one_flush_sends_more_than_one_copy_mode_batch() {
 }
 
 #[test]
+fn root_afxdp_a_frame_built_past_its_end_is_refused() {
+    let p = pair();
+    let (mut port, sock) = small_port(&p.dut);
+    let room = port.tx_room(sock);
+    // An offset and length whose sum overflows, and one just past the frame.
+    assert!(!port.transmit_new(sock, |_| Some((u32::MAX - 5, 10))));
+    assert!(!port.transmit_new(sock, |buf| Some((0, buf.len() as u32 + 1))));
+    assert_eq!(port.tx_room(sock), room, "nothing queued");
+    // The frames went back: one that fits is still taken.
+    assert!(port.transmit_new(sock, |buf| Some((0, buf.len() as u32))));
+    assert_eq!(port.tx_room(sock), room - 1);
+}
+
+#[test]
 fn root_afxdp_kernel_drops_at_a_full_socket_are_counted() {
     let p = pair();
     let mut filter = attach_dmz(&p.dut);

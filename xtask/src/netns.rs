@@ -256,6 +256,12 @@ impl Daemon {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Its exit code, once it has exited (None while it runs, or if a
+    /// signal ended it).
+    pub fn exit_code(&mut self) -> Option<i32> {
+        self.child.try_wait().ok().flatten().and_then(|s| s.code())
+    }
+
     /// Stops it now (SIGTERM, up to 3 s, then SIGKILL).
     pub fn stop(&mut self) {
         if !self.is_running() {

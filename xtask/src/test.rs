@@ -41,6 +41,7 @@ pub const FUZZ_TARGETS: &[(&str, &str)] = &[
     ("fuzz", "ike_parse"),
     ("fuzz", "ike_datagram"),
     ("fuzz", "ike_authenticated"),
+    ("fuzz-daemon", "config_text"),
 ];
 
 pub fn run(args: &TestArgs) -> Result<()> {
@@ -81,8 +82,9 @@ pub fn run(args: &TestArgs) -> Result<()> {
             // cargo-fuzz needs nightly (sanitizers); rustup picks it.
             run_cmd(
                 Command::new("rustup")
-                    .current_dir(root.join(dir))
-                    .args(["run", "nightly", "cargo", "fuzz", "run", target, "--"])
+                    .current_dir(&root)
+                    .args(["run", "nightly", "cargo", "fuzz", "run", "--fuzz-dir", dir])
+                    .args([target, "--"])
                     .arg(format!("-max_total_time={}", args.fuzz_secs)),
             )
             .with_context(|| format!("fuzz target {target} found a crash (see {dir}/artifacts)"))?;

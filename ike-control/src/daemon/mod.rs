@@ -8,10 +8,11 @@
 //! DMZ XDP filter.
 
 pub mod backend;
+mod workers;
 
 use std::{
     io,
-    net::{SocketAddr, UdpSocket},
+    net::{IpAddr, SocketAddr, UdpSocket},
     path::PathBuf,
     sync::{
         Arc,
@@ -23,10 +24,10 @@ use std::{
 use datapath_user::{
     DatapathError,
     netlink::{NetlinkError, Rtnl, ifindex},
+    rxq,
     sadb::SaDb,
     slowpath::{SlowCounters, SlowPath, raw_esp_socket},
     tun::Tun,
-    worker::{Worker, WorkerCounters},
     xdp::{XdpAttach, XdpPrograms},
     xsk::XskError,
 };
@@ -39,7 +40,7 @@ use tokio::{
 use xesp_common::{LanCounter, SteerCounter};
 use xesp_esp::sa::{DropReason, Expiry};
 
-use self::backend::UserBackend;
+use self::{backend::UserBackend, workers::Workers};
 use crate::{
     config::{Config, DatapathMode},
     control::{self, DeviceStatus, STATUS_REQUEST, TunnelStatus},
@@ -61,6 +62,8 @@ pub enum DaemonError {
     Datapath(#[from] DatapathError),
     #[error(transparent)]
     Xsk(#[from] XskError),
+    #[error("{0}")]
+    Workers(String),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DaemonError {
@@ -111,7 +114,7 @@ struct Driver {
     udp500: tokio::net::UdpSocket,
     udp4500: Arc<UdpSocket>,
     slow: Arc<SlowCounters>,
-    workers: Option<Arc<WorkerCounters>>,
+    workers: Option<Workers>,
     started_utc: String,
 }
 
@@ -171,7 +174,10 @@ impl Driver {
                 data,
                 &mut self.backend.tunnel(i as u32),
             ),
-            None => log::debug!("IKE from {from}, which is no configured peer: dropped"),
+            None => {
+                self.slow.ike_not_peer.fetch_add(1, Ordering::Relaxed);
+                log::debug!("IKE from {from}, which is no configured peer: dropped");
+            }
         }
     }
 
@@ -281,17 +287,6 @@ impl Driver {
             }
         }
         let (unknown_spi, no_outbound_sa) = self.backend.sadb.orphans();
-        let bgp = self.cfg.device.bird_socket.as_ref().map(|s| {
-            match std::process::Command::new("birdc")
-                .arg("-s")
-                .arg(s)
-                .args(["show", "protocols"])
-                .output()
-            {
-                Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
-                Err(e) => format!("birdc: {e}"),
-            }
-        });
         DeviceStatus {
             version: env!("CARGO_PKG_VERSION").to_string(),
             public_address: self.cfg.device.public_address.to_string(),
@@ -306,12 +301,7 @@ impl Driver {
             workers: self
                 .workers
                 .as_ref()
-                .map(|w| {
-                    w.snapshot()
-                        .into_iter()
-                        .map(|(k, v)| (k.to_string(), v))
-                        .collect()
-                })
+                .map(Workers::snapshot)
                 .unwrap_or_default(),
             socket_path: self
                 .slow
@@ -321,7 +311,8 @@ impl Driver {
                 .collect(),
             unknown_spi,
             no_outbound_sa,
-            bgp,
+            // Filled off the IKE task (see `bgp_protocols`).
+            bgp: None,
         }
     }
 }
@@ -362,6 +353,49 @@ async fn serve_control(listener: UnixListener, requests: mpsc::Sender<StatusRepl
             let _ = wr.write_all(answer.as_bytes()).await;
             let _ = wr.shutdown().await;
         });
+    }
+}
+
+/// How long `birdc` may take to answer for `xesp status`.
+const BIRDC_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// `birdc show protocols` through BIRD's control socket, or why not.
+async fn bgp_protocols(socket: &std::path::Path) -> String {
+    let run = tokio::process::Command::new("birdc")
+        .arg("-s")
+        .arg(socket)
+        .args(["show", "protocols"])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(BIRDC_TIMEOUT, run).await {
+        Ok(Ok(o)) => String::from_utf8_lossy(&o.stdout).into_owned(),
+        Ok(Err(e)) => format!("birdc: {e}"),
+        Err(_) => format!(
+            "birdc: no answer from {} within {:?} (is BIRD hung?)",
+            socket.display(),
+            BIRDC_TIMEOUT
+        ),
+    }
+}
+
+/// How many IKE datagrams from UDP 4500 may wait for the IKE task.
+const IKE_QUEUE: usize = 256;
+
+/// One datagram from UDP 500, with the socket's receive-buffer drops.
+async fn recv_udp500(
+    sock: &tokio::net::UdpSocket,
+    buf: &mut [u8],
+) -> std::io::Result<rxq::Received> {
+    use std::os::fd::AsRawFd;
+    loop {
+        sock.readable().await?;
+        match sock.try_io(tokio::io::Interest::READABLE, || {
+            rxq::recv(sock.as_raw_fd(), buf)
+        }) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
     }
 }
 
@@ -428,6 +462,8 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
     let udp500 = tokio::net::UdpSocket::bind((public, 500))
         .await
         .map_err(io_err(format!("binding UDP {public}:500")))?;
+    rxq::enable(std::os::fd::AsRawFd::as_raw_fd(&udp500))
+        .map_err(io_err("SO_RXQ_OVFL on UDP 500"))?;
     let udp4500 = Arc::new(
         UdpSocket::bind((public, 4500)).map_err(io_err(format!("binding UDP {public}:4500")))?,
     );
@@ -444,50 +480,38 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
         counters: slow.clone(),
         stop: stop.clone(),
     });
-    let mut worker_threads = Vec::new();
     let workers = match &mut xdp {
         None => None,
         Some(x) => {
-            let counters = Arc::new(WorkerCounters::default());
             let lan_if = &cfg.device.lan_interfaces[0];
             let queues = queue_count(&cfg.device.dmz_interface).min(queue_count(lan_if));
-            for q in 0..queues {
-                let (w, socks) = Worker::new(
-                    q,
-                    &cfg.device.dmz_interface,
-                    lan_if,
-                    path.clone(),
-                    counters.clone(),
-                )?;
-                for (t, fd) in socks.dmz.iter().enumerate() {
-                    if let Some(fd) = fd {
-                        x.bind_dmz_xsk(q, t as u32, *fd)?;
-                    }
-                }
-                for (t, fd) in socks.lan.iter().enumerate() {
-                    if let Some(fd) = fd {
-                        x.bind_lan_xsk(q, t as u32, *fd)?;
-                    }
-                }
-                let stop = stop.clone();
-                worker_threads.push(
-                    std::thread::Builder::new()
-                        .name(format!("xsk-q{q}"))
-                        .spawn(move || w.run(stop))
-                        .map_err(io_err("starting an AF_XDP worker"))?,
-                );
-            }
+            let w = Workers::start(
+                queues,
+                &cfg.device.dmz_interface,
+                lan_if,
+                path.clone(),
+                x,
+                stop.clone(),
+            )?;
             log::info!(
                 "{queues} AF_XDP worker(s) on {} and {lan_if}",
                 cfg.device.dmz_interface
             );
-            Some(counters)
+            Some(w)
         }
     };
-    let (ike_tx, mut ike_rx) = mpsc::unbounded_channel::<(SocketAddr, Vec<u8>)>();
+    // IKE on UDP 4500 reaches the IKE task through a bounded queue, and only
+    // from a configured peer: a flood from elsewhere costs a counter.
+    let (ike_tx, mut ike_rx) = mpsc::channel::<(SocketAddr, Vec<u8>)>(IKE_QUEUE);
+    let peers: Vec<IpAddr> = cfg.tunnels.iter().map(|t| t.peer.remote).collect();
+    let gate = slow.clone();
     let threads = path
         .start(move |from, data| {
-            let _ = ike_tx.send((from, data.to_vec()));
+            if !peers.contains(&from.ip()) {
+                gate.ike_not_peer.fetch_add(1, Ordering::Relaxed);
+            } else if ike_tx.try_send((from, data.to_vec())).is_err() {
+                gate.ike_queue_full.fetch_add(1, Ordering::Relaxed);
+            }
         })
         .map_err(io_err("starting the datapath threads"))?;
 
@@ -529,6 +553,7 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
     // Until `xesp reload` exists, SIGHUP must not end the daemon without
     // its DELETEs (its default action): it is logged and ignored.
     let mut hup = signal(SignalKind::hangup()).map_err(io_err("SIGHUP handler"))?;
+    let mut failed = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut buf = vec![0u8; 65536];
     loop {
@@ -538,10 +563,13 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
             .next_deadline()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
-            r = d.udp500.recv_from(&mut buf) => match r {
-                Ok((n, from)) => {
-                    let data = buf[..n].to_vec();
-                    d.datagram(500, from, &data);
+            r = recv_udp500(&d.udp500, &mut buf) => match r {
+                Ok(r) => {
+                    rxq::note(&d.slow.udp500_buffer_drops, &r);
+                    if let Some(from) = r.from {
+                        let data = buf[..r.len].to_vec();
+                        d.datagram(500, from, &data);
+                    }
                 }
                 Err(e) => log::warn!("UDP 500: {e}"),
             },
@@ -549,12 +577,28 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
             _ = tokio::time::sleep_until(deadline.into()) => {}
             _ = tick.tick() => {
                 d.expiries();
+                if let (Some(w), Some(x)) = (&mut d.workers, &mut d.backend.xdp)
+                    && let Err(e) = w.watch(x, Instant::now())
+                {
+                    log::error!("{e}");
+                    failed = Some(e);
+                    break;
+                }
                 if let Some(x) = &mut d.backend.xdp {
                     x.flush_logs();
                 }
             }
             Some(reply) = req_rx.recv() => {
-                let _ = reply.send(d.status());
+                // BIRD is asked off this task: a hung BIRD must not stall
+                // retransmissions, DPD and rekeys.
+                let mut st = d.status();
+                let bird = d.cfg.device.bird_socket.clone();
+                tokio::spawn(async move {
+                    if let Some(s) = bird {
+                        st.bgp = Some(bgp_protocols(&s).await);
+                    }
+                    let _ = reply.send(st);
+                });
             }
             _ = hup.recv() => log::warn!("SIGHUP ignored: xesp has no reload yet; restart it to apply a changed configuration"),
             _ = term.recv() => break,
@@ -572,8 +616,9 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
     control_task.abort();
     let _ = std::fs::remove_file(&sock_path);
     stop.store(true, Ordering::Relaxed);
-    for t in threads.handles.into_iter().chain(worker_threads) {
+    let workers = d.workers.take().into_iter().flat_map(Workers::into_handles);
+    for t in threads.handles.into_iter().chain(workers) {
         let _ = t.join();
     }
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }

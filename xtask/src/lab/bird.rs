@@ -141,31 +141,20 @@ protocol bgp onprem {{
     s
 }
 
-/// How on-prem reaches one gateway's BGP address: the article's
-/// `ip route 10.2.0.228 255.255.255.255 Tunnel0`.
-#[derive(Debug, Clone)]
-pub enum PeerRoute {
-    /// Through a tunnel interface of its own (xesp's Tunnel0/Tunnel1).
-    Device(String),
-    /// Through a shared TUN with the peer as on-link gateway (the
-    /// strongSwan stand-in's single `ipsec0`), keeping the two next hops distinct.
-    OnLink(String),
-}
-
-/// On-prem: AS 65010 from Loopback0, eBGP multihop to both instances,
-/// advertising the on-prem networks, ECMP over both (`maximum-paths 2`).
-pub fn onprem_conf(bird: &Bird, routes: &[PeerRoute; 2]) -> String {
+/// On-prem with the strongSwan stand-in: AS 65010 from Loopback0, eBGP
+/// multihop to both instances, advertising the on-prem networks, ECMP over
+/// both (`maximum-paths 2`). The stand-in has one TUN (`dev`) for both
+/// tunnels, so each peer is its own on-link next hop there. (With xesp on
+/// on-prem, `xesp bgp-config --bird` writes this configuration instead.)
+pub fn standin_conf(bird: &Bird, dev: &str) -> String {
     let mut s = header(bird, ONPREM_LOOPBACK);
     s.push_str("protocol static adv {\n    ipv4;\n");
     for (net, _) in ONPREM_NETS {
         let _ = writeln!(s, "    route {net} blackhole;");
     }
     s.push_str("}\nprotocol static tun {\n    ipv4;\n");
-    for (peer, route) in GW_BGP.iter().zip(routes) {
-        let _ = match route {
-            PeerRoute::Device(dev) => writeln!(s, "    route {peer}/32 via \"{dev}\";"),
-            PeerRoute::OnLink(dev) => writeln!(s, "    route {peer}/32 via {peer}%{dev} onlink;"),
-        };
+    for peer in GW_BGP {
+        let _ = writeln!(s, "    route {peer}/32 via {peer}%{dev} onlink;");
     }
     let _ = write!(
         s,

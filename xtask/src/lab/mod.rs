@@ -24,10 +24,10 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use self::{
-    bird::{Bird, PeerRoute},
+    bird::Bird,
     strongswan::Charon,
     topology::{GW_BGP, GW_PUBLIC, Namespaces, ONPREM_PUBLIC},
-    xesp::{TUNNEL_IFS, Xesp, XespSettings},
+    xesp::{Xesp, XespSettings},
 };
 use crate::{
     netns::{self, Daemon, Netns, wait_until},
@@ -66,6 +66,8 @@ pub struct LabConfig {
     /// gateway's side (swanctl syntax, e.g. `10.2.0.0/24`); empty: one
     /// CHILD_SA with 0.0.0.0/0 both ways, as Azure's route-based gateway.
     pub gateway_children: [Vec<(String, String)>; 2],
+    /// Environment variables for xesp (e.g. `XESP_FAULT_INJECT` in tests).
+    pub xesp_env: Vec<(String, String)>,
 }
 
 impl Default for LabConfig {
@@ -81,6 +83,7 @@ impl Default for LabConfig {
             gateway_initiates: false,
             gateway_child_lifetimes: "rekey_time = 27000s".to_string(),
             gateway_children: [Vec::new(), Vec::new()],
+            xesp_env: Vec::new(),
         }
     }
 }
@@ -195,13 +198,8 @@ impl Lab {
             ))?;
             let d = gw.charon.start(&lab.ns.onprem)?;
             lab.daemons.push(d);
-            gw.bird.write_conf(&bird::onprem_conf(
-                &gw.bird,
-                &[
-                    PeerRoute::OnLink("ipsec0".into()),
-                    PeerRoute::OnLink("ipsec0".into()),
-                ],
-            ))?;
+            gw.bird
+                .write_conf(&bird::standin_conf(&gw.bird, "ipsec0"))?;
             // BIRD needs ipsec0, which libipsec creates at start-up.
             if !wait_until(Duration::from_secs(10), || {
                 lab.ns.onprem.ip(&["link", "show", "ipsec0"]).is_ok()
@@ -222,13 +220,11 @@ impl Lab {
             );
             let dir = lab.dir.join("onprem");
             let (x, bird) = (Xesp::at(&dir), Bird::at(&dir));
-            x.write_conf(&x.config(&lab.config.psk, &lab.config.xesp, &bird.ctl()))?;
-            let d = x.start(&lab.ns.onprem)?;
+            x.write_conf(&lab.config.psk, &lab.config.xesp, &bird.ctl())?;
+            let d = x.start(&lab.ns.onprem, &lab.config.xesp_env)?;
             lab.daemons.push(d);
-            bird.write_conf(&bird::onprem_conf(
-                &bird,
-                &TUNNEL_IFS.map(|t| PeerRoute::Device(t.into())),
-            ))?;
+            // BIRD as xesp bgp-config --bird writes it, checked by BIRD itself.
+            bird.write_conf(&x.bird_conf(&bird)?)?;
             let d = bird.start(&lab.ns.onprem)?;
             lab.daemons.push(d);
             lab.xesp = Some((x, bird));
@@ -318,6 +314,21 @@ impl Lab {
             .map(Daemon::pid)
     }
 
+    /// On-prem's BIRD hangs: it is stopped, and its control socket becomes a
+    /// listener that never answers (kept open while the returned value lives).
+    pub fn hang_onprem_bird(&mut self) -> Result<std::os::unix::net::UnixListener> {
+        let name = format!("bird in {}", self.ns.onprem.name());
+        for d in self.daemons.iter_mut().filter(|d| d.name() == name) {
+            d.stop();
+        }
+        self.daemons
+            .retain_mut(|d| d.is_running() || d.name() != name);
+        let ctl = Bird::at(&self.dir.join("onprem")).ctl();
+        let _ = std::fs::remove_file(&ctl);
+        std::os::unix::net::UnixListener::bind(&ctl)
+            .with_context(|| format!("binding {}", ctl.display()))
+    }
+
     /// The xesp daemon's process, in [`OnpremMode::Xesp`].
     fn xesp_daemon(&mut self) -> Option<&mut Daemon> {
         let name = format!("xesp in {}", self.ns.onprem.name());
@@ -350,6 +361,11 @@ impl Lab {
     /// Whether the xesp daemon still runs.
     pub fn xesp_running(&mut self) -> bool {
         self.xesp_daemon().is_some_and(Daemon::is_running)
+    }
+
+    /// The xesp daemon's exit code, once it has exited.
+    pub fn xesp_exit_code(&mut self) -> Option<i32> {
+        self.xesp_daemon().and_then(Daemon::exit_code)
     }
 
     /// Starts gateway `i`'s strongSwan again.

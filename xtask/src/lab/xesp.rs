@@ -3,6 +3,7 @@
 
 use std::{
     fs,
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     process::Command,
     sync::OnceLock,
@@ -11,9 +12,12 @@ use std::{
 
 use anyhow::{Context, Result, anyhow, bail};
 
-use super::topology::{
-    AZURE_PUBLIC_PREFIX, GW_BGP, GW_PUBLIC, ONPREM_DMZ_IF, ONPREM_LAN_IF, ONPREM_PUBLIC,
-    TUNNEL_ADDR,
+use super::{
+    bird::Bird,
+    topology::{
+        AZURE_ASN, AZURE_PUBLIC_PREFIX, GW_BGP, GW_PUBLIC, ONPREM_ASN, ONPREM_DMZ_IF,
+        ONPREM_LAN_IF, ONPREM_LOOPBACK, ONPREM_NETS, ONPREM_PUBLIC, TUNNEL_ADDR,
+    },
 };
 use crate::{
     netns::{Daemon, Netns, output, wait_until},
@@ -50,6 +54,68 @@ esp_proposals = ["aes256gcm16", "aes256-sha1"]
 allow_legacy = true
 dpd = { interval = "10s", retry = "2s", on_demand = true }
 "#;
+
+/// Sets `key` in `table`, with a comment saying the lab chose it (not the
+/// import's note of where the value came from).
+fn set_by_lab(table: &mut toml_edit::Table, key: &str, v: toml_edit::Item) {
+    table[key] = v;
+    if let Some(mut k) = table.key_mut(key) {
+        k.leaf_decor_mut().set_prefix("# the lab's setting\n");
+    }
+}
+
+/// Table `name` of `doc`.
+fn table<'a>(doc: &'a mut toml_edit::DocumentMut, name: &str) -> Result<&'a mut toml_edit::Table> {
+    doc.get_mut(name)
+        .and_then(toml_edit::Item::as_table_mut)
+        .ok_or_else(|| anyhow!("the imported xesp.toml has no [{name}]"))
+}
+
+/// The lab's settings over an imported xesp.toml (`text`): the datapath,
+/// the sockets, the DMZ allowlist, short BGP timers, then each line of the
+/// test's `[ike]` and `[[tunnel]]` settings replacing the imported value.
+fn lab_settings(text: &str, s: &XespSettings, socket: &Path, bird_ctl: &Path) -> Result<String> {
+    use toml_edit::{DocumentMut, Item, value};
+    let mut doc: DocumentMut = text.parse().context("the imported xesp.toml")?;
+    let device = table(&mut doc, "device")?;
+    set_by_lab(device, "datapath", value(s.datapath.as_str()));
+    set_by_lab(
+        device,
+        "control_socket",
+        value(socket.display().to_string()),
+    );
+    set_by_lab(device, "bird_socket", value(bird_ctl.display().to_string()));
+    let mut allow = toml_edit::Array::new();
+    allow.push(AZURE_PUBLIC_PREFIX);
+    set_by_lab(table(&mut doc, "dmz")?, "allow", value(allow));
+    // Short timers, so that tests see sessions fail and return quickly.
+    let bgp = table(&mut doc, "bgp")?;
+    for (k, v) in [
+        ("hold_time", "9s"),
+        ("keepalive", "3s"),
+        ("connect_retry", "5s"),
+    ] {
+        set_by_lab(bgp, k, value(v));
+    }
+    let fragment = |text: &str| -> Result<DocumentMut> {
+        text.parse()
+            .with_context(|| format!("the lab's settings {text:?}"))
+    };
+    let ike = fragment(&s.ike)?;
+    let t = table(&mut doc, "ike")?;
+    for (k, v) in ike.iter() {
+        set_by_lab(t, k, v.clone());
+    }
+    let Some(tunnels) = doc.get_mut("tunnel").and_then(Item::as_array_of_tables_mut) else {
+        bail!("the imported xesp.toml has no [[tunnel]]");
+    };
+    for (t, text) in tunnels.iter_mut().zip(&s.tunnels) {
+        for (k, v) in fragment(text)?.iter() {
+            set_by_lab(t, k, v.clone());
+        }
+    }
+    Ok(doc.to_string())
+}
 
 /// The xesp binary, built once per process (`XESP_BIN` overrides).
 pub fn binary() -> Result<PathBuf> {
@@ -98,41 +164,80 @@ impl Xesp {
         self.dir.join("xesp.log")
     }
 
-    /// xesp.toml for the lab: the on-prem addresses, both gateways.
-    pub fn config(&self, psk: &str, s: &XespSettings, bird_ctl: &Path) -> String {
-        let mut t = format!(
-            r#"[device]
-public_address = "{ONPREM_PUBLIC}"
-dmz_interface = "{ONPREM_DMZ_IF}"
-lan_interfaces = ["{ONPREM_LAN_IF}"]
-datapath = "{}"
-control_socket = "{}"
-bird_socket = "{}"
-mss_clamp = 1350
-
-[dmz]
-allow = ["{AZURE_PUBLIC_PREFIX}"]
-
-[ike]
-psk = "{psk}"
-{}
-"#,
-            s.datapath,
-            self.socket().display(),
-            bird_ctl.display(),
-            s.ike
-        );
-        for i in 0..2 {
-            t.push_str(&format!(
-                "[[tunnel]]\nname = \"{}\"\nremote = \"{}\"\naddress = \"{}\"\nbgp_peer = \"{}\"\n{}\n",
-                TUNNEL_IFS[i], GW_PUBLIC[i], TUNNEL_ADDR[i], GW_BGP[i], s.tunnels[i]
-            ));
-        }
-        t
+    /// The lab's Azure side as Azure prints it: the active-active gateway
+    /// (`az network vnet-gateway show`) and the connection with its shared key.
+    fn azure_json(psk: &str) -> (serde_json::Value, serde_json::Value) {
+        let sub = "/subscriptions/0/resourceGroups/lab/providers/Microsoft.Network";
+        let peerings: Vec<_> = (0..2)
+            .map(|i| {
+                serde_json::json!({
+                    "ipconfigurationId": format!("{sub}/virtualNetworkGateways/azgw/ipConfigurations/ip{i}"),
+                    "defaultBgpIpAddresses": [GW_BGP[i].to_string()],
+                    "customBgpIpAddresses": [],
+                    "tunnelIpAddresses": [GW_PUBLIC[i].to_string()],
+                })
+            })
+            .collect();
+        let gateway = serde_json::json!({
+            "name": "azgw",
+            "type": "Microsoft.Network/virtualNetworkGateways",
+            "gatewayType": "Vpn",
+            "vpnType": "RouteBased",
+            "enableBgp": true,
+            "activeActive": true,
+            "bgpSettings": { "asn": AZURE_ASN, "peerWeight": 0, "bgpPeeringAddresses": peerings },
+        });
+        let connection = serde_json::json!({
+            "name": "onprem",
+            "type": "Microsoft.Network/connections",
+            "connectionType": "IPsec",
+            "connectionProtocol": "IKEv2",
+            "enableBgp": true,
+            "usePolicyBasedTrafficSelectors": false,
+            "sharedKey": psk,
+        });
+        (gateway, connection)
     }
 
-    pub fn write_conf(&self, text: &str) -> Result<()> {
+    /// xesp.toml for the lab, built as a user would: `xesp azure import`
+    /// from the lab's gateway and connection JSON and the on-prem addresses,
+    /// then the lab's own settings (datapath, sockets, short BGP timers, the
+    /// test's [ike] and [[tunnel]] lines) over it. Checked by `xesp check`.
+    pub fn write_conf(&self, psk: &str, s: &XespSettings, bird_ctl: &Path) -> Result<()> {
         fs::create_dir_all(&self.dir)?;
+        let (gateway, connection) = Self::azure_json(psk);
+        let (gw_file, conn_file) = (
+            self.dir.join("azure-gateway.json"),
+            self.dir.join("azure-connection.json"),
+        );
+        fs::write(&gw_file, serde_json::to_string_pretty(&gateway)?)?;
+        fs::write(&conn_file, serde_json::to_string_pretty(&connection)?)?;
+        // It holds the key.
+        fs::set_permissions(&conn_file, fs::Permissions::from_mode(0o600))?;
+        let mut cmd = Command::new(binary()?);
+        cmd.args(["azure", "import", "--gateway"])
+            .arg(&gw_file)
+            .arg("--connection")
+            .arg(&conn_file)
+            .args(["--public-address", &ONPREM_PUBLIC.to_string()])
+            .args(["--loopback", &ONPREM_LOOPBACK.to_string()])
+            .args(["--asn", &ONPREM_ASN.to_string()])
+            .args([
+                "--dmz-interface",
+                ONPREM_DMZ_IF,
+                "--lan-interface",
+                ONPREM_LAN_IF,
+            ]);
+        for a in TUNNEL_ADDR {
+            cmd.args(["--tunnel-address", &a.to_string()]);
+        }
+        for (n, _) in ONPREM_NETS {
+            cmd.args(["--network", n]);
+        }
+        cmd.arg("-o").arg(self.conf()).arg("--force");
+        output(&mut cmd).context("xesp azure import refused the lab's Azure side")?;
+        let text = fs::read_to_string(self.conf())?;
+        let text = lab_settings(&text, s, &self.socket(), bird_ctl)?;
         fs::write(self.conf(), text)?;
         output(
             Command::new(binary()?)
@@ -144,11 +249,27 @@ psk = "{psk}"
         Ok(())
     }
 
+    /// BIRD's configuration, as `xesp bgp-config --bird` writes it from
+    /// this xesp's configuration (the article's router bgp 65010).
+    pub fn bird_conf(&self, bird: &Bird) -> Result<String> {
+        output(
+            Command::new(binary()?)
+                .arg("bgp-config")
+                .arg("--bird")
+                .arg("-c")
+                .arg(self.conf())
+                .arg("--log")
+                .arg(bird.log()),
+        )
+        .context("xesp bgp-config --bird")
+    }
+
     /// Starts `xesp run` in `ns`; waits for its control socket.
-    pub fn start(&self, ns: &Netns) -> Result<Daemon> {
+    pub fn start(&self, ns: &Netns, env: &[(String, String)]) -> Result<Daemon> {
         let _ = fs::remove_file(self.socket());
         let log = fs::File::create(self.log())?;
         let mut cmd = ns.cmd(binary()?);
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         cmd.arg("run")
             .arg("-c")
             .arg(self.conf())
@@ -197,5 +318,61 @@ psk = "{psk}"
                     .map(|t| t.iter().filter(|t| t["up"] == true).count())
             })
             .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `xesp azure import` writes (its golden file).
+    const IMPORTED: &str = include_str!("../../../ike-control/tests/data/azure/golden/import.toml");
+
+    #[test]
+    fn the_labs_settings_replace_the_imported_ones_and_say_so() {
+        let s = XespSettings {
+            datapath: "tun".into(),
+            ike: "lifetime = \"40s\"\nallow_legacy = true\n".into(),
+            tunnels: [
+                "proposals = [\"aes256-sha1-modp1024\"]".into(),
+                String::new(),
+            ],
+        };
+        let out = lab_settings(
+            IMPORTED,
+            &s,
+            Path::new("/x/xesp.sock"),
+            Path::new("/x/bird.ctl"),
+        )
+        .unwrap();
+        let doc: toml_edit::DocumentMut = out.parse().unwrap();
+        assert_eq!(doc["device"]["datapath"].as_str(), Some("tun"));
+        assert_eq!(doc["device"]["bird_socket"].as_str(), Some("/x/bird.ctl"));
+        assert_eq!(doc["ike"]["lifetime"].as_str(), Some("40s"));
+        assert_eq!(doc["ike"]["allow_legacy"].as_bool(), Some(true));
+        assert_eq!(doc["bgp"]["hold_time"].as_str(), Some("9s"));
+        let t = doc["tunnel"].as_array_of_tables().unwrap();
+        assert_eq!(
+            t.get(0).unwrap()["proposals"].to_string().trim(),
+            "[\"aes256-sha1-modp1024\"]"
+        );
+        // Tunnel1 keeps the imported proposal; the imported values stay.
+        assert!(t.get(1).unwrap().get("proposals").is_none());
+        assert_eq!(doc["tunnel"][1]["remote"].as_str(), Some("52.175.250.191"));
+        // The replaced value's comment is the lab's, not the import's.
+        assert!(
+            out.contains("# the lab's setting\nlifetime = \"40s\""),
+            "{out}"
+        );
+        assert!(
+            !out.contains("28800 s, fixed)\nlifetime = \"40s\""),
+            "{out}"
+        );
+        // A fragment that is not TOML is an error, not a panic.
+        let bad = XespSettings {
+            ike: "lifetime = ".into(),
+            ..XespSettings::default()
+        };
+        assert!(lab_settings(IMPORTED, &bad, Path::new("s"), Path::new("b")).is_err());
     }
 }

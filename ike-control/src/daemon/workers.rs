@@ -1,0 +1,205 @@
+//! The AF_XDP workers, one thread per receive queue, watched. A worker that
+//! ends while the daemon runs (it panicked, or could not start, e.g. its
+//! netlink socket) is logged, counted in `xesp status`, and started again
+//! with fresh sockets; one that keeps dying ([`MAX_RESTARTS`] within
+//! [`RESTART_WINDOW`]) ends the daemon with an error, so that its supervisor
+//! (systemd) restarts it whole. Nothing falls back to the slow path unseen.
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use datapath_user::{
+    slowpath::SlowPath,
+    worker::{Worker, WorkerCounters},
+    xdp::XdpPrograms,
+};
+
+use super::DaemonError;
+
+/// Restarts of one queue's worker within [`RESTART_WINDOW`] before the
+/// daemon gives up.
+pub const MAX_RESTARTS: usize = 5;
+pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
+
+/// For tests of this supervision (debug builds only): with
+/// `XESP_FAULT_INJECT=worker-panic` each queue's first worker panics as it
+/// starts; with `worker-panic-always` every one does.
+const FAULT_ENV: &str = "XESP_FAULT_INJECT";
+
+struct Slot {
+    queue: u32,
+    handle: Option<JoinHandle<()>>,
+    starts: u32,
+    recent: VecDeque<Instant>,
+}
+
+pub struct Workers {
+    pub counters: Arc<WorkerCounters>,
+    slots: Vec<Slot>,
+    dmz_if: String,
+    lan_if: String,
+    path: Arc<SlowPath>,
+    stop: Arc<AtomicBool>,
+    /// Workers that ended and were started again.
+    restarts: AtomicU64,
+}
+
+impl Workers {
+    /// Starts one worker per queue and registers its sockets.
+    pub fn start(
+        queues: u32,
+        dmz_if: &str,
+        lan_if: &str,
+        path: Arc<SlowPath>,
+        xdp: &mut XdpPrograms,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Self, DaemonError> {
+        let mut w = Self {
+            counters: Arc::new(WorkerCounters::default()),
+            slots: (0..queues)
+                .map(|queue| Slot {
+                    queue,
+                    handle: None,
+                    starts: 0,
+                    recent: VecDeque::new(),
+                })
+                .collect(),
+            dmz_if: dmz_if.to_string(),
+            lan_if: lan_if.to_string(),
+            path,
+            stop,
+            restarts: AtomicU64::new(0),
+        };
+        for i in 0..w.slots.len() {
+            w.spawn(i, xdp)?;
+        }
+        Ok(w)
+    }
+
+    fn spawn(&mut self, i: usize, xdp: &mut XdpPrograms) -> Result<(), DaemonError> {
+        let q = self.slots[i].queue;
+        let (worker, socks) = Worker::new(
+            q,
+            &self.dmz_if,
+            &self.lan_if,
+            self.path.clone(),
+            self.counters.clone(),
+        )?;
+        for (t, fd) in socks.dmz.iter().enumerate() {
+            if let Some(fd) = fd {
+                xdp.bind_dmz_xsk(q, t as u32, *fd)?;
+            }
+        }
+        for (t, fd) in socks.lan.iter().enumerate() {
+            if let Some(fd) = fd {
+                xdp.bind_lan_xsk(q, t as u32, *fd)?;
+            }
+        }
+        let fault = injected_fault(self.slots[i].starts);
+        self.slots[i].starts += 1;
+        let stop = self.stop.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("xsk-q{q}"))
+            .spawn(move || {
+                if fault {
+                    panic!("injected fault ({FAULT_ENV})");
+                }
+                worker.run(stop)
+            })
+            .map_err(|source| DaemonError::Io {
+                what: format!("starting the AF_XDP worker of queue {q}"),
+                source,
+            })?;
+        self.slots[i].handle = Some(handle);
+        Ok(())
+    }
+
+    /// Looks for workers that ended and starts them again; an error when
+    /// one keeps dying or cannot be started.
+    pub fn watch(&mut self, xdp: &mut XdpPrograms, now: Instant) -> Result<(), DaemonError> {
+        if self.stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        for i in 0..self.slots.len() {
+            if !self.slots[i]
+                .handle
+                .as_ref()
+                .is_some_and(JoinHandle::is_finished)
+            {
+                continue;
+            }
+            let q = self.slots[i].queue;
+            let why = match self.slots[i].handle.take().map(JoinHandle::join) {
+                Some(Err(panic)) => format!(
+                    "panicked: {}",
+                    panic
+                        .downcast_ref::<String>()
+                        .map(String::as_str)
+                        .or_else(|| panic.downcast_ref::<&str>().copied())
+                        .unwrap_or("?")
+                ),
+                _ => "it stopped (see the log above)".to_string(),
+            };
+            let recent = &mut self.slots[i].recent;
+            recent.retain(|t| now.saturating_duration_since(*t) < RESTART_WINDOW);
+            if recent.len() >= MAX_RESTARTS {
+                return Err(DaemonError::Workers(format!(
+                    "the AF_XDP worker of queue {q} ended {} times within {} s ({why}); giving up",
+                    MAX_RESTARTS + 1,
+                    RESTART_WINDOW.as_secs()
+                )));
+            }
+            recent.push_back(now);
+            log::error!("AF_XDP worker of queue {q} ended ({why}): starting it again");
+            self.spawn(i, xdp)?;
+            self.restarts.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// For `xesp status`: the workers' counters, how many run, restarts.
+    pub fn snapshot(&self) -> Vec<(String, u64)> {
+        let running = self
+            .slots
+            .iter()
+            .filter(|s| s.handle.as_ref().is_some_and(|h| !h.is_finished()))
+            .count();
+        let mut v: Vec<(String, u64)> = self
+            .counters
+            .snapshot()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        v.push(("workers".into(), self.slots.len() as u64));
+        v.push(("workers_running".into(), running as u64));
+        v.push((
+            "worker_restarts".into(),
+            self.restarts.load(Ordering::Relaxed),
+        ));
+        v
+    }
+
+    /// The threads, to join at exit.
+    pub fn into_handles(self) -> impl Iterator<Item = JoinHandle<()>> {
+        self.slots.into_iter().filter_map(|s| s.handle)
+    }
+}
+
+/// Whether the worker's start number `start` (0 first) is to panic.
+fn injected_fault(start: u32) -> bool {
+    if !cfg!(debug_assertions) {
+        return false;
+    }
+    match std::env::var(FAULT_ENV).as_deref() {
+        Ok("worker-panic") => start == 0,
+        Ok("worker-panic-always") => true,
+        _ => false,
+    }
+}
