@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use datapath_user::{
     netlink::Rtnl,
-    nexthop::{NextHop, NextHops},
+    nexthop::{Limits, NextHop, NextHops},
 };
 use xtask::netns::{Netns, veth};
 
@@ -138,4 +138,40 @@ fn root_nexthops_resolve_cache_and_expire() {
         }
     );
     a.enter(move || drop(hops)).unwrap();
+}
+
+#[test]
+fn root_nexthops_a_sweep_keeps_its_bound_and_the_known_hop() {
+    let a = Netns::create("nh-sweep-a").unwrap();
+    let b = Netns::create("nh-sweep-b").unwrap();
+    veth(&a, "a0", &b, "b0").unwrap();
+    a.ip(&["addr", "add", "192.0.2.1/24", "dev", "a0"]).unwrap();
+    b.ip(&["addr", "add", "192.0.2.254/24", "dev", "b0"])
+        .unwrap();
+    a.ip(&["route", "add", "203.0.113.0/24", "via", "192.0.2.254"])
+        .unwrap();
+    a.exec("ping", &["-c", "1", "-W", "2", "192.0.2.254"])
+        .unwrap();
+    let limits = Limits {
+        entries: 256,
+        lookups_per_sec: 1000,
+    };
+    let mut hops = a.enter(|| NextHops::with_limits(limits).unwrap()).unwrap();
+    let t0 = Instant::now();
+    let peer = Ipv4Addr::new(203, 0, 113, 11);
+    let known = hops.resolve(peer, t0);
+    assert!(matches!(known, NextHop::Ether { .. }), "{known:?}");
+    // 100,000 destinations with no route (looked up, not sent to).
+    for i in 0..100_000u32 {
+        let _ = hops.resolve(Ipv4Addr::from(0xc633_0000 + i), t0);
+    }
+    let s = hops.stats();
+    // Fuller than its bound: the misses went, the resolved hop stayed.
+    assert!(hops.len() <= 256, "{}", hops.len());
+    assert!(s.evicted > 0, "{s:?}");
+    assert_eq!(s.lookups, 1000, "{s:?}");
+    assert_eq!(s.rate_limited, 100_001 - 1000, "{s:?}");
+    // The tunnel peer's hop stays, answered from the cache.
+    assert_eq!(hops.resolve(peer, t0), known);
+    assert_eq!(hops.stats().lookups, 1000);
 }

@@ -481,24 +481,8 @@ fn ike_rekey_moves_the_children() {
 #[test]
 fn a_rekeyed_ike_sa_never_deleted_keeps_no_timer_and_is_dropped() {
     let mut p = established();
-    let old_spi =
-        p.a.conn
-            .status(p.now, &mut RecordingBackend::default())
-            .ike
-            .unwrap()
-            .spi_i;
-    let old_spi = u64::from_str_radix(&old_spi, 16).unwrap().to_be_bytes();
     // B rekeys the IKE_SA, but its DELETE of the old one never reaches A.
-    p.filter = Box::new(move |_, from, t| {
-        let h = &t.data;
-        let informational_request =
-            h.len() >= 28 && h[18] == 37 && h[19] & 0x20 == 0 && h[..8] == old_spi;
-        if from == Side::B && informational_request {
-            Fate::Drop
-        } else {
-            Fate::Deliver
-        }
-    });
+    p.filter = lose_b_informational_on(spis_of(&p.a.conn).0);
     p.b.conn.rekey_ike(p.now);
     p.run(Duration::from_secs(5));
     assert_eq!(
@@ -921,6 +905,22 @@ fn garbage_and_replayed_messages_change_nothing() {
 
 // ------------------------------------------------------------- hardening
 
+/// A link that loses B's INFORMATIONAL requests on the IKE_SA whose
+/// initiator SPI is `spi_i` (its DELETE, say).
+fn lose_b_informational_on(spi_i: u64) -> Filter {
+    let spi = spi_i.to_be_bytes();
+    Box::new(move |_, from, t| {
+        let h = &t.data;
+        let informational_request =
+            h.len() >= 28 && h[18] == 37 && h[19] & 0x20 == 0 && h[..8] == spi;
+        if from == Side::B && informational_request {
+            Fate::Drop
+        } else {
+            Fate::Deliver
+        }
+    })
+}
+
 fn spis_of(c: &Connection) -> (u64, u64) {
     let ike = c
         .status(Instant::now(), &mut RecordingBackend::default())
@@ -1338,24 +1338,9 @@ fn a_responder_without_pfs_accepts_a_request_with_ke() {
 #[test]
 fn a_lingering_rekeyed_ike_sa_does_not_block_the_next_attempt() {
     let mut p = established();
-    let old_spi =
-        p.a.conn
-            .status(p.now, &mut RecordingBackend::default())
-            .ike
-            .unwrap()
-            .spi_i;
-    let old_spi = u64::from_str_radix(&old_spi, 16).unwrap().to_be_bytes();
     // B rekeys the IKE_SA; its DELETE of the old one never reaches A, so
     // the old one lingers on A (up to 120 s).
-    p.filter = Box::new(move |_, from, t| {
-        let h = &t.data;
-        let old_deleted = h.len() >= 28 && h[18] == 37 && h[19] & 0x20 == 0 && h[..8] == old_spi;
-        if from == Side::B && old_deleted {
-            Fate::Drop
-        } else {
-            Fate::Deliver
-        }
-    });
+    p.filter = lose_b_informational_on(spis_of(&p.a.conn).0);
     p.b.conn.rekey_ike(p.now);
     p.run(Duration::from_secs(2));
     assert_eq!(p.a.conn.ike_sa_count(), 2, "the rekeyed IKE_SA lingers");
