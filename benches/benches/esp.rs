@@ -3,15 +3,22 @@
 //! the same payload; the summary prints ESP cost / raw AEAD cost.
 //!
 //! Goal: at 1400 octets, ESP with AES-GCM costs at most 1.3x the raw AEAD.
+//!
+//! The `policy` group measures what traffic selectors (RFC 4301 §5.1, §5.2)
+//! add per packet: decapsulation without selectors, with 0.0.0.0/0 and with
+//! narrowed ones, and the SA database's choice of an outbound SA (the
+//! routed one covering the packet, or the tunnel's second SA).
 
 #![allow(clippy::unwrap_used)] // a benchmark: a failed step is a failed run
 
 use std::{hint::black_box, net::Ipv4Addr, path::PathBuf, time::Instant};
 
 use criterion::{BatchSize, Criterion, Throughput};
+use datapath_user::sadb::SaDb;
 use ring::aead::{AES_128_GCM, AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 use xesp_esp::{
     alg::{AesKeyBits, Encr, Integ, Suite},
+    policy::{Selector, Selectors},
     sa::{InboundSa, Lifetime, NattPorts, OutboundSa, SaParams, Tunnel},
 };
 
@@ -66,13 +73,76 @@ fn params(suite: Suite, keymat: &[u8]) -> SaParams<'_> {
     }
 }
 
-/// A buffer with an IPv4 packet of `len` octets at HEAD.
+/// A buffer with an IPv4 UDP packet of `len` octets at HEAD, 10.0.0.10 ->
+/// 10.2.0.4.
 fn packet(len: usize) -> Vec<u8> {
     let mut b = vec![0u8; HEAD + len + 64];
     b[HEAD] = 0x45;
     b[HEAD + 2..HEAD + 4].copy_from_slice(&(len as u16).to_be_bytes());
     b[HEAD + 9] = 17;
+    b[HEAD + 12..HEAD + 16].copy_from_slice(&[10, 0, 0, 10]);
+    b[HEAD + 16..HEAD + 20].copy_from_slice(&[10, 2, 0, 4]);
     b
+}
+
+fn policy(c: &mut Criterion) {
+    let mut g = c.benchmark_group("policy");
+    let size = 1400;
+    let (_, suite) = suites()[1];
+    let keymat = vec![3u8; suite.keymat_len()];
+    let now = Instant::now();
+    let template = packet(size);
+    let net = |a: [u8; 4], l| Selector::prefix(Ipv4Addr::from(a), l);
+    // The receiver's view: ours 10.2.0.0/24, the peer's 10.0.0.0/24.
+    let narrowed = Selectors::new(
+        &[net([10, 2, 0, 0], 24)],
+        &[net([10, 1, 10, 0], 25), net([10, 0, 0, 0], 24)],
+    );
+    for (name, sel) in [
+        ("none", None),
+        ("any", Some(Selectors::any_v4())),
+        ("narrowed", Some(narrowed)),
+    ] {
+        let mut sender = OutboundSa::new(&params(suite, &keymat), now).unwrap();
+        let mut inb = InboundSa::new(&params(suite, &keymat), now).unwrap();
+        if let Some(s) = sel {
+            inb.set_selectors(s);
+        }
+        g.bench_function(format!("gcm256/decap_selectors_{name}/{size}"), |b| {
+            b.iter_batched_ref(
+                || {
+                    let mut buf = template.clone();
+                    let outer = sender.encapsulate(&mut buf, HEAD..HEAD + size).unwrap();
+                    (buf, outer.start + 28..outer.end)
+                },
+                |(buf, esp)| black_box(inb.decapsulate(buf, esp.clone()).unwrap()),
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    // A tunnel with the lab's two CHILD_SAs: the BGP session's (routed) and
+    // the networks'; and a tunnel with one 0.0.0.0/0 SA.
+    let db = SaDb::new();
+    let sa = |spi| {
+        let mut p = params(suite, &keymat);
+        p.spi = spi;
+        OutboundSa::new(&p, now).unwrap()
+    };
+    db.install_outbound(0, sa(0x100), Selectors::any_v4());
+    assert!(db.route(0, Some(0x100)));
+    let nets = Selectors::new(&[net([10, 0, 0, 0], 24)], &[net([10, 2, 0, 0], 24)]);
+    db.install_outbound(1, sa(0x200), nets);
+    let bgp = Selectors::new(&[net([172, 16, 0, 3], 32)], &[net([10, 2, 0, 228], 32)]);
+    db.install_outbound(1, sa(0x201), bgp);
+    assert!(db.route(1, Some(0x201)));
+    let pkt = &template[HEAD..HEAD + size];
+    g.bench_function("sadb/outbound_for/routed_any", |b| {
+        b.iter(|| black_box(db.outbound_for(0, black_box(pkt)).is_ok()))
+    });
+    g.bench_function("sadb/outbound_for/second_sa", |b| {
+        b.iter(|| black_box(db.outbound_for(1, black_box(pkt)).is_ok()))
+    });
+    g.finish();
 }
 
 fn bench(c: &mut Criterion) {
@@ -208,6 +278,7 @@ fn main() {
         .output_directory(&criterion_dir())
         .configure_from_args();
     bench(&mut c);
+    policy(&mut c);
     c.final_summary();
     summary();
 }

@@ -1,6 +1,15 @@
-//! The SA database of the user-space datapath: inbound SAs by SPI, outbound
-//! SAs by SPI, and which outbound SA each tunnel sends on. Filled by the IKE
-//! controller (through its SaBackend), read by the packet paths.
+//! The SA database of the user-space datapath: inbound SAs by SPI (ours,
+//! unique on the device), outbound SAs by tunnel and SPI (the peer chooses
+//! those, and two peers may choose the same), and which outbound SA each
+//! tunnel sends on. Filled by the IKE controller (through its SaBackend),
+//! read by the packet paths.
+//!
+//! Policy (RFC 4301 §5.1, §5.2): every SA carries the traffic selectors its
+//! CHILD_SA was negotiated with. An outbound packet leaves in the tunnel's
+//! routed SA if its selectors cover it, else in the newest other SA of the
+//! tunnel that covers it, else it is dropped and counted per tunnel
+//! (`no_selector`). Inbound SAs check each decrypted packet themselves
+//! (`selector_mismatch`, see [`xesp_esp::policy`]).
 //!
 //! Lookups take a read lock on the tables and clone an `Arc`; each SA has
 //! its own lock, held while one packet (or one batch) is processed. A worker
@@ -16,25 +25,34 @@ use std::{
 
 use std::time::Instant;
 
-use xesp_esp::sa::{DropCounters, DropReason, Expiry, InboundSa, OutboundSa, SaCounters, Tunnel};
+use xesp_esp::{
+    policy::{Flow, Selectors},
+    sa::{DropCounters, DropReason, Expiry, InboundSa, OutboundSa, SaCounters, Tunnel},
+};
 
-/// An inbound SA and the tunnel it belongs to.
+/// An inbound SA and the tunnel it belongs to (the SA holds its selectors).
 pub struct InboundEntry {
     pub tunnel: u32,
     pub sa: Mutex<InboundSa>,
 }
 
-/// An outbound SA and the tunnel it belongs to.
+/// An outbound SA, the tunnel it belongs to and the traffic it may carry.
 pub struct OutboundEntry {
     pub tunnel: u32,
+    pub selectors: Selectors,
     pub sa: Mutex<OutboundSa>,
 }
 
 #[derive(Default)]
 struct Tables {
     inbound: HashMap<u32, Arc<InboundEntry>>,
-    outbound: HashMap<u32, Arc<OutboundEntry>>,
+    /// By `(tunnel, SPI)`.
+    outbound: HashMap<(u32, u32), Arc<OutboundEntry>>,
+    /// The SA each live tunnel sends on by preference.
     routes: HashMap<u32, Arc<OutboundEntry>>,
+    /// Each tunnel's outbound SAs, newest first: the choice when the routed
+    /// one does not cover a packet.
+    by_tunnel: HashMap<u32, Vec<Arc<OutboundEntry>>>,
     /// Totals of deleted SAs, per tunnel, so that tunnel counters survive rekeys.
     retired: HashMap<u32, TunnelTotals>,
 }
@@ -64,14 +82,37 @@ impl TunnelTotals {
     }
 }
 
+/// Why a tunnel's packet found no outbound SA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoOutbound {
+    /// The tunnel has no routed SA (it is down).
+    NoSa,
+    /// None of the tunnel's SAs has selectors that cover the packet.
+    NoSelector,
+}
+
 /// The SA database.
-#[derive(Default)]
 pub struct SaDb {
     tables: RwLock<Tables>,
     /// ESP whose SPI no SA has (RFC 4303 §3.4.2: audited, dropped).
     unknown_spi: AtomicU64,
     /// Tunnel traffic with no outbound SA (the tunnel is down).
     no_sa: AtomicU64,
+    /// Per tunnel: packets no outbound SA's selectors cover (RFC 4301 §5.1).
+    no_selector: Box<[AtomicU64]>,
+}
+
+impl Default for SaDb {
+    fn default() -> Self {
+        Self {
+            tables: RwLock::default(),
+            unknown_spi: AtomicU64::new(0),
+            no_sa: AtomicU64::new(0),
+            no_selector: (0..xesp_common::MAX_TUNNELS)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        }
+    }
 }
 
 fn lock_poisoned<T>(e: std::sync::PoisonError<T>) -> T {
@@ -85,8 +126,11 @@ impl SaDb {
         Self::default()
     }
 
-    pub fn install_inbound(&self, tunnel: u32, sa: InboundSa) {
+    /// Installs an inbound SA that admits what `selectors` cover (ours
+    /// local, the peer's remote).
+    pub fn install_inbound(&self, tunnel: u32, mut sa: InboundSa, selectors: Selectors) {
         let spi = sa.spi();
+        sa.set_selectors(selectors);
         let mut t = self.tables.write().unwrap_or_else(lock_poisoned);
         t.inbound.insert(
             spi,
@@ -97,37 +141,42 @@ impl SaDb {
         );
     }
 
-    pub fn install_outbound(&self, tunnel: u32, sa: OutboundSa) {
+    /// Installs an outbound SA of `tunnel` that may carry what `selectors`
+    /// cover. It replaces only an SA of the same tunnel and SPI.
+    pub fn install_outbound(&self, tunnel: u32, sa: OutboundSa, selectors: Selectors) {
         let spi = sa.spi();
+        let e = Arc::new(OutboundEntry {
+            tunnel,
+            selectors,
+            sa: Mutex::new(sa),
+        });
         let mut t = self.tables.write().unwrap_or_else(lock_poisoned);
-        t.outbound.insert(
-            spi,
-            Arc::new(OutboundEntry {
-                tunnel,
-                sa: Mutex::new(sa),
-            }),
-        );
+        if let Some(old) = t.outbound.insert((tunnel, spi), e.clone()) {
+            t.unlink_outbound(&old);
+        }
+        t.by_tunnel.entry(tunnel).or_default().insert(0, e);
     }
 
     /// Moves one direction to new outer endpoints (the peer's NAT mapping
     /// changed), keeping its keys, sequence numbers and counters. False if
-    /// it is not installed.
+    /// `tunnel` has no such SA.
     pub fn update_endpoints(
         &self,
+        tunnel: u32,
         spi: u32,
         inbound: bool,
         f: impl FnOnce(Tunnel) -> Tunnel,
     ) -> bool {
         let t = self.tables.read().unwrap_or_else(lock_poisoned);
         if inbound {
-            let Some(e) = t.inbound.get(&spi) else {
+            let Some(e) = t.inbound.get(&spi).filter(|e| e.tunnel == tunnel) else {
                 return false;
             };
             let mut sa = e.sa.lock().unwrap_or_else(lock_poisoned);
             let next = f(sa.tunnel());
             sa.set_tunnel(next);
         } else {
-            let Some(e) = t.outbound.get(&spi) else {
+            let Some(e) = t.outbound.get(&(tunnel, spi)) else {
                 return false;
             };
             let mut sa = e.sa.lock().unwrap_or_else(lock_poisoned);
@@ -137,8 +186,8 @@ impl SaDb {
         true
     }
 
-    /// Makes outbound `spi` the one `tunnel` sends on (or none). False if
-    /// no such outbound SA is installed.
+    /// Makes outbound `spi` of `tunnel` the one it sends on by preference
+    /// (or none: the tunnel is down). False if `tunnel` has no such SA.
     pub fn route(&self, tunnel: u32, spi: Option<u32>) -> bool {
         let mut t = self.tables.write().unwrap_or_else(lock_poisoned);
         match spi {
@@ -146,7 +195,7 @@ impl SaDb {
                 t.routes.remove(&tunnel);
                 true
             }
-            Some(s) => match t.outbound.get(&s).cloned() {
+            Some(s) => match t.outbound.get(&(tunnel, s)).cloned() {
                 Some(e) => {
                     t.routes.insert(tunnel, e);
                     true
@@ -165,12 +214,10 @@ impl SaDb {
         }
     }
 
-    pub fn delete_outbound(&self, spi: u32) {
+    pub fn delete_outbound(&self, tunnel: u32, spi: u32) {
         let mut t = self.tables.write().unwrap_or_else(lock_poisoned);
-        if let Some(e) = t.outbound.remove(&spi) {
-            let c = e.sa.lock().unwrap_or_else(lock_poisoned).counters();
-            t.retired.entry(e.tunnel).or_default().add(&c, false);
-            t.routes.retain(|_, r| !Arc::ptr_eq(r, &e));
+        if let Some(e) = t.outbound.remove(&(tunnel, spi)) {
+            t.unlink_outbound(&e);
         }
     }
 
@@ -188,19 +235,33 @@ impl SaDb {
         e
     }
 
-    /// The SA `tunnel` sends on; counts a drop when there is none.
-    pub fn outbound_of(&self, tunnel: u32) -> Option<Arc<OutboundEntry>> {
-        let e = self
-            .tables
-            .read()
-            .unwrap_or_else(lock_poisoned)
-            .routes
-            .get(&tunnel)
-            .cloned();
-        if e.is_none() {
+    /// The SA `tunnel` sends the inner packet `pkt` in (RFC 4301 §5.1): the
+    /// routed one if its selectors cover the packet, else the newest other
+    /// SA of the tunnel that covers it. Counts the drop when there is none.
+    pub fn outbound_for(&self, tunnel: u32, pkt: &[u8]) -> Result<Arc<OutboundEntry>, NoOutbound> {
+        let t = self.tables.read().unwrap_or_else(lock_poisoned);
+        let Some(routed) = t.routes.get(&tunnel) else {
             self.no_sa.fetch_add(1, Ordering::Relaxed);
+            return Err(NoOutbound::NoSa);
+        };
+        let chosen = Flow::parse(pkt).and_then(|f| {
+            if routed.selectors.covers_outbound_flow(&f) {
+                return Some(routed);
+            }
+            t.by_tunnel
+                .get(&tunnel)?
+                .iter()
+                .find(|e| !Arc::ptr_eq(e, routed) && e.selectors.covers_outbound_flow(&f))
+        });
+        match chosen {
+            Some(e) => Ok(e.clone()),
+            None => {
+                if let Some(c) = self.no_selector.get(tunnel as usize) {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(NoOutbound::NoSelector)
+            }
         }
-        e
     }
 
     pub fn inbound_counters(&self, spi: u32) -> Option<SaCounters> {
@@ -215,29 +276,39 @@ impl SaDb {
         Some(c)
     }
 
-    pub fn outbound_counters(&self, spi: u32) -> Option<SaCounters> {
+    pub fn outbound_counters(&self, tunnel: u32, spi: u32) -> Option<SaCounters> {
         let e = self
             .tables
             .read()
             .unwrap_or_else(lock_poisoned)
             .outbound
-            .get(&spi)
+            .get(&(tunnel, spi))
             .cloned()?;
         let c = e.sa.lock().unwrap_or_else(lock_poisoned).counters();
         Some(c)
     }
 
-    /// A tunnel's totals: live SAs plus those deleted.
+    /// A tunnel's totals: live SAs plus those deleted, and its packets that
+    /// no SA's selectors covered (as drops `no_selector`).
     pub fn tunnel_totals(&self, tunnel: u32) -> TunnelTotals {
         let t = self.tables.read().unwrap_or_else(lock_poisoned);
         let mut out = t.retired.get(&tunnel).copied().unwrap_or_default();
         for e in t.inbound.values().filter(|e| e.tunnel == tunnel) {
             out.add(&e.sa.lock().unwrap_or_else(lock_poisoned).counters(), true);
         }
-        for e in t.outbound.values().filter(|e| e.tunnel == tunnel) {
+        for e in t.by_tunnel.get(&tunnel).into_iter().flatten() {
             out.add(&e.sa.lock().unwrap_or_else(lock_poisoned).counters(), false);
         }
+        out.drops
+            .record_n(DropReason::NoSelector, self.no_selector_of(tunnel));
         out
+    }
+
+    /// Packets of `tunnel` that no outbound SA's selectors covered.
+    pub fn no_selector_of(&self, tunnel: u32) -> u64 {
+        self.no_selector
+            .get(tunnel as usize)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
     pub fn contains_inbound(&self, spi: u32) -> bool {
@@ -271,13 +342,32 @@ impl SaDb {
                 out.push((e.tunnel, *spi, true, x));
             }
         }
-        for (spi, e) in &t.outbound {
+        for (&(tunnel, spi), e) in &t.outbound {
             let mut sa = e.sa.lock().unwrap_or_else(lock_poisoned);
             for x in std::iter::from_fn(|| sa.poll_expiry(now)).take(4) {
-                out.push((e.tunnel, *spi, false, x));
+                out.push((tunnel, spi, false, x));
             }
         }
         out
+    }
+}
+
+impl Tables {
+    /// Takes a removed (or replaced) outbound SA out of its tunnel's lists;
+    /// its counters go to the tunnel's totals.
+    fn unlink_outbound(&mut self, e: &Arc<OutboundEntry>) {
+        let c = e.sa.lock().unwrap_or_else(lock_poisoned).counters();
+        self.retired.entry(e.tunnel).or_default().add(&c, false);
+        if self
+            .routes
+            .get(&e.tunnel)
+            .is_some_and(|r| Arc::ptr_eq(r, e))
+        {
+            self.routes.remove(&e.tunnel);
+        }
+        if let Some(v) = self.by_tunnel.get_mut(&e.tunnel) {
+            v.retain(|o| !Arc::ptr_eq(o, e));
+        }
     }
 }
 
@@ -287,6 +377,7 @@ mod tests {
 
     use xesp_esp::{
         alg::{AesKeyBits, Encr, Suite},
+        policy::Selector,
         sa::{Lifetime, SaParams, Tunnel},
     };
 
@@ -295,6 +386,10 @@ mod tests {
     const KEY: [u8; 36] = [7; 36];
 
     fn params(spi: u32) -> SaParams<'static> {
+        params_to(spi, Ipv4Addr::new(203, 0, 113, 11))
+    }
+
+    fn params_to(spi: u32, remote: Ipv4Addr) -> SaParams<'static> {
         SaParams {
             spi,
             suite: Suite::new(Encr::AesGcm16(AesKeyBits::B256), None).unwrap(),
@@ -303,20 +398,38 @@ mod tests {
             replay_window: 64,
             tunnel: Tunnel {
                 local: Ipv4Addr::new(192, 0, 2, 1),
-                remote: Ipv4Addr::new(203, 0, 113, 11),
+                remote,
                 natt: None,
             },
             lifetime: Lifetime::default(),
         }
     }
 
-    /// Encapsulates one 40-octet packet on `tunnel`'s routed SA and
-    /// decapsulates it with inbound `spi`.
-    fn carry(db: &SaDb, tunnel: u32, spi: u32) -> bool {
+    fn net(a: [u8; 4], len: u8) -> Selector {
+        Selector::prefix(Ipv4Addr::from(a), len)
+    }
+
+    fn any() -> Selectors {
+        Selectors::any_v4()
+    }
+
+    /// A buffer with a 40-octet ICMP echo `src` -> `dst` at 64..104.
+    fn packet(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
         let mut buf = vec![0u8; 256];
         buf[64] = 0x45;
         buf[66..68].copy_from_slice(&40u16.to_be_bytes());
-        let Some(out) = db.outbound_of(tunnel) else {
+        buf[73] = 1;
+        buf[76..80].copy_from_slice(&src);
+        buf[80..84].copy_from_slice(&dst);
+        buf[84] = 8;
+        buf
+    }
+
+    /// Encapsulates one packet `src` -> `dst` on the SA `tunnel` chooses and
+    /// decapsulates it with inbound `spi`.
+    fn carry_from(db: &SaDb, tunnel: u32, spi: u32, src: [u8; 4], dst: [u8; 4]) -> bool {
+        let mut buf = packet(src, dst);
+        let Ok(out) = db.outbound_for(tunnel, &buf[64..104]) else {
             return false;
         };
         let outer = out
@@ -336,22 +449,34 @@ mod tests {
         r.is_ok()
     }
 
+    fn carry(db: &SaDb, tunnel: u32, spi: u32) -> bool {
+        carry_from(db, tunnel, spi, [10, 0, 0, 10], [10, 2, 0, 4])
+    }
+
+    /// The SPI of the SA `tunnel` chooses for `src` -> `dst`.
+    fn chosen(db: &SaDb, tunnel: u32, src: [u8; 4], dst: [u8; 4]) -> Result<u32, NoOutbound> {
+        let buf = packet(src, dst);
+        db.outbound_for(tunnel, &buf[64..104])
+            .map(|e| e.sa.lock().unwrap().spi())
+    }
+
     #[test]
     fn routes_switch_and_totals_survive_deletion() {
         let now = Instant::now();
         let db = SaDb::new();
         assert!(!db.route(0, Some(0x1000)), "no such outbound SA");
-        db.install_inbound(0, InboundSa::new(&params(0x1000), now).unwrap());
-        db.install_outbound(0, OutboundSa::new(&params(0x1000), now).unwrap());
+        db.install_inbound(0, InboundSa::new(&params(0x1000), now).unwrap(), any());
+        db.install_outbound(0, OutboundSa::new(&params(0x1000), now).unwrap(), any());
         assert!(!carry(&db, 0, 0x1000), "not routed yet");
         assert_eq!(db.orphans(), (0, 1));
         assert!(db.route(0, Some(0x1000)));
+        assert!(!db.route(1, Some(0x1000)), "another tunnel's SA");
         assert!(carry(&db, 0, 0x1000));
         // A rekey: the new SA pair, routed; the old one deleted.
-        db.install_inbound(0, InboundSa::new(&params(0x2000), now).unwrap());
-        db.install_outbound(0, OutboundSa::new(&params(0x2000), now).unwrap());
+        db.install_inbound(0, InboundSa::new(&params(0x2000), now).unwrap(), any());
+        db.install_outbound(0, OutboundSa::new(&params(0x2000), now).unwrap(), any());
         assert!(db.route(0, Some(0x2000)));
-        db.delete_outbound(0x1000);
+        db.delete_outbound(0, 0x1000);
         db.delete_inbound(0x1000);
         assert!(carry(&db, 0, 0x2000));
         assert!(db.inbound(0x1000).is_none());
@@ -360,30 +485,178 @@ mod tests {
         assert_eq!((t.bytes_in, t.bytes_out), (80, 80));
         assert_eq!(db.tunnel_totals(1), TunnelTotals::default());
         // Deleting the routed SA takes the tunnel down.
-        db.delete_outbound(0x2000);
-        assert!(db.outbound_of(0).is_none());
+        db.delete_outbound(0, 0x2000);
+        assert_eq!(
+            chosen(&db, 0, [10, 0, 0, 10], [10, 2, 0, 4]),
+            Err(NoOutbound::NoSa)
+        );
         assert_eq!(db.orphans(), (1, 2));
+        assert_eq!(db.no_selector_of(0), 0);
     }
 
     #[test]
     fn updated_endpoints_keep_the_sa_and_move_its_outer_addresses() {
         let db = SaDb::new();
-        db.install_outbound(0, OutboundSa::new(&params(0x300), Instant::now()).unwrap());
-        db.install_inbound(0, InboundSa::new(&params(0x301), Instant::now()).unwrap());
+        let now = Instant::now();
+        db.install_outbound(0, OutboundSa::new(&params(0x300), now).unwrap(), any());
+        db.install_inbound(0, InboundSa::new(&params(0x301), now).unwrap(), any());
         let moved = Tunnel {
             local: Ipv4Addr::new(192, 0, 2, 1),
             remote: Ipv4Addr::new(198, 51, 100, 7),
             natt: None,
         };
-        assert!(db.update_endpoints(0x300, false, |_| moved));
-        assert!(db.update_endpoints(0x301, true, |_| moved));
-        assert!(!db.update_endpoints(0x999, false, |t| t), "not installed");
+        assert!(db.update_endpoints(0, 0x300, false, |_| moved));
+        assert!(db.update_endpoints(0, 0x301, true, |_| moved));
+        assert!(
+            !db.update_endpoints(0, 0x999, false, |t| t),
+            "not installed"
+        );
+        assert!(
+            !db.update_endpoints(1, 0x300, false, |t| t),
+            "another tunnel's"
+        );
+        assert!(
+            !db.update_endpoints(1, 0x301, true, |t| t),
+            "another tunnel's"
+        );
         assert!(db.route(0, Some(0x300)));
-        let out = db.outbound_of(0).unwrap();
+        let buf = packet([10, 0, 0, 10], [10, 2, 0, 4]);
+        let out = db.outbound_for(0, &buf[64..104]).unwrap();
         assert_eq!(out.sa.lock().unwrap().tunnel(), moved);
         assert_eq!(
             db.inbound(0x301).unwrap().sa.lock().unwrap().tunnel(),
             moved
         );
+    }
+
+    /// Two peers chose the same outbound SPI: each tunnel keeps its own SA
+    /// (keys, peer, counters), and deleting one leaves the other.
+    #[test]
+    fn two_tunnels_with_the_same_outbound_spi_keep_their_own_sas() {
+        let now = Instant::now();
+        let db = SaDb::new();
+        let gws = [
+            Ipv4Addr::new(203, 0, 113, 11),
+            Ipv4Addr::new(203, 0, 113, 12),
+        ];
+        for (tunnel, gw) in gws.iter().enumerate() {
+            let tunnel = tunnel as u32;
+            db.install_outbound(
+                tunnel,
+                OutboundSa::new(&params_to(0xc0de, *gw), now).unwrap(),
+                any(),
+            );
+            assert!(db.route(tunnel, Some(0xc0de)));
+        }
+        // Encapsulates one packet on `tunnel`; the outer destination.
+        let send = |tunnel| {
+            let mut buf = packet([10, 0, 0, 10], [10, 2, 0, 4]);
+            let e = db.outbound_for(tunnel, &buf[64..104]).unwrap();
+            let outer = e.sa.lock().unwrap().encapsulate(&mut buf, 64..104).unwrap();
+            Ipv4Addr::from(<[u8; 4]>::try_from(&buf[outer.start + 16..outer.start + 20]).unwrap())
+        };
+        assert_eq!(send(0), gws[0]);
+        assert_eq!(send(1), gws[1]);
+        assert_eq!(send(1), gws[1]);
+        assert_eq!(db.outbound_counters(0, 0xc0de).unwrap().packets, 1);
+        assert_eq!(db.outbound_counters(1, 0xc0de).unwrap().packets, 2);
+        db.delete_outbound(0, 0xc0de);
+        assert!(db.outbound_counters(0, 0xc0de).is_none());
+        assert_eq!(
+            send(1),
+            gws[1],
+            "tunnel 1's SA survives tunnel 0's deletion"
+        );
+        assert_eq!(db.tunnel_totals(0).packets_out, 1);
+        assert_eq!(db.tunnel_totals(1).packets_out, 3);
+    }
+
+    /// RFC 4301 §5.1: a tunnel with several CHILD_SAs sends each packet in
+    /// the one whose selectors cover it, the routed one first; a packet none
+    /// covers is dropped and counted against the tunnel.
+    #[test]
+    fn outbound_sa_is_chosen_by_selector() {
+        let now = Instant::now();
+        let db = SaDb::new();
+        let lan = net([10, 0, 0, 0], 24);
+        let vnet = net([10, 2, 0, 0], 24);
+        let lo = net([172, 16, 0, 3], 32);
+        let bgp = net([10, 2, 0, 228], 32);
+        // The networks' CHILD_SA, then the BGP session's (routed: newest).
+        let nets = Selectors::new(&[lan], &[vnet]);
+        db.install_outbound(0, OutboundSa::new(&params(0x100), now).unwrap(), nets);
+        let host = Selectors::new(&[lo], &[bgp]);
+        db.install_outbound(0, OutboundSa::new(&params(0x200), now).unwrap(), host);
+        assert!(db.route(0, Some(0x200)));
+        assert_eq!(chosen(&db, 0, [172, 16, 0, 3], [10, 2, 0, 228]), Ok(0x200));
+        assert_eq!(chosen(&db, 0, [10, 0, 0, 10], [10, 2, 0, 4]), Ok(0x100));
+        assert_eq!(chosen(&db, 0, [10, 0, 0, 10], [10, 2, 0, 228]), Ok(0x100));
+        assert_eq!(db.no_selector_of(0), 0);
+        // Neither covers these.
+        for (src, dst) in [
+            ([10, 1, 10, 10], [10, 2, 0, 4]),
+            ([172, 16, 0, 3], [10, 2, 0, 229]),
+            ([10, 0, 0, 10], [8, 8, 8, 8]),
+        ] {
+            assert_eq!(chosen(&db, 0, src, dst), Err(NoOutbound::NoSelector));
+        }
+        assert_eq!(db.no_selector_of(0), 3);
+        assert_eq!(db.no_selector_of(1), 0);
+        assert_eq!(db.tunnel_totals(0).drops.get(DropReason::NoSelector), 3);
+        // Not IPv4: no IPv4 selector covers it.
+        let mut v6 = vec![0u8; 48];
+        v6[0] = 0x60;
+        assert_eq!(
+            db.outbound_for(0, &v6).map(|_| ()),
+            Err(NoOutbound::NoSelector)
+        );
+        assert_eq!(db.no_selector_of(0), 4);
+        // A rekey of the networks' SA: the routed SA still wins where it
+        // covers; the new networks' SA (newest) carries the rest.
+        let nets = Selectors::new(&[lan], &[vnet]);
+        db.install_outbound(0, OutboundSa::new(&params(0x101), now).unwrap(), nets);
+        db.delete_outbound(0, 0x100);
+        assert_eq!(chosen(&db, 0, [10, 0, 0, 10], [10, 2, 0, 4]), Ok(0x101));
+        assert_eq!(chosen(&db, 0, [172, 16, 0, 3], [10, 2, 0, 228]), Ok(0x200));
+        // With overlapping selectors the routed SA wins (make-before-break).
+        db.install_outbound(0, OutboundSa::new(&params(0x300), now).unwrap(), any());
+        assert_eq!(chosen(&db, 0, [10, 0, 0, 10], [10, 2, 0, 4]), Ok(0x300));
+        assert!(db.route(0, Some(0x101)));
+        assert_eq!(chosen(&db, 0, [10, 0, 0, 10], [10, 2, 0, 4]), Ok(0x101));
+        assert_eq!(chosen(&db, 0, [10, 1, 10, 10], [10, 2, 0, 4]), Ok(0x300));
+        // The tunnel down: nothing is sent, counted as no SA, not no selector.
+        assert!(db.route(0, None));
+        assert_eq!(
+            chosen(&db, 0, [10, 0, 0, 10], [10, 2, 0, 4]),
+            Err(NoOutbound::NoSa)
+        );
+        assert_eq!(db.no_selector_of(0), 4);
+    }
+
+    /// RFC 4301 §5.2: the selectors given at installation are checked on
+    /// every decrypted packet, and the drop counts in the tunnel's totals.
+    #[test]
+    fn inbound_sas_admit_only_what_their_selectors_cover() {
+        let now = Instant::now();
+        let db = SaDb::new();
+        let lan = net([10, 0, 0, 0], 24);
+        let vnet = net([10, 2, 0, 0], 24);
+        // The sender's side: 10.0.0.0/24 -> 10.2.0.0/24 on any.
+        db.install_outbound(0, OutboundSa::new(&params(0x400), now).unwrap(), any());
+        assert!(db.route(0, Some(0x400)));
+        // The receiver (here the same device, for the test) admits only
+        // 10.0.0.0/24 (the peer's) -> 10.2.0.0/24 (ours).
+        db.install_inbound(
+            0,
+            InboundSa::new(&params(0x400), now).unwrap(),
+            Selectors::new(&[vnet], &[lan]),
+        );
+        assert!(carry_from(&db, 0, 0x400, [10, 0, 0, 10], [10, 2, 0, 4]));
+        assert!(!carry_from(&db, 0, 0x400, [10, 1, 10, 10], [10, 2, 0, 4]));
+        assert!(!carry_from(&db, 0, 0x400, [10, 0, 0, 10], [10, 0, 0, 11]));
+        let t = db.tunnel_totals(0);
+        assert_eq!(t.drops.get(DropReason::SelectorMismatch), 2);
+        assert_eq!(t.packets_in, 1);
+        assert_eq!(db.inbound_counters(0x400).unwrap().drops.total(), 2);
     }
 }

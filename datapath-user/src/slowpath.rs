@@ -4,11 +4,13 @@
 //! LAN's.
 //!
 //! * outbound: a packet the kernel routes into tunnel N's TUN device is MSS
-//!   clamped, encapsulated with N's outbound SA and sent as ESP in UDP from
+//!   clamped, encapsulated with N's outbound SA whose traffic selectors
+//!   cover it (RFC 4301 §5.1; none: dropped, counted per tunnel) and sent as ESP in UDP from
 //!   port 4500 (RFC 3948) or as plain ESP (IP protocol 50) on a raw socket;
 //! * inbound: UDP 4500 carries IKE behind the non-ESP marker (handed to the
 //!   IKE daemon), NAT-keepalives (counted) and ESP; the raw socket carries
-//!   plain ESP. ESP is decapsulated with the SA its SPI names and the inner
+//!   plain ESP. ESP is decapsulated with the SA its SPI names, which checks
+//!   the inner packet against its selectors (RFC 4301 §5.2), and the inner
 //!   packet, MSS clamped, is written into that SA's tunnel device.
 //!
 //! One thread per TUN device and one per receiving socket; buffers are
@@ -198,14 +200,15 @@ impl SlowPath {
             Self::count(&self.counters.tun_malformed);
             return;
         }
+        // RFC 4301 §5.1: the tunnel's SA whose selectors cover the packet.
+        // No SA, or none covers it: counted by the SA database (per tunnel);
+        // a tunnel without SA has no carrier, so routing moves elsewhere.
+        let Ok(entry) = self.sadb.outbound_for(tunnel, &buf[inner.clone()]) else {
+            return;
+        };
         if let Clamp::Lowered(_) = clamp_mss(&mut buf[inner.clone()], self.mss_clamp) {
             Self::count(&self.counters.mss_clamped);
         }
-        // No SA: counted by the SA database, and the kernel is told by the
-        // carrier, so routing moves elsewhere.
-        let Some(entry) = self.sadb.outbound_of(tunnel) else {
-            return;
-        };
         let (outer, t) = {
             let mut sa = entry.sa.lock().unwrap_or_else(|e| e.into_inner());
             match sa.encapsulate(buf, inner) {

@@ -2,14 +2,17 @@
 //! holding that queue's sockets on the DMZ and the LAN interface, one pair
 //! per tunnel (the slots the XDP programs redirect into).
 //!
-//! * ESP steered from the DMZ is decapsulated in its frame; an IPv4 packet
+//! * ESP steered from the DMZ is decapsulated in its frame and must match
+//!   its SA's traffic selectors (RFC 4301 §5.2, checked by the SA); an IPv4 packet
 //!   whose FIB next hop is out of the LAN interface gets its TTL lowered, its
 //!   MSS clamped and an Ethernet header, and leaves on the LAN socket without
 //!   touching the stack. Anything else (for this host, IPv6, unresolved
 //!   neighbours, TTL running out) goes into the tunnel's TUN device, where the
 //!   kernel takes it as if it had come through the tunnel.
 //! * Traffic from the LAN that the FIB routes into a live tunnel is
-//!   encapsulated in its frame with the tunnel's outbound SA and leaves on the
+//!   encapsulated in its frame with the tunnel's outbound SA whose traffic
+//!   selectors cover it (RFC 4301 §5.1; none: dropped, counted per tunnel as
+//!   `no_selector`) and leaves on the
 //!   DMZ socket; if the gateway's MAC is not known yet it is sent through
 //!   the socket datapath instead, which resolves it.
 //!
@@ -332,7 +335,8 @@ impl Ctx<'_> {
             count(&self.c.malformed);
             return Verdict::Drop;
         };
-        // Unknown SPIs and failed checks are counted by the SA database and the SA.
+        // Unknown SPIs and failed checks (the selectors of RFC 4301 §5.2
+        // among them) are counted by the SA database and the SA.
         let Some(entry) = self.path.sadb.inbound(spi) else {
             return Verdict::Drop;
         };
@@ -382,6 +386,16 @@ impl Ctx<'_> {
             count(&self.c.malformed);
             return Verdict::Drop;
         };
+        // RFC 4301 §5.1: the tunnel's SA whose selectors cover the packet.
+        // None (the tunnel just went down, or no selector covers it):
+        // counted by the SA database, per tunnel.
+        let Ok(entry) = self
+            .path
+            .sadb
+            .outbound_for(self.tunnel as u32, &f.buf[inner.clone()])
+        else {
+            return Verdict::Drop;
+        };
         if !decrement_ttl(&mut f.buf[inner.clone()]) {
             count(&self.c.ttl_expired);
             return Verdict::Drop;
@@ -389,10 +403,6 @@ impl Ctx<'_> {
         if let Clamp::Lowered(_) = clamp_mss(&mut f.buf[inner.clone()], self.path.mss_clamp) {
             count(&self.c.mss_clamped);
         }
-        // No SA any more (the tunnel just went down): counted by the SA database.
-        let Some(entry) = self.path.sadb.outbound_of(self.tunnel as u32) else {
-            return Verdict::Drop;
-        };
         let (outer, t) = {
             let mut sa = entry.sa.lock().unwrap_or_else(|e| e.into_inner());
             match sa.encapsulate(f.buf, inner) {

@@ -56,6 +56,14 @@ pub struct TunnelStatus {
     pub totals: TunnelTotals,
     /// Drops per reason, both directions.
     pub drops: Vec<(String, u64)>,
+    /// RFC 4301 §5.1: packets routed into the tunnel that no CHILD_SA's
+    /// traffic selectors cover, dropped (also in `drops`).
+    #[serde(default)]
+    pub no_selector: u64,
+    /// RFC 4301 §5.2: decrypted packets outside their CHILD_SA's traffic
+    /// selectors, dropped (also in `drops`).
+    #[serde(default)]
+    pub selector_mismatch: u64,
     /// What the XDP programs steered to this tunnel's AF_XDP sockets.
     pub xdp: Option<XdpTraffic>,
     pub connection: ConnStatus,
@@ -238,6 +246,11 @@ pub fn render(st: &DeviceStatus) -> String {
                 x.lan_packets, x.lan_bytes, x.esp_packets, x.esp_bytes
             );
         }
+        let _ = writeln!(
+            o,
+            "  traffic selectors: {} out dropped (no CHILD_SA covers them: no_selector), {} in dropped (outside their CHILD_SA's: selector_mismatch)",
+            t.no_selector, t.selector_mismatch
+        );
         let s = &c.stats;
         let _ = writeln!(
             o,

@@ -3,11 +3,13 @@
 //! * [`alg`]: the one table of transforms, shared with the IKE side;
 //! * [`crypto`]: keyed ciphers and MACs;
 //! * [`sa`]: one direction of a CHILD_SA, encapsulating or decapsulating in place;
+//! * [`policy`]: traffic selectors and the match of an inner packet (RFC 4301 §5.1, §5.2);
 //! * [`replay`]: the anti-replay window, with extended sequence numbers;
 //! * [`wire`]: outer headers, checksums and the UDP-4500 demultiplexing of NAT-T.
 
 pub mod alg;
 pub mod crypto;
+pub mod policy;
 pub mod replay;
 pub mod sa;
 pub mod wire;

@@ -18,6 +18,7 @@ use aes::cipher::{BlockEncrypt, KeyInit, generic_array::GenericArray};
 use crate::{
     alg::{Encr, Suite},
     crypto::{Cipher, CryptoError, Mac},
+    policy::Selectors,
     replay::{ReplayError, ReplayWindow},
     wire::{
         ESP_HLEN, ESP_TRAILER, IPPROTO_ESP, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_NONE, IPPROTO_UDP,
@@ -120,10 +121,17 @@ pub enum DropReason {
     Expired,
     /// The sequence number space is used up (rekey was due).
     SequenceExhausted,
+    /// Inbound: the decrypted packet is outside the SA's traffic selectors
+    /// (RFC 4301 §5.2: its source not in the peer's, or its destination not
+    /// in ours).
+    SelectorMismatch,
+    /// Outbound: no SA of the tunnel has selectors that cover the packet
+    /// (RFC 4301 §5.1; counted by the SA table, per tunnel, not an SA).
+    NoSelector,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 12] = [
         Self::Malformed,
         Self::UnknownSpi,
         Self::Replay,
@@ -134,6 +142,8 @@ impl DropReason {
         Self::NoRoom,
         Self::Expired,
         Self::SequenceExhausted,
+        Self::SelectorMismatch,
+        Self::NoSelector,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -148,6 +158,8 @@ impl DropReason {
             Self::NoRoom => "no_room",
             Self::Expired => "expired",
             Self::SequenceExhausted => "sequence_exhausted",
+            Self::SelectorMismatch => "selector_mismatch",
+            Self::NoSelector => "no_selector",
         }
     }
 }
@@ -159,6 +171,10 @@ pub struct DropCounters([u64; DropReason::ALL.len()]);
 impl DropCounters {
     pub fn record(&mut self, r: DropReason) {
         self.0[r as usize] += 1;
+    }
+    /// Adds `n` drops for reason `r` (counted elsewhere, e.g. per tunnel).
+    pub fn record_n(&mut self, r: DropReason, n: u64) {
+        self.0[r as usize] += n;
     }
     pub fn get(&self, r: DropReason) -> u64 {
         self.0[r as usize]
@@ -672,6 +688,8 @@ pub struct InboundSa {
     tunnel: Tunnel,
     life: Life,
     counters: SaCounters,
+    /// Checked against every decrypted packet; `None` checks nothing.
+    selectors: Option<Selectors>,
 }
 
 impl core::fmt::Debug for InboundSa {
@@ -698,7 +716,18 @@ impl InboundSa {
             tunnel: p.tunnel,
             life: Life::new(p.lifetime, now),
             counters: SaCounters::default(),
+            selectors: None,
         })
+    }
+
+    /// The traffic selectors every decrypted packet must match (RFC 4301
+    /// §5.2); until set, none are checked.
+    pub fn set_selectors(&mut self, s: Selectors) {
+        self.selectors = Some(s);
+    }
+
+    pub fn selectors(&self) -> Option<&Selectors> {
+        self.selectors.as_ref()
     }
 
     pub fn spi(&self) -> u32 {
@@ -841,11 +870,19 @@ impl InboundSa {
         if inner_len > payload.len() || inner_len < IPV4_HLEN {
             return Err(self.drop(DropReason::BadInner));
         }
+        let inner = payload.start..payload.start + inner_len;
+        // RFC 4301 §5.2 step 4: an authentic packet the SA does not cover is
+        // dropped (its sequence number stays used: it was not a replay).
+        if let Some(s) = &self.selectors
+            && !s.covers_inbound(&buf[inner.clone()])
+        {
+            return Err(self.drop(DropReason::SelectorMismatch));
+        }
         self.counters.packets += 1;
         self.counters.bytes += inner_len as u64;
         self.life.account(&self.counters);
         Ok(Decapsulated {
-            inner: payload.start..payload.start + inner_len,
+            inner,
             next_header,
             seq,
         })

@@ -552,3 +552,39 @@ fn gcm_esp_vectors_from_draft_mcgrew_gcm_test_01() {
     }
     assert_eq!(checked, GCM_VECTORS.len());
 }
+
+/// RFC 4301 §5.2: an authentic packet whose inner addresses the SA's
+/// selectors do not cover is dropped and counted; one they cover passes.
+#[test]
+fn decrypted_packets_outside_the_selectors_are_dropped() {
+    use crate::policy::{Selector, Selectors};
+    let suite = suites()[1];
+    let (mut out, mut inb) = pair(suite, false, true);
+    // inner_v4 carries 10.0.0.10 -> 10.2.0.4. Seen from the receiver, the
+    // peer's network must hold the source, ours the destination.
+    let vnet = Selector::prefix(Ipv4Addr::new(10, 2, 0, 0), 24);
+    let lan = Selector::prefix(Ipv4Addr::new(10, 0, 0, 0), 24);
+    // Selectors of the sender's side (ours 10.0.0.0/24, the peer's
+    // 10.2.0.0/24) turned the wrong way for the receiver:
+    inb.set_selectors(Selectors::new(&[lan], &[vnet]));
+    let send = |out: &mut OutboundSa, inb: &mut InboundSa| {
+        let (mut buf, inner) = inner_v4(100);
+        let outer = out.encapsulate(&mut buf, inner).unwrap();
+        let Ok(Outer::Esp { esp, .. }) = parse_outer(&buf[outer.clone()]) else {
+            panic!("not ESP");
+        };
+        let esp = outer.start + esp.start..outer.start + esp.end;
+        inb.decapsulate(&mut buf, esp).map(|d| d.inner.len())
+    };
+    assert_eq!(send(&mut out, &mut inb), Err(DropReason::SelectorMismatch));
+    assert_eq!(inb.counters().drops.get(DropReason::SelectorMismatch), 1);
+    assert_eq!(inb.counters().packets, 0);
+    // The receiver's own view (ours 10.2.0.0/24, the peer's 10.0.0.0/24) passes it.
+    inb.set_selectors(Selectors::new(&[vnet], &[lan]));
+    assert_eq!(send(&mut out, &mut inb), Ok(100));
+    assert_eq!(inb.counters().packets, 1);
+    assert_eq!(inb.counters().drops.total(), 1);
+    // 0.0.0.0/0 both ways covers it.
+    inb.set_selectors(Selectors::any_v4());
+    assert_eq!(send(&mut out, &mut inb), Ok(100));
+}

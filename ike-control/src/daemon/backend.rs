@@ -4,6 +4,11 @@
 //! BGP next hops over it, follow the tunnel's state). With XDP, inbound SPIs
 //! are steered to their tunnel's AF_XDP sockets and the LAN program learns
 //! which tunnels are live.
+//!
+//! Each SA takes the traffic selectors its CHILD_SA was negotiated with, so
+//! that the datapath enforces them (RFC 4301 §5.1, §5.2). Outbound SPIs are
+//! the peers' choice: they are kept per tunnel, so each connection reaches
+//! the datapath through its own [`TunnelBackend`], which knows its tunnel.
 
 use std::{
     collections::HashSet,
@@ -14,9 +19,15 @@ use std::{
 
 use datapath_user::{sadb::SaDb, tun::Tun, xdp::XdpPrograms};
 use ike_proto::random::{Random, SystemRandom};
-use xesp_esp::sa::{InboundSa, NattPorts, OutboundSa, SaCounters};
+use xesp_esp::{
+    policy::{Selector, Selectors},
+    sa::{InboundSa, NattPorts, OutboundSa, SaCounters},
+};
 
-use ike_proto::backend::{BackendError, ChildSaSpec, Direction, SaBackend};
+use ike_proto::{
+    backend::{BackendError, ChildSaSpec, Direction, SaBackend},
+    ts::TsRange,
+};
 
 /// SAs into the SA database, carrier onto the tunnel devices.
 pub struct UserBackend {
@@ -46,7 +57,83 @@ fn system(m: impl Into<String>) -> BackendError {
     BackendError::System(m.into())
 }
 
-impl SaBackend for UserBackend {
+fn selector(t: &TsRange) -> Selector {
+    Selector {
+        start: t.start,
+        end: t.end,
+        protocol: t.protocol,
+        start_port: t.start_port,
+        end_port: t.end_port,
+    }
+}
+
+/// The selectors a CHILD_SA was negotiated with, for the datapath.
+pub fn selectors(spec: &ChildSaSpec) -> Selectors {
+    let local: Vec<Selector> = spec.local_ts.iter().map(selector).collect();
+    let remote: Vec<Selector> = spec.remote_ts.iter().map(selector).collect();
+    Selectors::new(&local, &remote)
+}
+
+impl UserBackend {
+    /// The backend as tunnel `tunnel`'s connection sees it.
+    pub fn tunnel(&mut self, tunnel: u32) -> TunnelBackend<'_> {
+        TunnelBackend {
+            inner: self,
+            tunnel,
+        }
+    }
+}
+
+/// One tunnel's view of the [`UserBackend`]: the SPIs it names in
+/// `update`, `delete` and `counters` are that tunnel's.
+pub struct TunnelBackend<'a> {
+    inner: &'a mut UserBackend,
+    tunnel: u32,
+}
+
+impl SaBackend for TunnelBackend<'_> {
+    fn allocate_spi(&mut self) -> Result<u32, BackendError> {
+        self.inner.allocate_spi()
+    }
+
+    fn install(&mut self, spec: &ChildSaSpec) -> Result<(), BackendError> {
+        if spec.tunnel != self.tunnel {
+            return Err(BackendError::NoTunnel(spec.tunnel));
+        }
+        self.inner.install(spec)
+    }
+
+    fn route(&mut self, tunnel: u32, spi: Option<u32>) -> Result<(), BackendError> {
+        if tunnel != self.tunnel {
+            return Err(BackendError::NoTunnel(tunnel));
+        }
+        self.inner.route(tunnel, spi)
+    }
+
+    fn update(
+        &mut self,
+        spi: u32,
+        direction: Direction,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> Result<(), BackendError> {
+        self.inner
+            .update(self.tunnel, spi, direction, local, remote)
+    }
+
+    fn delete(&mut self, spi: u32, direction: Direction) -> Result<(), BackendError> {
+        self.inner.delete(self.tunnel, spi, direction)
+    }
+
+    fn counters(&mut self, spi: u32, direction: Direction) -> Option<SaCounters> {
+        match direction {
+            Direction::Inbound => self.inner.sadb.inbound_counters(spi),
+            Direction::Outbound => self.inner.sadb.outbound_counters(self.tunnel, spi),
+        }
+    }
+}
+
+impl UserBackend {
     fn allocate_spi(&mut self) -> Result<u32, BackendError> {
         for _ in 0..64 {
             let mut b = [0u8; 4];
@@ -80,7 +167,7 @@ impl SaBackend for UserBackend {
         match spec.direction {
             Direction::Inbound => {
                 let sa = InboundSa::new(&params, Instant::now()).map_err(bad)?;
-                self.sadb.install_inbound(spec.tunnel, sa);
+                self.sadb.install_inbound(spec.tunnel, sa, selectors(spec));
                 self.reserved.remove(&spec.spi);
                 if let Some(x) = &mut self.xdp {
                     x.steer(spec.spi, spec.tunnel)
@@ -89,7 +176,7 @@ impl SaBackend for UserBackend {
             }
             Direction::Outbound => {
                 let sa = OutboundSa::new(&params, Instant::now()).map_err(bad)?;
-                self.sadb.install_outbound(spec.tunnel, sa);
+                self.sadb.install_outbound(spec.tunnel, sa, selectors(spec));
             }
         }
         Ok(())
@@ -115,6 +202,7 @@ impl SaBackend for UserBackend {
 
     fn update(
         &mut self,
+        tunnel: u32,
         spi: u32,
         direction: Direction,
         local: SocketAddr,
@@ -128,7 +216,7 @@ impl SaBackend for UserBackend {
         };
         let moved = self
             .sadb
-            .update_endpoints(spi, direction == Direction::Inbound, |t| {
+            .update_endpoints(tunnel, spi, direction == Direction::Inbound, |t| {
                 xesp_esp::sa::Tunnel {
                     local: local_ip,
                     remote: remote_ip,
@@ -145,7 +233,7 @@ impl SaBackend for UserBackend {
         }
     }
 
-    fn delete(&mut self, spi: u32, direction: Direction) -> Result<(), BackendError> {
+    fn delete(&mut self, tunnel: u32, spi: u32, direction: Direction) -> Result<(), BackendError> {
         match direction {
             Direction::Inbound => {
                 self.reserved.remove(&spi);
@@ -155,15 +243,8 @@ impl SaBackend for UserBackend {
                         .map_err(|e| system(format!("unsteering SPI {spi:08x}: {e}")))?;
                 }
             }
-            Direction::Outbound => self.sadb.delete_outbound(spi),
+            Direction::Outbound => self.sadb.delete_outbound(tunnel, spi),
         }
         Ok(())
-    }
-
-    fn counters(&mut self, spi: u32, direction: Direction) -> Option<SaCounters> {
-        match direction {
-            Direction::Inbound => self.sadb.inbound_counters(spi),
-            Direction::Outbound => self.sadb.outbound_counters(spi),
-        }
     }
 }

@@ -167,9 +167,13 @@ impl Driver {
 
     fn datagram(&mut self, port: u16, from: SocketAddr, data: &[u8]) {
         match self.connection_for(from) {
-            Some(i) => {
-                self.conns[i].handle_datagram(Instant::now(), port, from, data, &mut self.backend)
-            }
+            Some(i) => self.conns[i].handle_datagram(
+                Instant::now(),
+                port,
+                from,
+                data,
+                &mut self.backend.tunnel(i as u32),
+            ),
             None => {
                 self.slow.ike_not_peer.fetch_add(1, Ordering::Relaxed);
                 log::debug!("IKE from {from}, which is no configured peer: dropped");
@@ -179,9 +183,9 @@ impl Driver {
 
     fn timeouts(&mut self) {
         let now = Instant::now();
-        for c in &mut self.conns {
+        for (i, c) in self.conns.iter_mut().enumerate() {
             if c.poll_timeout().is_some_and(|t| t <= now) {
-                c.handle_timeout(now, &mut self.backend);
+                c.handle_timeout(now, &mut self.backend.tunnel(i as u32));
             }
         }
     }
@@ -216,7 +220,7 @@ impl Driver {
                     true
                 }
             };
-            c.expired(now, spi, direction, hard, &mut self.backend);
+            c.expired(now, spi, direction, hard, &mut self.backend.tunnel(tunnel));
         }
     }
 
@@ -229,7 +233,7 @@ impl Driver {
         let mut tunnels = Vec::new();
         for (i, c) in self.conns.iter().enumerate() {
             let t = &self.cfg.tunnels[i];
-            let connection = c.status(now, &mut self.backend);
+            let connection = c.status(now, &mut self.backend.tunnel(i as u32));
             let totals = self.backend.sadb.tunnel_totals(i as u32);
             tunnels.push(TunnelStatus {
                 name: t.name.clone(),
@@ -243,6 +247,8 @@ impl Driver {
                     .iter()
                     .map(|r| (r.name().to_string(), totals.drops.get(*r)))
                     .collect(),
+                no_selector: totals.drops.get(DropReason::NoSelector),
+                selector_mismatch: totals.drops.get(DropReason::SelectorMismatch),
                 xdp: None,
                 connection,
             });

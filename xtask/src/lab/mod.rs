@@ -62,6 +62,10 @@ pub struct LabConfig {
     pub gateway_initiates: bool,
     /// The gateways' CHILD_SA lifetimes, as swanctl.conf lines.
     pub gateway_child_lifetimes: String,
+    /// Each gateway's CHILD_SAs, as `(local_ts, remote_ts)` from the
+    /// gateway's side (swanctl syntax, e.g. `10.2.0.0/24`); empty: one
+    /// CHILD_SA with 0.0.0.0/0 both ways, as Azure's route-based gateway.
+    pub gateway_children: [Vec<(String, String)>; 2],
     /// Environment variables for xesp (e.g. `XESP_FAULT_INJECT` in tests).
     pub xesp_env: Vec<(String, String)>,
 }
@@ -78,6 +82,7 @@ impl Default for LabConfig {
             xesp: XespSettings::default(),
             gateway_initiates: false,
             gateway_child_lifetimes: "rekey_time = 27000s".to_string(),
+            gateway_children: [Vec::new(), Vec::new()],
             xesp_env: Vec::new(),
         }
     }
@@ -165,6 +170,7 @@ impl Lab {
                 &lab.config.gateway_esp,
                 lab.config.gateway_initiates,
                 &lab.config.gateway_child_lifetimes,
+                &lab.config.gateway_children[i],
             ))?;
             let d = gw.charon.start(&lab.ns.azgw[i])?;
             lab.daemons.push(d);

@@ -171,6 +171,9 @@ pub const GATEWAY_ESP_PROPOSALS: &str = "aes256gcm16,aes128gcm16,aes256-sha1,aes
 /// swanctl.conf of a gateway instance: the Azure side, a responder with
 /// 0.0.0.0/0 selectors narrowed to what on-prem proposes. `child_lifetimes`
 /// are the CHILD_SA's swanctl lifetime lines (`rekey_time = 27000s`, ...).
+/// `children` replaces that one CHILD_SA by several with narrowed selectors,
+/// `(local_ts, remote_ts)` each (what the gateway proposes when it initiates).
+#[allow(clippy::too_many_arguments)]
 pub fn gateway_swanctl(
     me: Ipv4Addr,
     peer: Ipv4Addr,
@@ -179,8 +182,35 @@ pub fn gateway_swanctl(
     esp: &str,
     initiate: bool,
     child_lifetimes: &str,
+    children: &[(String, String)],
 ) -> String {
     let start_action = if initiate { "start" } else { "none" };
+    let any = [("0.0.0.0/0".to_string(), "0.0.0.0/0".to_string())];
+    let children = if children.is_empty() {
+        &any[..]
+    } else {
+        children
+    };
+    let mut child_confs = String::new();
+    for (i, (local_ts, remote_ts)) in children.iter().enumerate() {
+        let name = if i == 0 {
+            "s2s".to_string()
+        } else {
+            format!("s2s-{i}")
+        };
+        let _ = write!(
+            child_confs,
+            r#"            {name} {{
+                local_ts = {local_ts}
+                remote_ts = {remote_ts}
+                esp_proposals = {esp}
+                {child_lifetimes}
+                start_action = {start_action}
+                dpd_action = clear
+            }}
+"#
+        );
+    }
     format!(
         r#"connections {{
     onprem {{
@@ -200,15 +230,7 @@ pub fn gateway_swanctl(
             id = {peer}
         }}
         children {{
-            s2s {{
-                local_ts = 0.0.0.0/0
-                remote_ts = 0.0.0.0/0
-                esp_proposals = {esp}
-                {child_lifetimes}
-                start_action = {start_action}
-                dpd_action = clear
-            }}
-        }}
+{child_confs}        }}
     }}
 }}
 secrets {{
