@@ -87,6 +87,12 @@ fn tunnel_device(
     }
     tun.set_carrier(false)
         .map_err(io_err(format!("{name}: carrier")))?;
+    // The tunnels carry IPv4 selectors only: without this the device's own
+    // IPv6 (router solicitations, MLD) would go in and count as no_selector.
+    let v6 = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
+    if std::path::Path::new(&v6).exists() {
+        std::fs::write(&v6, "1").map_err(io_err(format!("{name}: turning IPv6 off")))?;
+    }
     rtnl.set_link_up(ifindex, u32::from(mtu))?;
     rtnl.replace_address(ifindex, addr, 32)?;
     Ok(tun)
