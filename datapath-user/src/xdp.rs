@@ -122,17 +122,7 @@ impl XdpPrograms {
         iface: &str,
         how: XdpAttach,
     ) -> Result<XdpMode, DatapathError> {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::MissingProgram(name))?
-            .try_into()
-            .map_err(|e| DatapathError::program(name, e))?;
-        if program.fd().is_err() {
-            program
-                .load()
-                .map_err(|e| DatapathError::program(name, e))?;
-        }
+        let program = self.loaded(name)?;
         let modes: &[XdpMode] = match how {
             XdpAttach::Auto => &[XdpMode::Driver, XdpMode::Skb],
             XdpAttach::Driver => &[XdpMode::Driver],
@@ -156,6 +146,22 @@ impl XdpPrograms {
             iface: iface.to_string(),
             source: last.map(Box::new),
         })
+    }
+
+    /// XDP program `name`, loaded into the kernel on first use.
+    fn loaded(&mut self, name: &'static str) -> Result<&mut Xdp, DatapathError> {
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram(name))?
+            .try_into()
+            .map_err(|e| DatapathError::program(name, e))?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .map_err(|e| DatapathError::program(name, e))?;
+        }
+        Ok(program)
     }
 
     /// `(interface, program, mode)` of every attachment.
@@ -182,17 +188,7 @@ impl XdpPrograms {
     /// namespace, and returns its XDP action. The maps and counters are the
     /// live ones: a dry run counts like a received frame.
     pub fn test_run(&mut self, name: &'static str, frame: &[u8]) -> Result<u32, DatapathError> {
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::MissingProgram(name))?
-            .try_into()
-            .map_err(|e| DatapathError::program(name, e))?;
-        if program.fd().is_err() {
-            program
-                .load()
-                .map_err(|e| DatapathError::program(name, e))?;
-        }
+        let program = self.loaded(name)?;
         let mut out = vec![0u8; frame.len() + 256];
         let opts = TestRunOptions {
             data_in: Some(frame),

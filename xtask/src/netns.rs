@@ -262,13 +262,20 @@ impl Daemon {
         self.child.try_wait().ok().flatten().and_then(|s| s.code())
     }
 
+    /// Sends it `signal` (if it still runs).
+    pub fn signal(&mut self, signal: i32) {
+        if self.is_running() {
+            // SAFETY: signalling our own child, which has not been reaped.
+            unsafe { libc::kill(self.child.id() as i32, signal) };
+        }
+    }
+
     /// Stops it now (SIGTERM, up to 3 s, then SIGKILL).
     pub fn stop(&mut self) {
         if !self.is_running() {
             return;
         }
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.signal(libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(3);
         while self.is_running() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));

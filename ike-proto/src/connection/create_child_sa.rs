@@ -99,11 +99,7 @@ impl Connection {
         backend: &mut dyn SaBackend,
     ) -> Vec<Payload> {
         let cfg = self.cfg.clone();
-        let props = inner.iter().find_map(|p| match &p.body {
-            Body::Sa(s) => Some(s.clone()),
-            _ => None,
-        });
-        let Some(mut props) = props else {
+        let Some(mut props) = sa_of(inner).map(<[_]>::to_vec) else {
             return vec![notify(NotifyType::INVALID_SYNTAX)];
         };
         if mode.decline_pfs {
@@ -308,10 +304,7 @@ impl Connection {
         backend: &mut dyn SaBackend,
     ) {
         let cfg = self.cfg.clone();
-        let props = inner.iter().find_map(|p| match &p.body {
-            Body::Sa(s) => Some(s.clone()),
-            _ => None,
-        });
+        let props = sa_of(inner);
         let first = self.sas[i].children.is_empty()
             && draft.rekey_of.is_none()
             && self.sas[i].state == IkeState::Established
@@ -339,10 +332,10 @@ impl Connection {
             .cloned()
             .collect();
         let accepted = props.and_then(|p| {
-            proposal::accepted_esp(&cfg.esp_proposals, &p, cfg.allow_legacy, ke_group).or_else(
+            proposal::accepted_esp(&cfg.esp_proposals, p, cfg.allow_legacy, ke_group).or_else(
                 || {
                     ke_group?;
-                    let p = proposal::without_pfs(&p);
+                    let p = proposal::without_pfs(p);
                     proposal::accepted_esp(&without_pfs, &p, cfg.allow_legacy, None)
                 },
             )
@@ -442,11 +435,6 @@ impl Connection {
             return;
         }
         self.note_child(&child, draft.rekey_of);
-        if !ours_lose {
-            for c in &mut self.sas[i].children {
-                c.routed = false;
-            }
-        }
         let Some(old) = draft.rekey_of else {
             self.add_child(i, now, child);
             return;

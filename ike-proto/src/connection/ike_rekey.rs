@@ -169,12 +169,8 @@ impl Connection {
         backend: &mut dyn SaBackend,
     ) {
         let cfg = self.cfg.clone();
-        let props = inner.iter().find_map(|p| match &p.body {
-            Body::Sa(s) => Some(s.clone()),
-            _ => None,
-        });
-        let Some(props) = props else { return };
-        let Some(suite) = proposal::accepted_ike(&cfg.ike_proposals, &props, cfg.allow_legacy)
+        let Some(props) = sa_of(inner) else { return };
+        let Some(suite) = proposal::accepted_ike(&cfg.ike_proposals, props, cfg.allow_legacy)
         else {
             self.out.log(
                 Level::Warn,

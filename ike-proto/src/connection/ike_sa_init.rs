@@ -225,12 +225,7 @@ impl Connection {
                 return Ok(());
             }
         }
-        let Some(Body::Sa(props)) = msg
-            .payloads
-            .iter()
-            .map(|p| &p.body)
-            .find(|b| matches!(b, Body::Sa(_)))
-        else {
+        let Some(props) = sa_of(&msg.payloads) else {
             return Err(Reject::MissingPayload {
                 exchange: ExchangeType::IKE_SA_INIT,
                 payload: "SA",
@@ -414,12 +409,7 @@ impl Connection {
         if h.spi_r == 0 {
             return Err(Reject::MalformedHeader("IKE_SA_INIT response (no SPIr)"));
         }
-        let Some(Body::Sa(props)) = msg
-            .payloads
-            .iter()
-            .map(|p| &p.body)
-            .find(|b| matches!(b, Body::Sa(_)))
-        else {
+        let Some(props) = sa_of(&msg.payloads) else {
             return Err(Reject::MissingPayload {
                 exchange: ExchangeType::IKE_SA_INIT,
                 payload: "SA",

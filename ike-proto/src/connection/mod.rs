@@ -411,10 +411,7 @@ impl Connection {
         if !self.cfg.initiator || self.closed || self.next_attempt.is_some() {
             return;
         }
-        let under_way = self.sas.iter().any(|s| {
-            s.is_negotiating() || (s.is_usable() && (s.carries_tunnel() || s.child_pending()))
-        });
-        if !under_way {
+        if !self.sas.iter().any(IkeSa::keeps_the_tunnel_going) {
             self.next_attempt = Some(now + self.initiate_backoff);
             self.initiate_backoff = (self.initiate_backoff * 2).min(MAX_BACKOFF);
         }
@@ -426,9 +423,7 @@ impl Connection {
         !self.cfg.initiator
             || self.closed
             || self.next_attempt.is_some()
-            || self.sas.iter().any(|s| {
-                s.is_negotiating() || (s.is_usable() && (s.carries_tunnel() || s.child_pending()))
-            })
+            || self.sas.iter().any(IkeSa::keeps_the_tunnel_going)
     }
 
     /// The newest established IKE_SA.

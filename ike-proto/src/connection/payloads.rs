@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use crate::{
-    codec::{Body, IdType, Identification, Message, Notify, NotifyType, Payload},
+    codec::{Body, IdType, Identification, Message, Notify, NotifyType, Payload, Proposal},
     config::Identity,
     crypto,
     ts::{self, TsRange},
@@ -16,6 +16,14 @@ pub(super) fn notify(kind: NotifyType) -> Payload {
 pub(super) fn nonce_of(p: &[Payload]) -> Option<Vec<u8>> {
     p.iter().find_map(|p| match &p.body {
         Body::Nonce(n) => Some(n.clone()),
+        _ => None,
+    })
+}
+
+/// The first SA payload's proposals.
+pub(super) fn sa_of(p: &[Payload]) -> Option<&[Proposal]> {
+    p.iter().find_map(|p| match &p.body {
+        Body::Sa(s) => Some(s.as_slice()),
         _ => None,
     })
 }

@@ -328,6 +328,13 @@ impl IkeSa {
         )
     }
 
+    /// It negotiates, or it is established and carries the tunnel or is
+    /// getting a CHILD_SA for it: the tunnel needs no other attempt.
+    pub(super) fn keeps_the_tunnel_going(&self) -> bool {
+        self.is_negotiating()
+            || (self.is_usable() && (self.carries_tunnel() || self.child_pending()))
+    }
+
     /// One of its CHILD_SAs carries the tunnel's outbound traffic.
     pub(super) fn carries_tunnel(&self) -> bool {
         self.children.iter().any(|c| c.routed)

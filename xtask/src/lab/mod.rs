@@ -350,12 +350,9 @@ impl Lab {
         let Some(d) = self.xesp_daemon() else {
             return false;
         };
-        if !d.is_running() {
-            return false;
-        }
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(d.pid() as i32, signal) };
-        true
+        let running = d.is_running();
+        d.signal(signal);
+        running
     }
 
     /// Whether the xesp daemon still runs.
