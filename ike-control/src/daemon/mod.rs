@@ -1,14 +1,11 @@
 //! `xesp run`: the thin tokio driver around the sans-IO connections.
 //!
-//! One task owns every [`Connection`] and the [`UserBackend`]; it reads IKE
-//! from UDP 500 and (through the socket datapath, which demultiplexes UDP
-//! 4500) from UDP 4500, fires timers, polls SA lifetimes, sends what the
-//! connections ask for and answers the control socket. The packet paths run
-//! on their own threads ([`datapath_user::slowpath`]), optionally behind the
-//! DMZ XDP filter.
-
-pub mod backend;
-mod workers;
+//! One task owns every [`Connection`] and the chosen [`Datapath`] (whose
+//! [`SaBackend`](ike_proto::backend::SaBackend) the connections install
+//! their CHILD_SAs through); it reads IKE from UDP 500 and (through the
+//! datapath, which demultiplexes UDP 4500) from UDP 4500, fires timers,
+//! polls SA lifetimes, sends what the connections ask for and answers the
+//! control socket. The packets themselves never reach this task.
 
 use std::{
     io,
@@ -16,20 +13,15 @@ use std::{
     path::PathBuf,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use datapath_user::{
     DatapathError,
-    netlink::{NetlinkError, Rtnl, ifindex},
+    mode::{self, Datapath, DatapathConfig, SaExpiry, TunnelConfig},
     rxq,
-    sadb::SaDb,
-    slowpath::{SlowCounters, SlowPath, raw_esp_socket},
-    tun::Tun,
-    xdp::{XdpAttach, XdpPrograms},
-    xsk::XskError,
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
@@ -37,16 +29,13 @@ use tokio::{
     signal::unix::{SignalKind, signal},
     sync::{mpsc, oneshot},
 };
-use xesp_common::{LanCounter, SteerCounter};
 use xesp_esp::sa::{DropReason, Expiry};
 
-use self::{backend::UserBackend, workers::Workers};
 use crate::{
     config::{Config, DatapathMode},
     control::{self, DeviceStatus, STATUS_REQUEST, TunnelStatus},
 };
 use ike_proto::{
-    backend::Direction,
     connection::{Connection, Event, Level},
     random::SystemRandom,
 };
@@ -57,13 +46,7 @@ pub enum DaemonError {
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
     #[error(transparent)]
-    Netlink(#[from] NetlinkError),
-    #[error(transparent)]
     Datapath(#[from] DatapathError),
-    #[error(transparent)]
-    Xsk(#[from] XskError),
-    #[error("{0}")]
-    Workers(String),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DaemonError {
@@ -71,43 +54,53 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DaemonError {
     move |source| DaemonError::Io { what, source }
 }
 
-/// Creates tunnel `name`'s TUN device with its /32 address, up, carrier off.
-fn tunnel_device(
-    rtnl: &mut Rtnl,
-    name: &str,
-    addr: std::net::Ipv4Addr,
-    mtu: u16,
-) -> Result<Tun, DaemonError> {
-    let tun = Tun::create(name).map_err(io_err(format!("creating tunnel interface {name}")))?;
-    let ifindex = ifindex(name);
-    if ifindex == 0 {
-        return Err(io_err(format!("finding interface {name}"))(
-            io::Error::last_os_error(),
-        ));
+/// The datapath's part of the configuration.
+fn datapath_config(cfg: &Config) -> DatapathConfig {
+    DatapathConfig {
+        mode: match cfg.device.datapath {
+            DatapathMode::Xdp => mode::Mode::Xdp,
+            DatapathMode::Tun => mode::Mode::Tun,
+        },
+        public_address: cfg.device.public_address,
+        tunnels: cfg
+            .tunnels
+            .iter()
+            .map(|t| TunnelConfig {
+                name: t.name.clone(),
+                address: t.address,
+                peer: t.peer.remote,
+            })
+            .collect(),
+        tunnel_mtu: cfg.device.tunnel_mtu,
+        mss_clamp: cfg.device.mss_clamp,
+        dmz_interface: cfg.device.dmz_interface.clone(),
+        lan_interfaces: cfg.device.lan_interfaces.clone(),
+        dmz_allow: cfg.dmz_allow.clone(),
+        dmz_pass_unclassified: cfg.dmz_pass_unclassified,
     }
-    tun.set_carrier(false)
-        .map_err(io_err(format!("{name}: carrier")))?;
-    // The tunnels carry IPv4 selectors only: without this the device's own
-    // IPv6 (router solicitations, MLD) would go in and count as no_selector.
-    let v6 = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
-    if std::path::Path::new(&v6).exists() {
-        std::fs::write(&v6, "1").map_err(io_err(format!("{name}: turning IPv6 off")))?;
-    }
-    rtnl.set_link_up(ifindex, u32::from(mtu))?;
-    rtnl.replace_address(ifindex, addr, 32)?;
-    Ok(tun)
 }
 
-/// Receive queues of `iface` (1 when sysfs does not say), at most MAX_QUEUES.
-fn queue_count(iface: &str) -> u32 {
-    let n = std::fs::read_dir(format!("/sys/class/net/{iface}/queues"))
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
-                .count() as u32
-        })
-        .unwrap_or(1);
-    n.clamp(1, xesp_common::MAX_QUEUES)
+/// What the IKE sockets count before a datagram reaches a connection.
+#[derive(Debug, Default)]
+struct IkeCounters {
+    /// IKE from an address that is no configured peer (UDP 500 or 4500),
+    /// dropped before it was queued.
+    not_peer: AtomicU64,
+    /// IKE on UDP 4500 dropped because the queue to this task was full.
+    queue_full: AtomicU64,
+    /// Datagrams the kernel dropped at UDP 500's full receive buffer.
+    udp500_buffer_drops: AtomicU64,
+}
+
+impl IkeCounters {
+    fn snapshot(&self) -> [(&'static str, u64); 3] {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("ike_not_peer", g(&self.not_peer)),
+            ("ike_queue_full", g(&self.queue_full)),
+            ("udp500_buffer_drops", g(&self.udp500_buffer_drops)),
+        ]
+    }
 }
 
 /// A request from a control-socket client, answered by the main loop.
@@ -116,11 +109,10 @@ type StatusReply = oneshot::Sender<DeviceStatus>;
 struct Driver {
     cfg: Config,
     conns: Vec<Connection>,
-    backend: UserBackend,
+    datapath: Box<dyn Datapath>,
     udp500: tokio::net::UdpSocket,
     udp4500: Arc<UdpSocket>,
-    slow: Arc<SlowCounters>,
-    workers: Option<Workers>,
+    ike: Arc<IkeCounters>,
     started_utc: String,
 }
 
@@ -178,10 +170,10 @@ impl Driver {
                 port,
                 from,
                 data,
-                &mut self.backend.tunnel(i as u32),
+                &mut *self.datapath.tunnel(i as u32),
             ),
             None => {
-                self.slow.ike_not_peer.fetch_add(1, Ordering::Relaxed);
+                self.ike.not_peer.fetch_add(1, Ordering::Relaxed);
                 log::debug!("IKE from {from}, which is no configured peer: dropped");
             }
         }
@@ -191,7 +183,7 @@ impl Driver {
         let now = Instant::now();
         for (i, c) in self.conns.iter_mut().enumerate() {
             if c.poll_timeout().is_some_and(|t| t <= now) {
-                c.handle_timeout(now, &mut self.backend.tunnel(i as u32));
+                c.handle_timeout(now, &mut *self.datapath.tunnel(i as u32));
             }
         }
     }
@@ -200,17 +192,18 @@ impl Driver {
     /// expiry rekeys the CHILD_SA the SA belongs to, a hard one removes it.
     fn expiries(&mut self) {
         let now = Instant::now();
-        for (tunnel, spi, inbound, x) in self.backend.sadb.poll_expiries(now) {
+        for x in self.datapath.expiries(now) {
+            let SaExpiry {
+                tunnel,
+                spi,
+                direction,
+                expiry,
+            } = x;
             let Some(c) = self.conns.get_mut(tunnel as usize) else {
                 continue;
             };
-            let dir = if inbound { "inbound" } else { "outbound" };
-            let direction = if inbound {
-                Direction::Inbound
-            } else {
-                Direction::Outbound
-            };
-            let hard = match x {
+            let dir = format!("{direction:?}").to_lowercase();
+            let hard = match expiry {
                 Expiry::Soft(l) => {
                     log::info!(
                         "{}: {dir} SA {spi:08x} reached its soft {l:?} limit: rekeying",
@@ -226,7 +219,13 @@ impl Driver {
                     true
                 }
             };
-            c.expired(now, spi, direction, hard, &mut self.backend.tunnel(tunnel));
+            c.expired(
+                now,
+                spi,
+                direction,
+                hard,
+                &mut *self.datapath.tunnel(tunnel),
+            );
         }
     }
 
@@ -236,11 +235,13 @@ impl Driver {
 
     fn status(&mut self) -> DeviceStatus {
         let now = Instant::now();
+        let dp = self.datapath.status();
         let mut tunnels = Vec::new();
         for (i, c) in self.conns.iter().enumerate() {
             let t = &self.cfg.tunnels[i];
-            let connection = c.status(now, &mut self.backend.tunnel(i as u32));
-            let totals = self.backend.sadb.tunnel_totals(i as u32);
+            let connection = c.status(now, &mut *self.datapath.tunnel(i as u32));
+            let counters = dp.tunnels.get(i).cloned().unwrap_or_default();
+            let totals = counters.totals;
             tunnels.push(TunnelStatus {
                 name: t.name.clone(),
                 address: t.address.to_string(),
@@ -255,68 +256,34 @@ impl Driver {
                     .collect(),
                 no_selector: totals.drops.get(DropReason::NoSelector),
                 selector_mismatch: totals.drops.get(DropReason::SelectorMismatch),
-                xdp: None,
+                xdp: counters.xdp.map(|c| control::XdpTraffic {
+                    lan_packets: c.lan_packets,
+                    lan_bytes: c.lan_bytes,
+                    esp_packets: c.esp_packets,
+                    esp_bytes: c.esp_bytes,
+                }),
                 connection,
             });
         }
-        let mut dmz = Vec::new();
-        let mut lan = Vec::new();
-        if let Some(x) = &self.backend.xdp {
-            match x.dmz_counters() {
-                Ok(c) => dmz.extend(c.iter().map(|(k, v)| (k.to_string(), v))),
-                Err(e) => log::warn!("reading the DMZ counters: {e}"),
-            }
-            if let Ok(c) = x.steer_counters() {
-                dmz.extend(
-                    SteerCounter::ALL
-                        .iter()
-                        .map(|k| (format!("esp_{}", k.name()), c[*k as usize])),
-                );
-            }
-            if let Ok(c) = x.lan_counters() {
-                lan.extend(
-                    LanCounter::ALL
-                        .iter()
-                        .map(|k| (k.name().to_string(), c[*k as usize])),
-                );
-            }
-            for (i, t) in tunnels.iter_mut().enumerate() {
-                t.xdp = x
-                    .tunnel_counters(i as u32)
-                    .ok()
-                    .map(|c| control::XdpTraffic {
-                        lan_packets: c.lan_packets,
-                        lan_bytes: c.lan_bytes,
-                        esp_packets: c.esp_packets,
-                        esp_bytes: c.esp_bytes,
-                    });
-            }
-        }
-        let (unknown_spi, no_outbound_sa) = self.backend.sadb.orphans();
+        let mut socket_path = dp.socket_path;
+        socket_path.extend(
+            self.ike
+                .snapshot()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v)),
+        );
         DeviceStatus {
             version: env!("CARGO_PKG_VERSION").to_string(),
             public_address: self.cfg.device.public_address.to_string(),
-            datapath: match self.cfg.device.datapath {
-                DatapathMode::Xdp => "xdp + AF_XDP workers".into(),
-                DatapathMode::Tun => "sockets".into(),
-            },
+            datapath: dp.description.into(),
             started_utc: self.started_utc.clone(),
             tunnels,
-            dmz,
-            lan,
-            workers: self
-                .workers
-                .as_ref()
-                .map(Workers::snapshot)
-                .unwrap_or_default(),
-            socket_path: self
-                .slow
-                .snapshot()
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect(),
-            unknown_spi,
-            no_outbound_sa,
+            dmz: dp.dmz,
+            lan: dp.lan,
+            workers: dp.workers,
+            socket_path,
+            unknown_spi: dp.unknown_spi,
+            no_outbound_sa: dp.no_outbound_sa,
             // Filled off the IKE task (see `bgp_protocols`).
             bgp: None,
         }
@@ -419,52 +386,6 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
         log::warn!("{w}");
     }
     let public = cfg.device.public_address;
-    let mut rtnl = Rtnl::open()?;
-    let mut tuns = Vec::new();
-    for t in &cfg.tunnels {
-        tuns.push(Arc::new(tunnel_device(
-            &mut rtnl,
-            &t.name,
-            t.address,
-            cfg.device.tunnel_mtu,
-        )?));
-        log::info!(
-            "{}: interface up with {}/32, peer {}",
-            t.name,
-            t.address,
-            t.peer.remote
-        );
-    }
-    let mut xdp = match cfg.device.datapath {
-        DatapathMode::Tun => None,
-        DatapathMode::Xdp => {
-            let mut x = XdpPrograms::load()?;
-            let mode = x.attach_dmz(&cfg.device.dmz_interface, XdpAttach::Auto)?;
-            for p in &cfg.dmz_allow {
-                x.allow(*p)?;
-            }
-            if cfg.dmz_pass_unclassified {
-                x.set_dmz_flags(xesp_common::dmz_flags::PASS_UNCLASSIFIED)?;
-                log::warn!(
-                    "{}: DMZ filter passes frames it cannot classify (dmz.pass_unclassified)",
-                    cfg.device.dmz_interface
-                );
-            }
-            log::info!(
-                "{}: DMZ filter attached ({mode:?} mode), {} allowed prefixes",
-                cfg.device.dmz_interface,
-                cfg.dmz_allow.len()
-            );
-            for lan in &cfg.device.lan_interfaces {
-                let mode = x.attach_lan(lan, XdpAttach::Auto)?;
-                log::info!("{lan}: LAN steering attached ({mode:?} mode)");
-            }
-            for (i, t) in cfg.tunnels.iter().enumerate() {
-                x.set_tunnel_ifindex(ifindex(&t.name), i as u32)?;
-            }
-            Some(x)
-        }
-    };
     let udp500 = tokio::net::UdpSocket::bind((public, 500))
         .await
         .map_err(io_err(format!("binding UDP {public}:500")))?;
@@ -473,53 +394,23 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
     let udp4500 = Arc::new(
         UdpSocket::bind((public, 4500)).map_err(io_err(format!("binding UDP {public}:4500")))?,
     );
-    let raw = Arc::new(raw_esp_socket(public).map_err(io_err("opening the raw ESP socket"))?);
-    let sadb = Arc::new(SaDb::new());
-    let slow = Arc::new(SlowCounters::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let path = Arc::new(SlowPath {
-        sadb: sadb.clone(),
-        tuns: tuns.clone(),
-        udp4500: udp4500.clone(),
-        raw_esp: raw,
-        mss_clamp: cfg.device.mss_clamp,
-        counters: slow.clone(),
-        stop: stop.clone(),
-    });
-    let workers = match &mut xdp {
-        None => None,
-        Some(x) => {
-            let lan_if = &cfg.device.lan_interfaces[0];
-            let queues = queue_count(&cfg.device.dmz_interface).min(queue_count(lan_if));
-            let w = Workers::start(
-                queues,
-                &cfg.device.dmz_interface,
-                lan_if,
-                path.clone(),
-                x,
-                stop.clone(),
-            )?;
-            log::info!(
-                "{queues} AF_XDP worker(s) on {} and {lan_if}",
-                cfg.device.dmz_interface
-            );
-            Some(w)
-        }
-    };
-    // IKE on UDP 4500 reaches the IKE task through a bounded queue, and only
+    // IKE on UDP 4500 reaches this task through a bounded queue, and only
     // from a configured peer: a flood from elsewhere costs a counter.
+    let ike = Arc::new(IkeCounters::default());
     let (ike_tx, mut ike_rx) = mpsc::channel::<(SocketAddr, Vec<u8>)>(IKE_QUEUE);
     let peers: Vec<IpAddr> = cfg.tunnels.iter().map(|t| t.peer.remote).collect();
-    let gate = slow.clone();
-    let threads = path
-        .start(move |from, data| {
+    let gate = ike.clone();
+    let datapath = mode::start(
+        &datapath_config(&cfg),
+        udp4500.clone(),
+        Box::new(move |from, data| {
             if !peers.contains(&from.ip()) {
-                gate.ike_not_peer.fetch_add(1, Ordering::Relaxed);
+                gate.not_peer.fetch_add(1, Ordering::Relaxed);
             } else if ike_tx.try_send((from, data.to_vec())).is_err() {
-                gate.ike_queue_full.fetch_add(1, Ordering::Relaxed);
+                gate.queue_full.fetch_add(1, Ordering::Relaxed);
             }
-        })
-        .map_err(io_err("starting the datapath threads"))?;
+        }),
+    )?;
 
     let sock_path: PathBuf = cfg.device.control_socket.clone();
     if let Some(dir) = sock_path.parent() {
@@ -540,11 +431,10 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
         .collect();
     let mut d = Driver {
         conns,
-        backend: UserBackend::new(sadb, tuns, xdp),
+        datapath,
         udp500,
         udp4500,
-        slow,
-        workers,
+        ike,
         started_utc: control::utc_ago(0),
         cfg,
     };
@@ -571,7 +461,7 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
         tokio::select! {
             r = recv_udp500(&d.udp500, &mut buf) => match r {
                 Ok(r) => {
-                    rxq::note(&d.slow.udp500_buffer_drops, &r);
+                    rxq::note(&d.ike.udp500_buffer_drops, &r);
                     if let Some(from) = r.from {
                         let data = buf[..r.len].to_vec();
                         d.datagram(500, from, &data);
@@ -583,15 +473,10 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
             _ = tokio::time::sleep_until(deadline.into()) => {}
             _ = tick.tick() => {
                 d.expiries();
-                if let (Some(w), Some(x)) = (&mut d.workers, &mut d.backend.xdp)
-                    && let Err(e) = w.watch(x, Instant::now())
-                {
+                if let Err(e) = d.datapath.tick(Instant::now()) {
                     log::error!("{e}");
-                    failed = Some(e);
+                    failed = Some(e.into());
                     break;
-                }
-                if let Some(x) = &mut d.backend.xdp {
-                    x.flush_logs();
                 }
             }
             Some(reply) = req_rx.recv() => {
@@ -621,10 +506,6 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     control_task.abort();
     let _ = std::fs::remove_file(&sock_path);
-    stop.store(true, Ordering::Relaxed);
-    let workers = d.workers.take().into_iter().flat_map(Workers::into_handles);
-    for t in threads.handles.into_iter().chain(workers) {
-        let _ = t.join();
-    }
+    d.datapath.stop();
     failed.map_or(Ok(()), Err)
 }

@@ -15,13 +15,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use datapath_user::{
+use crate::{
+    DatapathError,
     slowpath::SlowPath,
     worker::{Worker, WorkerCounters},
     xdp::XdpPrograms,
 };
-
-use super::DaemonError;
 
 /// Restarts of one queue's worker within [`RESTART_WINDOW`] before the
 /// daemon gives up.
@@ -60,7 +59,7 @@ impl Workers {
         path: Arc<SlowPath>,
         xdp: &mut XdpPrograms,
         stop: Arc<AtomicBool>,
-    ) -> Result<Self, DaemonError> {
+    ) -> Result<Self, DatapathError> {
         let mut w = Self {
             counters: Arc::new(WorkerCounters::default()),
             slots: (0..queues)
@@ -83,7 +82,7 @@ impl Workers {
         Ok(w)
     }
 
-    fn spawn(&mut self, i: usize, xdp: &mut XdpPrograms) -> Result<(), DaemonError> {
+    fn spawn(&mut self, i: usize, xdp: &mut XdpPrograms) -> Result<(), DatapathError> {
         let q = self.slots[i].queue;
         let (worker, socks) = Worker::new(
             q,
@@ -113,7 +112,7 @@ impl Workers {
                 }
                 worker.run(stop)
             })
-            .map_err(|source| DaemonError::Io {
+            .map_err(|source| DatapathError::Io {
                 what: format!("starting the AF_XDP worker of queue {q}"),
                 source,
             })?;
@@ -123,7 +122,7 @@ impl Workers {
 
     /// Looks for workers that ended and starts them again; an error when
     /// one keeps dying or cannot be started.
-    pub fn watch(&mut self, xdp: &mut XdpPrograms, now: Instant) -> Result<(), DaemonError> {
+    pub fn watch(&mut self, xdp: &mut XdpPrograms, now: Instant) -> Result<(), DatapathError> {
         if self.stop.load(Ordering::Relaxed) {
             return Ok(());
         }
@@ -150,7 +149,7 @@ impl Workers {
             let recent = &mut self.slots[i].recent;
             recent.retain(|t| now.saturating_duration_since(*t) < RESTART_WINDOW);
             if recent.len() >= MAX_RESTARTS {
-                return Err(DaemonError::Workers(format!(
+                return Err(DatapathError::Workers(format!(
                     "the AF_XDP worker of queue {q} ended {} times within {} s ({why}); giving up",
                     MAX_RESTARTS + 1,
                     RESTART_WINDOW.as_secs()
