@@ -1,6 +1,13 @@
 //! `datapath = "xdp"`: the socket datapath behind the XDP DMZ filter, with
 //! ESP and the LAN's tunnel traffic steered to AF_XDP workers (one per
 //! receive queue, supervised by [`Workers`]).
+//!
+//! The DMZ and LAN interfaces are watched: when one is deleted the workers
+//! stop (their sockets died with it) and the filter waits; when it is there
+//! again, re-created or with another queue count, the programs and workers
+//! are attached anew. Queue counts change without an rtnetlink event
+//! (`ethtool -L`), so the watch reads the interfaces' index and queues once
+//! a tick, two cheap system calls.
 
 use std::{net::UdpSocket, sync::Arc, time::Instant};
 
@@ -28,11 +35,44 @@ fn queue_count(iface: &str) -> u32 {
     n.clamp(1, xesp_common::MAX_QUEUES)
 }
 
+/// What the workers run on: an interface's index and receive queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Link {
+    ifindex: u32,
+    queues: u32,
+}
+
+impl Link {
+    /// Interface `name` now, if there is one.
+    fn of(name: &str) -> Option<Self> {
+        let ifindex = ifindex(name);
+        (ifindex != 0).then(|| Self {
+            ifindex,
+            queues: queue_count(name),
+        })
+    }
+}
+
+/// The DMZ and LAN interfaces, both there.
+type Links = (Link, Link);
+
+/// Attaches the DMZ filter and LAN steering to the interfaces of that name
+/// (again, after they changed).
+fn attach_links(x: &mut XdpPrograms, dmz: &str, lan: &str) -> Result<(), DatapathError> {
+    x.detach(dmz);
+    x.detach(lan);
+    let mode = x.attach_dmz(dmz, XdpAttach::Auto)?;
+    log::info!("{dmz}: DMZ filter attached ({mode:?} mode)");
+    let mode = x.attach_lan(lan, XdpAttach::Auto)?;
+    log::info!("{lan}: LAN steering attached ({mode:?} mode)");
+    Ok(())
+}
+
 /// Loads the programs and attaches them: the DMZ filter with its allowlist,
-/// LAN steering, the tunnels' ifindexes.
-fn attach(cfg: &DatapathConfig) -> Result<XdpPrograms, DatapathError> {
+/// LAN steering.
+fn attach(cfg: &DatapathConfig, lan_if: &str) -> Result<XdpPrograms, DatapathError> {
     let mut x = XdpPrograms::load()?;
-    let mode = x.attach_dmz(&cfg.dmz_interface, XdpAttach::Auto)?;
+    attach_links(&mut x, &cfg.dmz_interface, lan_if)?;
     for p in &cfg.dmz_allow {
         x.allow(*p)?;
     }
@@ -44,14 +84,10 @@ fn attach(cfg: &DatapathConfig) -> Result<XdpPrograms, DatapathError> {
         );
     }
     log::info!(
-        "{}: DMZ filter attached ({mode:?} mode), {} allowed prefixes",
+        "{}: DMZ filter allows {} prefixes",
         cfg.dmz_interface,
         cfg.dmz_allow.len()
     );
-    for lan in &cfg.lan_interfaces {
-        let mode = x.attach_lan(lan, XdpAttach::Auto)?;
-        log::info!("{lan}: LAN steering attached ({mode:?} mode)");
-    }
     Ok(x)
 }
 
@@ -60,6 +96,13 @@ pub struct XdpDatapath {
     sockets: SocketDatapath,
     xdp: XdpPrograms,
     workers: Workers,
+    dmz_if: String,
+    lan_if: String,
+    /// The interfaces the programs and workers are attached to; `None`
+    /// while one of them is missing.
+    links: Option<Links>,
+    /// Times they were attached again after a change.
+    reattached: u64,
 }
 
 impl XdpDatapath {
@@ -73,19 +116,24 @@ impl XdpDatapath {
                 "the xdp datapath needs a LAN interface (device.lan_interfaces)".into(),
             ));
         };
-        let mut xdp = attach(cfg)?;
+        let (Some(dmz), Some(lan)) = (Link::of(&cfg.dmz_interface), Link::of(lan_if)) else {
+            return Err(DatapathError::Config(format!(
+                "the interfaces {} and {lan_if} must exist",
+                cfg.dmz_interface
+            )));
+        };
+        let mut xdp = attach(cfg, lan_if)?;
         let sockets = SocketDatapath::start(cfg, udp4500, ike)?;
         for (i, t) in cfg.tunnels.iter().enumerate() {
             xdp.set_tunnel_ifindex(ifindex(&t.name), i as u32)?;
         }
-        let queues = queue_count(&cfg.dmz_interface).min(queue_count(lan_if));
+        let queues = dmz.queues.min(lan.queues);
         let workers = Workers::start(
             queues,
             &cfg.dmz_interface,
             lan_if,
             sockets.path.clone(),
             &mut xdp,
-            sockets.stop.clone(),
         );
         let workers = match workers {
             Ok(w) => w,
@@ -102,7 +150,46 @@ impl XdpDatapath {
             sockets,
             xdp,
             workers,
+            dmz_if: cfg.dmz_interface.clone(),
+            lan_if: lan_if.clone(),
+            links: Some((dmz, lan)),
+            reattached: 0,
         })
+    }
+
+    /// Follows the DMZ and LAN interfaces: stops the workers when one is
+    /// gone, attaches everything again when they are back or changed.
+    fn follow_links(&mut self) -> Result<(), DatapathError> {
+        let now = match (Link::of(&self.dmz_if), Link::of(&self.lan_if)) {
+            (Some(d), Some(l)) => Some((d, l)),
+            _ => None,
+        };
+        if now == self.links {
+            return Ok(());
+        }
+        self.workers.stop();
+        let Some((dmz, lan)) = now else {
+            log::warn!(
+                "{} or {} is gone: AF_XDP workers stopped until it is back",
+                self.dmz_if,
+                self.lan_if
+            );
+            self.links = None;
+            return Ok(());
+        };
+        attach_links(&mut self.xdp, &self.dmz_if, &self.lan_if)?;
+        let queues = dmz.queues.min(lan.queues);
+        self.workers.restart(queues, &mut self.xdp)?;
+        self.links = now;
+        self.reattached += 1;
+        log::warn!(
+            "{} (index {}) and {} (index {}) changed: programs and {queues} AF_XDP worker(s) attached again",
+            self.dmz_if,
+            dmz.ifindex,
+            self.lan_if,
+            lan.ifindex
+        );
+        Ok(())
     }
 }
 
@@ -117,6 +204,7 @@ impl super::Datapath for XdpDatapath {
 
     fn tick(&mut self, now: Instant) -> Result<(), DatapathError> {
         self.xdp.flush_logs();
+        self.follow_links()?;
         self.workers.watch(&mut self.xdp, now)
     }
 
@@ -144,19 +232,20 @@ impl super::Datapath for XdpDatapath {
             t.xdp = self.xdp.tunnel_counters(i as u32).ok();
         }
         st.workers = self.workers.snapshot();
+        st.workers.extend([
+            ("links_missing".to_string(), u64::from(self.links.is_none())),
+            ("links_reattached".to_string(), self.reattached),
+        ]);
         st
     }
 
     fn stop(self: Box<Self>) {
         let Self {
-            sockets, workers, ..
+            sockets,
+            mut workers,
+            ..
         } = *self;
-        sockets
-            .stop
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        for t in workers.into_handles() {
-            let _ = t.join();
-        }
+        workers.stop();
         sockets.join();
     }
 }
