@@ -41,6 +41,10 @@ pub struct DeviceStatus {
     pub no_outbound_sa: u64,
     /// `birdc show protocols`, when a BIRD socket is configured.
     pub bgp: Option<String>,
+    /// What the configuration check warned about at start (weak PSK,
+    /// legacy algorithms, risky values).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 /// One tunnel (the article's Tunnel0 / Tunnel1).
@@ -149,6 +153,9 @@ pub fn render(st: &DeviceStatus) -> String {
         "xesp {}  public address {}  datapath {}  running since {}",
         st.version, st.public_address, st.datapath, st.started_utc
     );
+    for w in &st.warnings {
+        let _ = writeln!(o, "warning: {w}");
+    }
     let _ = writeln!(
         o,
         "\n{:<10} {:<5} {:<16} {:<15} {:>14} {:>14} {:>9}  LAST ESTABLISHED",

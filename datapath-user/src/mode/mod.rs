@@ -108,7 +108,7 @@ pub struct DatapathStatus {
 }
 
 /// A running datapath.
-pub trait Datapath {
+pub trait Datapath: Send {
     /// Tunnel `tunnel`'s SA backend: its connection installs, routes and
     /// removes CHILD_SAs through it, and the tunnel's carrier follows.
     fn tunnel(&mut self, tunnel: u32) -> Box<dyn SaBackend + '_>;

@@ -286,6 +286,7 @@ impl Driver {
             no_outbound_sa: dp.no_outbound_sa,
             // Filled off the IKE task (see `bgp_protocols`).
             bgp: None,
+            warnings: self.cfg.warnings.clone(),
         }
     }
 }
