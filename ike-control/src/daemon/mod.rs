@@ -83,6 +83,8 @@ fn datapath_config(cfg: &Config) -> DatapathConfig {
 /// What the IKE sockets count before a datagram reaches a connection.
 #[derive(Debug, Default)]
 struct IkeCounters {
+    /// Datagrams read on UDP 500.
+    udp500_rx: AtomicU64,
     /// IKE from an address that is no configured peer (UDP 500 or 4500),
     /// dropped before it was queued.
     not_peer: AtomicU64,
@@ -93,9 +95,10 @@ struct IkeCounters {
 }
 
 impl IkeCounters {
-    fn snapshot(&self) -> [(&'static str, u64); 3] {
+    fn snapshot(&self) -> [(&'static str, u64); 4] {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         [
+            ("udp500_rx", g(&self.udp500_rx)),
             ("ike_not_peer", g(&self.not_peer)),
             ("ike_queue_full", g(&self.queue_full)),
             ("udp500_buffer_drops", g(&self.udp500_buffer_drops)),
@@ -463,6 +466,7 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
             r = recv_udp500(&d.udp500, &mut buf) => match r {
                 Ok(r) => {
                     rxq::note(&d.ike.udp500_buffer_drops, &r);
+                    d.ike.udp500_rx.fetch_add(1, Ordering::Relaxed);
                     if let Some(from) = r.from {
                         let data = buf[..r.len].to_vec();
                         d.datagram(500, from, &data);
