@@ -117,6 +117,10 @@ pub trait Datapath: Send {
     /// Once a second: supervision (workers), logs. An error ends the daemon.
     fn tick(&mut self, now: Instant) -> Result<(), DatapathError>;
     fn status(&self) -> DatapathStatus;
+    /// The DMZ filter's allowlist and whether it passes what it cannot
+    /// classify, applied at once (`xesp reload`). Without a filter there is
+    /// nothing to apply.
+    fn set_dmz(&mut self, allow: &[IpNet], pass_unclassified: bool) -> Result<(), DatapathError>;
     /// Stops the datapath's threads and waits for them.
     fn stop(self: Box<Self>);
 }

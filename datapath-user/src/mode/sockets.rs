@@ -194,6 +194,10 @@ impl super::Datapath for SocketDatapath {
         SocketDatapath::status(self, "sockets")
     }
 
+    fn set_dmz(&mut self, _: &[ipnet::IpNet], _: bool) -> Result<(), DatapathError> {
+        Ok(())
+    }
+
     fn stop(self: Box<Self>) {
         self.join();
     }

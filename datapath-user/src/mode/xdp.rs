@@ -12,6 +12,7 @@
 use std::{net::UdpSocket, sync::Arc, time::Instant};
 
 use ike_proto::backend::SaBackend;
+use ipnet::IpNet;
 use xesp_common::{LanCounter, SteerCounter};
 
 use super::{
@@ -103,6 +104,8 @@ pub struct XdpDatapath {
     links: Option<Links>,
     /// Times they were attached again after a change.
     reattached: u64,
+    /// The DMZ filter's allowlist as installed.
+    allowed: Vec<IpNet>,
 }
 
 impl XdpDatapath {
@@ -154,6 +157,7 @@ impl XdpDatapath {
             lan_if: lan_if.clone(),
             links: Some((dmz, lan)),
             reattached: 0,
+            allowed: cfg.dmz_allow.clone(),
         })
     }
 
@@ -237,6 +241,34 @@ impl super::Datapath for XdpDatapath {
             ("links_reattached".to_string(), self.reattached),
         ]);
         st
+    }
+
+    fn set_dmz(&mut self, allow: &[IpNet], pass_unclassified: bool) -> Result<(), DatapathError> {
+        // New prefixes first: nothing allowed before is dropped meanwhile.
+        for p in allow.iter().filter(|p| !self.allowed.contains(p)) {
+            self.xdp.allow(*p)?;
+        }
+        for p in self.allowed.iter().filter(|p| !allow.contains(p)) {
+            self.xdp.disallow(*p)?;
+        }
+        self.allowed = allow.to_vec();
+        let flags = if pass_unclassified {
+            xesp_common::dmz_flags::PASS_UNCLASSIFIED
+        } else {
+            0
+        };
+        self.xdp.set_dmz_flags(flags)?;
+        log::info!(
+            "{}: DMZ filter allows {} prefixes{}",
+            self.dmz_if,
+            allow.len(),
+            if pass_unclassified {
+                ", passes what it cannot classify"
+            } else {
+                ""
+            }
+        );
+        Ok(())
     }
 
     fn stop(self: Box<Self>) {

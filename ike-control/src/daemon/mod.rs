@@ -7,6 +7,8 @@
 //! polls SA lifetimes, sends what the connections ask for and answers the
 //! control socket. The packets themselves never reach this task.
 
+mod reload;
+
 use std::{
     io,
     net::{IpAddr, SocketAddr, UdpSocket},
@@ -24,7 +26,7 @@ use datapath_user::{
     rxq,
 };
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::UnixListener,
     signal::unix::{SignalKind, signal},
     sync::{mpsc, oneshot},
@@ -33,7 +35,7 @@ use xesp_esp::sa::{DropReason, Expiry};
 
 use crate::{
     config::{Config, DatapathMode},
-    control::{self, DeviceStatus, STATUS_REQUEST, TunnelStatus},
+    control::{self, Answer, DeviceStatus, MAX_REQUEST, RekeyWhat, Request, TunnelStatus},
 };
 use ike_proto::{
     connection::{Connection, Event, Level},
@@ -106,11 +108,17 @@ impl IkeCounters {
     }
 }
 
-/// A request from a control-socket client, answered by the main loop.
-type StatusReply = oneshot::Sender<DeviceStatus>;
+/// A request from a control-socket client and where its answer (a JSON
+/// document) goes, answered by the main loop.
+type ControlRequest = (Request, oneshot::Sender<String>);
+
+/// Control-socket clients served at once; more wait to be accepted.
+const MAX_CLIENTS: usize = 16;
 
 struct Driver {
     cfg: Config,
+    /// Where `cfg` came from, read again by `reload`.
+    config_path: PathBuf,
     conns: Vec<Connection>,
     datapath: Box<dyn Datapath>,
     udp500: tokio::net::UdpSocket,
@@ -236,6 +244,130 @@ impl Driver {
         self.conns.iter().filter_map(Connection::poll_timeout).min()
     }
 
+    /// Answers one control request. BIRD is asked off this task: a hung
+    /// BIRD must not stall retransmissions, DPD and rekeys.
+    fn answer(&mut self, request: Request, reply: oneshot::Sender<String>) {
+        let now = Instant::now();
+        let a = match request {
+            Request::Status => {
+                let mut st = self.status();
+                let bird = self.cfg.device.bird_socket.clone();
+                tokio::spawn(async move {
+                    if let Some(s) = bird {
+                        st.bgp = Some(bgp_protocols(&s).await);
+                    }
+                    let _ = reply.send(serde_json::to_string_pretty(&st).unwrap_or_default());
+                });
+                return;
+            }
+            Request::Reload => self.reload(),
+            Request::Up(name) | Request::Down(name) | Request::Rekey(name, _)
+                if self.tunnel_index(&name).is_none() =>
+            {
+                Answer::error(format!(
+                    "no tunnel {name:?}; the tunnels are {}",
+                    self.cfg
+                        .tunnels
+                        .iter()
+                        .map(|t| t.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            }
+            Request::Up(name) => {
+                let i = self.tunnel_index(&name).unwrap_or_default();
+                self.conns[i].open(now);
+                Answer::ok(format!("{name}: up (initiating, or accepting the peer)"))
+            }
+            Request::Down(name) => {
+                let i = self.tunnel_index(&name).unwrap_or_default();
+                self.conns[i].close(now);
+                Answer::ok(format!(
+                    "{name}: down (IKE_SAs deleted; the peer is refused until `xesp tunnel up {name}`)"
+                ))
+            }
+            Request::Rekey(name, what) => {
+                let i = self.tunnel_index(&name).unwrap_or_default();
+                if !self.conns[i].is_up() {
+                    Answer::error(format!("{name} is not up: nothing to rekey"))
+                } else {
+                    match what {
+                        RekeyWhat::Child => {
+                            self.conns[i].rekey_child(now, &mut *self.datapath.tunnel(i as u32));
+                            Answer::ok(format!("{name}: CHILD_SA rekey started"))
+                        }
+                        RekeyWhat::Ike => {
+                            self.conns[i].rekey_ike(now);
+                            Answer::ok(format!("{name}: IKE_SA rekey started"))
+                        }
+                    }
+                }
+            }
+        };
+        let _ = reply.send(answer_json(&a));
+    }
+
+    fn tunnel_index(&self, name: &str) -> Option<usize> {
+        self.cfg.tunnels.iter().position(|t| t.name == name)
+    }
+
+    /// Reads the configuration file again and applies what changed: the
+    /// DMZ allowlist at once, a tunnel whose IKE settings changed by
+    /// re-establishing it. Unchanged tunnels keep their SAs. What cannot
+    /// change while running is named in the answer.
+    fn reload(&mut self) -> Answer {
+        let new = match Config::load(&self.config_path) {
+            Ok(c) => c,
+            Err(e) => {
+                return Answer::error(format!(
+                    "{}: {e}; nothing changed",
+                    self.config_path.display()
+                ));
+            }
+        };
+        let plan = reload::plan(&self.cfg, &new);
+        let mut done = Vec::new();
+        if plan.dmz_changed {
+            match self
+                .datapath
+                .set_dmz(&new.dmz_allow, new.dmz_pass_unclassified)
+            {
+                Ok(()) => {
+                    done.push(format!("dmz: {} allowed prefixes", new.dmz_allow.len()));
+                    self.cfg.dmz_allow = new.dmz_allow.clone();
+                    self.cfg.dmz_pass_unclassified = new.dmz_pass_unclassified;
+                }
+                Err(e) => return Answer::error(format!("applying [dmz]: {e}")),
+            }
+        }
+        let now = Instant::now();
+        for &i in &plan.reconfigured {
+            let t = &new.tunnels[i];
+            self.conns[i].reconfigure(Arc::new(t.peer.clone()), now);
+            self.cfg.tunnels[i] = t.clone();
+            done.push(format!("{}: re-established with its new settings", t.name));
+        }
+        if plan.bird_socket_changed {
+            self.cfg.device.bird_socket = new.device.bird_socket.clone();
+            done.push("device.bird_socket".into());
+        }
+        self.cfg.warnings = new.warnings;
+        let message = if done.is_empty() {
+            "reloaded: nothing to apply".to_string()
+        } else {
+            format!("reloaded: {}", done.join("; "))
+        };
+        log::info!("{message}");
+        for n in &plan.not_applied {
+            log::warn!("reload: {n}");
+        }
+        Answer {
+            ok: true,
+            message,
+            not_applied: plan.not_applied,
+        }
+    }
+
     fn status(&mut self) -> DeviceStatus {
         let now = Instant::now();
         let dp = self.datapath.status();
@@ -294,43 +426,87 @@ impl Driver {
     }
 }
 
-/// Serves the control socket: each client's request goes to the main loop.
-async fn serve_control(listener: UnixListener, requests: mpsc::Sender<StatusReply>) {
+/// Serves the control socket: each client's request line (at most
+/// [`MAX_REQUEST`] octets, within 5 s) goes to the main loop, at most
+/// [`MAX_CLIENTS`] clients at once.
+async fn serve_control(listener: UnixListener, requests: mpsc::Sender<ControlRequest>) {
+    let clients = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     loop {
+        let Ok(permit) = clients.clone().acquire_owned().await else {
+            return;
+        };
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let requests = requests.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let (rd, mut wr) = stream.into_split();
             let mut line = String::new();
             let read = tokio::time::timeout(
                 Duration::from_secs(5),
-                BufReader::new(rd).read_line(&mut line),
+                BufReader::new(rd.take(MAX_REQUEST as u64 + 1)).read_line(&mut line),
             )
             .await;
-            if !matches!(read, Ok(Ok(_))) {
-                return;
-            }
-            let answer = if line.trim() == STATUS_REQUEST {
-                let (tx, rx) = oneshot::channel();
-                if requests.send(tx).await.is_err() {
-                    return;
-                }
-                match rx.await {
-                    Ok(st) => serde_json::to_string_pretty(&st).unwrap_or_default(),
-                    Err(_) => return,
-                }
-            } else {
-                format!(
-                    "{{\"error\": \"unknown request {:?}; the one request is {STATUS_REQUEST:?}\"}}",
-                    line.trim()
-                )
+            let answer = match read {
+                Ok(Ok(_)) if line.len() > MAX_REQUEST => answer_json(&Answer::error(format!(
+                    "request longer than {MAX_REQUEST} octets"
+                ))),
+                Ok(Ok(_)) => match Request::parse(&line) {
+                    Ok(r) => {
+                        let (tx, rx) = oneshot::channel();
+                        if requests.send((r, tx)).await.is_err() {
+                            return;
+                        }
+                        match rx.await {
+                            Ok(a) => a,
+                            Err(_) => return,
+                        }
+                    }
+                    Err(e) => answer_json(&Answer::error(e)),
+                },
+                _ => return,
             };
             let _ = wr.write_all(answer.as_bytes()).await;
             let _ = wr.shutdown().await;
         });
     }
+}
+
+fn answer_json(a: &Answer) -> String {
+    serde_json::to_string_pretty(a).unwrap_or_default()
+}
+
+/// The control socket, mode 0660, in `group` when one is configured.
+fn bind_control(path: &std::path::Path, group: Option<&str>) -> Result<UnixListener, DaemonError> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener =
+        UnixListener::bind(path).map_err(io_err(format!("binding {}", path.display())))?;
+    if let Some(g) = group {
+        let gid = group_id(g).ok_or_else(|| DaemonError::Io {
+            what: format!("control_group {g:?}"),
+            source: io::Error::new(io::ErrorKind::NotFound, "no such group"),
+        })?;
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .map_err(io_err(format!("giving {} to group {g}", path.display())))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(io_err(format!("chmod 0660 {}", path.display())))?;
+    Ok(listener)
+}
+
+/// The id of group `name`, from /etc/group.
+fn group_id(name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/group").ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then_some(())?;
+        f.nth(1)?.parse().ok()
+    })
 }
 
 /// How long `birdc` may take to answer for `xesp status`.
@@ -377,15 +553,15 @@ async fn recv_udp500(
 }
 
 /// Runs the daemon until SIGTERM or SIGINT; then deletes the IKE_SAs.
-pub fn run(cfg: Config) -> Result<(), DaemonError> {
+pub fn run(cfg: Config, config_path: PathBuf) -> Result<(), DaemonError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(io_err("starting the runtime"))?;
-    rt.block_on(run_async(cfg))
+    rt.block_on(run_async(cfg, config_path))
 }
 
-async fn run_async(cfg: Config) -> Result<(), DaemonError> {
+async fn run_async(cfg: Config, config_path: PathBuf) -> Result<(), DaemonError> {
     for w in &cfg.warnings {
         log::warn!("{w}");
     }
@@ -417,13 +593,8 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
     )?;
 
     let sock_path: PathBuf = cfg.device.control_socket.clone();
-    if let Some(dir) = sock_path.parent() {
-        std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
-    }
-    let _ = std::fs::remove_file(&sock_path);
-    let listener = UnixListener::bind(&sock_path)
-        .map_err(io_err(format!("binding {}", sock_path.display())))?;
-    let (req_tx, mut req_rx) = mpsc::channel::<StatusReply>(16);
+    let listener = bind_control(&sock_path, cfg.device.control_group.as_deref())?;
+    let (req_tx, mut req_rx) = mpsc::channel::<ControlRequest>(MAX_CLIENTS);
     let control_task = tokio::spawn(serve_control(listener, req_tx));
 
     let now = Instant::now();
@@ -441,6 +612,7 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
         ike,
         started_utc: control::utc_ago(0),
         cfg,
+        config_path,
     };
     log::info!(
         "xesp {} on {public}: {} tunnels, control socket {}",
@@ -450,8 +622,7 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
     );
     let mut term = signal(SignalKind::terminate()).map_err(io_err("SIGTERM handler"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io_err("SIGINT handler"))?;
-    // Until `xesp reload` exists, SIGHUP must not end the daemon without
-    // its DELETEs (its default action): it is logged and ignored.
+    // SIGHUP reloads, as `xesp reload` does.
     let mut hup = signal(SignalKind::hangup()).map_err(io_err("SIGHUP handler"))?;
     let mut failed = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -484,19 +655,11 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
                     break;
                 }
             }
-            Some(reply) = req_rx.recv() => {
-                // BIRD is asked off this task: a hung BIRD must not stall
-                // retransmissions, DPD and rekeys.
-                let mut st = d.status();
-                let bird = d.cfg.device.bird_socket.clone();
-                tokio::spawn(async move {
-                    if let Some(s) = bird {
-                        st.bgp = Some(bgp_protocols(&s).await);
-                    }
-                    let _ = reply.send(st);
-                });
+            Some((request, reply)) = req_rx.recv() => d.answer(request, reply),
+            _ = hup.recv() => {
+                let a = d.reload();
+                log::info!("SIGHUP: {}", a.message);
             }
-            _ = hup.recv() => log::warn!("SIGHUP ignored: xesp has no reload yet; restart it to apply a changed configuration"),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
