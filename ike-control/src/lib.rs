@@ -5,6 +5,7 @@
 //!   connections, the chosen datapath ([`datapath_user::mode`]) and the
 //!   control socket;
 //! * [`control`]: the control socket and `xesp status`;
+//! * [`metrics`]: Prometheus metrics from the status;
 //! * [`azure`]: `xesp azure import|export|allowlist`;
 //! * [`bgp_config`]: `xesp bgp-config --bird`.
 
@@ -13,3 +14,4 @@ pub mod bgp_config;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod metrics;
