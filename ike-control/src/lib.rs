@@ -6,6 +6,7 @@
 //!   control socket;
 //! * [`control`]: the control socket and `xesp status`;
 //! * [`metrics`]: Prometheus metrics from the status;
+//! * [`logging`]: text, journald or JSON logs through `tracing`;
 //! * [`azure`]: `xesp azure import|export|allowlist`;
 //! * [`bgp_config`]: `xesp bgp-config --bird`.
 
@@ -14,4 +15,5 @@ pub mod bgp_config;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod logging;
 pub mod metrics;

@@ -155,19 +155,26 @@ impl Driver {
                     log::warn!("{}: sending to {}: {e}", self.cfg.tunnels[i].name, t.remote);
                 }
             }
+            let (name, peer) = (
+                self.cfg.tunnels[i].name.as_str(),
+                self.cfg.tunnels[i].peer.remote,
+            );
             while let Some(e) = self.conns[i].poll_event() {
-                let name = &self.cfg.tunnels[i].name;
                 match e {
                     Event::Log { level, message } => match level {
-                        Level::Debug => log::debug!("{name}: {message}"),
-                        Level::Info => log::info!("{name}: {message}"),
-                        Level::Warn => log::warn!("{name}: {message}"),
-                        Level::Error => log::error!("{name}: {message}"),
+                        Level::Debug => tracing::debug!(tunnel = name, %peer, "{name}: {message}"),
+                        Level::Info => tracing::info!(tunnel = name, %peer, "{name}: {message}"),
+                        Level::Warn => tracing::warn!(tunnel = name, %peer, "{name}: {message}"),
+                        Level::Error => tracing::error!(tunnel = name, %peer, "{name}: {message}"),
                     },
-                    Event::TunnelUp { .. } => log::info!("{name}: tunnel up"),
-                    Event::TunnelDown { reason, .. } => log::warn!("{name}: tunnel down: {reason}"),
+                    Event::TunnelUp { .. } => {
+                        tracing::info!(tunnel = name, %peer, "{name}: tunnel up")
+                    }
+                    Event::TunnelDown { reason, .. } => {
+                        tracing::warn!(tunnel = name, %peer, %reason, "{name}: tunnel down: {reason}")
+                    }
                     Event::Rejected { from, reason } => {
-                        log::debug!("{name}: dropped a message from {from}: {reason}")
+                        tracing::debug!(tunnel = name, %from, %reason, "{name}: dropped a message from {from}: {reason}")
                     }
                 }
             }
