@@ -20,8 +20,7 @@ use std::{
 };
 
 use datapath_user::xfrm::{
-    self, EncapPorts, ExpireEvents, PolicyDir, SaId, Xfrm, XfrmError, XfrmSa, natt,
-    tunnel_policies,
+    self, EncapPorts, ExpireEvents, PolicyDir, SaId, Xfrm, XfrmError, XfrmSa, natt, tunnel_policies,
 };
 use ike_proto::{
     backend::{ChildSaSpec, Direction},
@@ -79,7 +78,11 @@ fn cbc_sha1() -> Suite {
 }
 
 fn keymat(suite: Suite, first: u8) -> Zeroizing<Vec<u8>> {
-    Zeroizing::new((0..suite.keymat_len()).map(|i| first.wrapping_add(i as u8)).collect())
+    Zeroizing::new(
+        (0..suite.keymat_len())
+            .map(|i| first.wrapping_add(i as u8))
+            .collect(),
+    )
 }
 
 fn spec(direction: Direction, spi: u32) -> ChildSaSpec {
@@ -122,13 +125,19 @@ fn enter_netns() -> Result<(), String> {
         ));
     }
     sh("ip link set lo up")?;
-    sh("ip link add xdum0 type dummy && ip addr add 192.0.2.1/24 dev xdum0 && ip link set xdum0 up")?;
+    sh(
+        "ip link add xdum0 type dummy && ip addr add 192.0.2.1/24 dev xdum0 && ip link set xdum0 up",
+    )?;
     Ok(())
 }
 
 /// Whether this kernel takes ESP SAs and xfrm interfaces.
 fn support(x: &mut Xfrm) -> Result<(), String> {
-    let probe = XfrmSa::from_spec(&spec(Direction::Inbound, 0x0bad_cafe), 99, xfrm::reqid(99).map_err(|e| e.to_string())?);
+    let probe = XfrmSa::from_spec(
+        &spec(Direction::Inbound, 0x0bad_cafe),
+        99,
+        xfrm::reqid(99).map_err(|e| e.to_string())?,
+    );
     x.add_sa(&probe).map_err(|e| format!("ESP SA: {e}"))?;
     x.delete_sa(SaId::esp(LOCAL.into(), 0x0bad_cafe))
         .map_err(|e| e.to_string())?;
@@ -144,7 +153,11 @@ struct Monitor {
 }
 
 /// XFRMNLGRP_EXPIRE, _SA, _POLICY (include/uapi/linux/xfrm.h).
-const GROUPS: [u32; 3] = [2, 4, 5];
+const GROUPS: [u32; 3] = [
+    netlink_packet_xfrm::XFRMNLGRP_EXPIRE,
+    netlink_packet_xfrm::XFRMNLGRP_SA,
+    netlink_packet_xfrm::XFRMNLGRP_POLICY,
+];
 
 impl Monitor {
     fn open() -> Self {
@@ -199,7 +212,8 @@ fn split(mut bytes: &[u8]) -> Vec<Vec<u8>> {
 /// The SPI in an SA message body (`xfrm_usersa_info.id.spi`, after the
 /// 56-octet selector and the 16-octet address).
 fn spi_of_sa(body: &[u8]) -> Option<u32> {
-    body.get(72..76).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    body.get(72..76)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
 }
 
 /// A GETSA answer exactly as the kernel sends it.
@@ -247,7 +261,9 @@ fn xfrm_against_the_kernel() {
     });
     if let Err(why) = ready {
         assert!(!expect, "XESP_EXPECT_XFRM=1 but this kernel cannot: {why}");
-        eprintln!("skipped: this kernel cannot run XFRM tests ({why}); XESP_EXPECT_XFRM=1 makes this fail");
+        eprintln!(
+            "skipped: this kernel cannot run XFRM tests ({why}); XESP_EXPECT_XFRM=1 makes this fail"
+        );
         return;
     }
     run();
@@ -266,18 +282,35 @@ fn run() {
     let tun = xfrm::create_interface("Tunnel0", IF_ID, dum).expect("xfrm interface");
     assert!(matches!(
         xfrm::create_interface("Tunnel0", IF_ID, dum),
-        Err(XfrmError::Kernel { errno: libc::EEXIST, .. })
+        Err(XfrmError::Kernel {
+            errno: libc::EEXIST,
+            ..
+        })
     ));
-    must("ip link set Tunnel0 up && ip addr add 172.16.0.1/32 dev Tunnel0 && ip route add 10.2.0.0/24 dev Tunnel0 src 172.16.0.1");
-    let details = Command::new("ip").args(["-d", "link", "show", "Tunnel0"]).output().expect("ip");
+    must(
+        "ip link set Tunnel0 up && ip addr add 172.16.0.1/32 dev Tunnel0 && ip route add 10.2.0.0/24 dev Tunnel0 src 172.16.0.1",
+    );
+    let details = Command::new("ip")
+        .args(["-d", "link", "show", "Tunnel0"])
+        .output()
+        .expect("ip");
     let details = String::from_utf8_lossy(&details.stdout);
-    assert!(details.contains("xfrm") && details.contains("if_id 0x7"), "{details}");
+    assert!(
+        details.contains("xfrm") && details.contains("if_id 0x7"),
+        "{details}"
+    );
 
     // --- SAs: GCM with NAT-T, ESN and if_id both ways, from CHILD_SA specs
     let out_sa = XfrmSa::from_spec(&spec(Direction::Outbound, SPI_OUT), IF_ID, reqid);
     let in_sa = XfrmSa::from_spec(&spec(Direction::Inbound, SPI_IN), IF_ID, reqid);
-    assert_eq!((out_sa.src, out_sa.dst), (IpAddr::V4(LOCAL), IpAddr::V4(REMOTE)));
-    assert_eq!((in_sa.src, in_sa.dst), (IpAddr::V4(REMOTE), IpAddr::V4(LOCAL)));
+    assert_eq!(
+        (out_sa.src, out_sa.dst),
+        (IpAddr::V4(LOCAL), IpAddr::V4(REMOTE))
+    );
+    assert_eq!(
+        (in_sa.src, in_sa.dst),
+        (IpAddr::V4(REMOTE), IpAddr::V4(LOCAL))
+    );
     x.add_sa(&out_sa).expect("outbound SA");
     x.add_sa(&in_sa).expect("inbound SA");
     assert_eq!(
@@ -325,25 +358,43 @@ fn run() {
     assert_eq!(got_in.mode, 1);
     assert!(got_in.esn());
     assert_eq!(got_in.replay_window, 128);
-    assert_eq!(got_in.encap, Some(EncapPorts { sport: 4501, dport: 4500 }));
+    assert_eq!(
+        got_in.encap,
+        Some(EncapPorts {
+            sport: 4501,
+            dport: 4500
+        })
+    );
     let aead = got_in.aead.as_ref().expect("AEAD");
-    assert_eq!((aead.name.as_str(), aead.key_bits, aead.icv_bits), ("rfc4106(gcm(aes))", 288, 128));
+    assert_eq!(
+        (aead.name.as_str(), aead.key_bits, aead.icv_bits),
+        ("rfc4106(gcm(aes))", 288, 128)
+    );
     assert_eq!(got_in.lifetime, spec(Direction::Inbound, 0).lifetime);
-    let got_out = sas.iter().find(|s| s.id.spi == SPI_OUT).expect("outbound SA");
-    assert_eq!(got_out.replay_window, 1, "ESN outbound keeps the kernel's minimum window");
+    let got_out = sas
+        .iter()
+        .find(|s| s.id.spi == SPI_OUT)
+        .expect("outbound SA");
+    assert_eq!(
+        got_out.replay_window, 1,
+        "ESN outbound keeps the kernel's minimum window"
+    );
     let got_cbc = sas.iter().find(|s| s.id.spi == SPI_CBC).expect("CBC SA");
     assert!(!got_cbc.esn());
     assert_eq!(got_cbc.replay_window, 32);
     assert_eq!(got_cbc.encap, None);
     let integ = got_cbc.integrity.as_ref().expect("integrity");
-    assert_eq!((integ.name.as_str(), integ.key_bits, integ.icv_bits), ("hmac(sha1)", 160, 96));
+    assert_eq!(
+        (integ.name.as_str(), integ.key_bits, integ.icv_bits),
+        ("hmac(sha1)", 160, 96)
+    );
     let enc = got_cbc.encryption.as_ref().expect("encryption");
     assert_eq!((enc.name.as_str(), enc.key_bits), ("cbc(aes)", 256));
 
     // --- policies: 0/0 both ways for Tunnel0
     let any = [TsRange::any_v4()];
-    let policies = tunnel_policies(&any, &any, LOCAL.into(), REMOTE.into(), IF_ID, reqid)
-        .expect("policies");
+    let policies =
+        tunnel_policies(&any, &any, LOCAL.into(), REMOTE.into(), IF_ID, reqid).expect("policies");
     assert_eq!(policies.len(), 3);
     for p in &policies {
         x.add_policy(p).expect("policy");
@@ -364,8 +415,15 @@ fn run() {
         ..TsRange::prefix(Ipv4Addr::new(10, 2, 0, 0), 24)
     }];
     let reqid1 = xfrm::reqid(1).expect("tunnel 1");
-    let narrowed = tunnel_policies(&local_ts, &remote_ts, LOCAL.into(), REMOTE.into(), 8, reqid1)
-        .expect("narrowed policies");
+    let narrowed = tunnel_policies(
+        &local_ts,
+        &remote_ts,
+        LOCAL.into(),
+        REMOTE.into(),
+        8,
+        reqid1,
+    )
+    .expect("narrowed policies");
     assert_eq!(narrowed.len(), 4 * 3);
     for p in &narrowed {
         x.add_policy(p).expect("narrowed policy");
@@ -386,7 +444,8 @@ fn run() {
     // --- traffic out of Tunnel0: the outbound SA counts it
     let udp = UdpSocket::bind("172.16.0.1:0").expect("bind on Tunnel0's address");
     for _ in 0..3 {
-        udp.send_to(b"through the tunnel", "10.2.0.4:9").expect("send");
+        udp.send_to(b"through the tunnel", "10.2.0.4:9")
+            .expect("send");
     }
     let counters = x
         .counters(SaId::esp(REMOTE.into(), SPI_OUT))
@@ -397,7 +456,8 @@ fn run() {
     assert_ne!(counters.add_time, 0);
     assert_eq!(counters.to_sa_counters().packets, 3);
     assert_eq!(
-        x.counters(SaId::esp(REMOTE.into(), 0x1234_5678)).expect("GETSA of none"),
+        x.counters(SaId::esp(REMOTE.into(), 0x1234_5678))
+            .expect("GETSA of none"),
         None
     );
     capture("getsa_gcm_out", &raw_getsa(REMOTE, SPI_OUT));
@@ -406,7 +466,10 @@ fn run() {
     let ike = UdpSocket::bind("192.0.2.1:4500").expect("IKE socket");
     assert_eq!(natt::espinudp(&ike).expect("UDP_ENCAP"), 0);
     xfrm::set_espinudp(&ike).expect("UDP_ENCAP_ESPINUDP");
-    assert_eq!(natt::espinudp(&ike).expect("UDP_ENCAP"), natt::UDP_ENCAP_ESPINUDP);
+    assert_eq!(
+        natt::espinudp(&ike).expect("UDP_ENCAP"),
+        natt::UDP_ENCAP_ESPINUDP
+    );
 
     // --- a hard expire: 2 s of hard lifetime
     let short = XfrmSa {
@@ -427,7 +490,10 @@ fn run() {
     monitor.poll();
     let start = Instant::now();
     let mut got = Vec::new();
-    while !got.iter().any(|e: &xfrm::SaExpire| e.hard && e.spi == SPI_SHORT) {
+    while !got
+        .iter()
+        .any(|e: &xfrm::SaExpire| e.hard && e.spi == SPI_SHORT)
+    {
         assert!(
             start.elapsed() < Duration::from_secs(60),
             "no hard expire in 60 s: {got:?}"
@@ -436,12 +502,20 @@ fn run() {
         got.extend(events.drain().expect("events"));
         monitor.poll();
     }
-    let soft = got.iter().find(|e| !e.hard).expect("a soft expire came first");
+    let soft = got
+        .iter()
+        .find(|e| !e.hard)
+        .expect("a soft expire came first");
     assert_eq!(soft.spi, SPI_SHORT);
     let hard = got.iter().find(|e| e.hard).expect("hard");
     assert_eq!(hard.id(), SaId::esp(LOCAL.into(), SPI_SHORT));
     assert!(xfrm::is_ours(hard.reqid));
-    assert_eq!(x.get_sa(SaId::esp(LOCAL.into(), SPI_SHORT)).expect("GETSA"), None, "hard expiry removes it");
+    assert_eq!(hard.if_id, IF_ID);
+    assert_eq!(
+        x.get_sa(SaId::esp(LOCAL.into(), SPI_SHORT)).expect("GETSA"),
+        None,
+        "hard expiry removes it"
+    );
 
     // --- the host's own SA and policy (another reqid), then flush ours
     must(&format!(
@@ -477,15 +551,28 @@ fn run() {
     let newpolicy = 0x13;
     let dir_out = |b: &[u8]| b.get(160) == Some(&1); // xfrm_userpolicy_info.dir
     for (name, kind, pick) in [
-        ("newsa_gcm_in", newsa, Box::new(sa(SPI_IN)) as Box<dyn Fn(&[u8]) -> bool>),
+        (
+            "newsa_gcm_in",
+            newsa,
+            Box::new(sa(SPI_IN)) as Box<dyn Fn(&[u8]) -> bool>,
+        ),
         ("newsa_cbc", newsa, Box::new(sa(SPI_CBC))),
         ("updsa_gcm_in", updsa, Box::new(sa(SPI_IN))),
-        ("expire_hard", expire, Box::new(|b: &[u8]| spi_of_sa(b) == Some(SPI_SHORT) && b.get(224) == Some(&1))),
+        (
+            "expire_hard",
+            expire,
+            Box::new(|b: &[u8]| spi_of_sa(b) == Some(SPI_SHORT) && b.get(224) == Some(&1)),
+        ),
         ("newpolicy_out", newpolicy, Box::new(dir_out)),
     ] {
-        let m = monitor
-            .find(kind, pick)
-            .unwrap_or_else(|| panic!("no {name} among {} messages", monitor.seen.len()));
+        let m = monitor.find(kind, pick).unwrap_or_else(|| {
+            let seen: Vec<(u16, Option<u32>)> = monitor
+                .seen
+                .iter()
+                .map(|m| (u16::from_ne_bytes([m[4], m[5]]), spi_of_sa(&m[16..])))
+                .collect();
+            panic!("no {name} among {seen:x?}")
+        });
         capture(name, m);
     }
 }

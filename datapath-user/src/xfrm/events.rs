@@ -11,8 +11,10 @@ use std::{
     os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd},
 };
 
-use netlink_packet_core::{NetlinkBuffer, NLMSG_ERROR, NLMSG_NOOP, NLMSG_DONE, NLMSG_OVERRUN};
-use netlink_packet_xfrm::{XFRM_MSG_EXPIRE, XFRMNLGRP_EXPIRE};
+use netlink_packet_core::{
+    NLMSG_DONE, NLMSG_ERROR, NLMSG_NOOP, NLMSG_OVERRUN, NetlinkBuffer, NlasIterator,
+};
+use netlink_packet_xfrm::{XFRM_MSG_EXPIRE, XFRMA_IF_ID, XFRMNLGRP_EXPIRE};
 use netlink_sys::{Socket, protocols::NETLINK_XFRM};
 use zeroize::Zeroize;
 
@@ -31,6 +33,8 @@ pub struct SaExpire {
     pub hard: bool,
     /// The SA's reqid: [`super::is_ours`] tells xesp's apart.
     pub reqid: u32,
+    /// The SA's xfrm interface (`XFRMA_IF_ID` after the header; 0 if none).
+    pub if_id: u32,
 }
 
 impl SaExpire {
@@ -58,12 +62,24 @@ impl SaExpire {
         let s = &e.state;
         let dst = ip_of(&s.id.daddr, s.family)
             .ok_or_else(|| decode(format!("address family {}", s.family)))?;
+        // netlink-packet-xfrm's EXPIRE keeps only the header; the
+        // attributes the kernel appends are read here.
+        let mut if_id = 0;
+        for nla in NlasIterator::new(payload.get(msg::USER_EXPIRE_LEN..).unwrap_or_default()) {
+            let Ok(nla) = nla else { break };
+            if nla.kind() == XFRMA_IF_ID
+                && let Ok(v) = <[u8; 4]>::try_from(nla.value())
+            {
+                if_id = u32::from_ne_bytes(v);
+            }
+        }
         Ok(Some(Self {
             spi: s.id.spi,
             dst,
             proto: s.id.proto,
             hard: e.hard != 0,
             reqid: s.reqid,
+            if_id,
         }))
     }
 }
@@ -79,7 +95,8 @@ impl ExpireEvents {
     pub fn open() -> Result<Self, XfrmError> {
         let io = |what| move |source| XfrmError::Socket { what, source };
         let mut sock = Socket::new(NETLINK_XFRM).map_err(io("NETLINK_XFRM events socket"))?;
-        sock.bind_auto().map_err(io("binding the XFRM events socket"))?;
+        sock.bind_auto()
+            .map_err(io("binding the XFRM events socket"))?;
         sock.add_membership(XFRMNLGRP_EXPIRE)
             .map_err(io("joining XFRMNLGRP_EXPIRE"))?;
         sock.set_non_blocking(true)

@@ -32,9 +32,7 @@ use std::io;
 
 use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL};
 use netlink_packet_xfrm::{
-    XfrmMessage,
-    policy::DelGetMessage as PolicyDelGet,
-    state::GetDumpMessage,
+    XfrmMessage, policy::DelGetMessage as PolicyDelGet, state::GetDumpMessage,
 };
 use netlink_sys::protocols::NETLINK_XFRM;
 
@@ -213,7 +211,10 @@ impl Xfrm {
     /// `if_id` has one).
     pub fn add_policy(&mut self, p: &XfrmPolicy) -> Result<(), XfrmError> {
         let m = p.message()?;
-        let req = format!("NEWPOLICY {:?} {} -> {}", p.dir, p.selector.src, p.selector.dst);
+        let req = format!(
+            "NEWPOLICY {:?} {} -> {}",
+            p.dir, p.selector.src, p.selector.dst
+        );
         self.act(&req, XfrmMessage::AddPolicy(m), NLM_F_CREATE | NLM_F_EXCL)
     }
 
@@ -221,14 +222,20 @@ impl Xfrm {
     /// same selector, direction and `if_id`.
     pub fn update_policy(&mut self, p: &XfrmPolicy) -> Result<(), XfrmError> {
         let m = p.message()?;
-        let req = format!("UPDPOLICY {:?} {} -> {}", p.dir, p.selector.src, p.selector.dst);
+        let req = format!(
+            "UPDPOLICY {:?} {} -> {}",
+            p.dir, p.selector.src, p.selector.dst
+        );
         self.act(&req, XfrmMessage::UpdatePolicy(m), NLM_F_CREATE)
     }
 
     /// `XFRM_MSG_DELPOLICY` by selector, direction and `if_id`. Ok(false)
     /// if there was none.
     pub fn delete_policy(&mut self, p: &XfrmPolicy) -> Result<bool, XfrmError> {
-        let req = format!("DELPOLICY {:?} {} -> {}", p.dir, p.selector.src, p.selector.dst);
+        let req = format!(
+            "DELPOLICY {:?} {} -> {}",
+            p.dir, p.selector.src, p.selector.dst
+        );
         self.delete_policy_msg(&req, p.delete_message())
     }
 

@@ -7,8 +7,8 @@ use netlink_packet_core::{
     DecodeError, NetlinkDeserializable, NetlinkHeader, NetlinkSerializable, ParseableParametrized,
 };
 use netlink_packet_xfrm::{
-    UserExpire, UserSaInfo, XFRM_MSG_EXPIRE, XFRM_MSG_NEWPOLICY,
-    XFRM_MSG_NEWSA, XFRM_MSG_UPDPOLICY, XFRM_MSG_UPDSA, XfrmAttrs, XfrmMessage,
+    UserExpire, UserSaInfo, XFRM_MSG_EXPIRE, XFRM_MSG_NEWPOLICY, XFRM_MSG_NEWSA,
+    XFRM_MSG_UPDPOLICY, XFRM_MSG_UPDSA, XfrmAttrs, XfrmMessage,
 };
 use zeroize::Zeroize;
 

@@ -14,8 +14,7 @@ use ike_proto::ts::TsRange;
 use ipnet::{IpNet, Ipv4Net};
 use netlink_packet_xfrm::{
     IPPROTO_ESP, Selector, UserPolicyId, UserPolicyInfo, UserTemplate, XFRM_MODE_TUNNEL,
-    XFRM_POLICY_ALLOW, XFRM_POLICY_FWD, XFRM_POLICY_IN, XFRM_POLICY_OUT, XFRM_SHARE_ANY,
-    XfrmAttrs,
+    XFRM_POLICY_ALLOW, XFRM_POLICY_FWD, XFRM_POLICY_IN, XFRM_POLICY_OUT, XFRM_SHARE_ANY, XfrmAttrs,
     policy::{DelGetMessage, ModifyMessage},
 };
 
@@ -125,7 +124,11 @@ pub fn range_prefixes(start: Ipv4Addr, end: Ipv4Addr) -> Vec<Ipv4Net> {
     let mut out = Vec::new();
     while a <= b {
         // The largest aligned block at `a` that does not pass `b`.
-        let mut size: u64 = if a == 0 { 1 << 32 } else { 1 << a.trailing_zeros().min(32) };
+        let mut size: u64 = if a == 0 {
+            1 << 32
+        } else {
+            1 << a.trailing_zeros().min(32)
+        };
         while a + size - 1 > b {
             size >>= 1;
         }
@@ -143,7 +146,11 @@ pub fn port_masks(start: u16, end: u16) -> Vec<PortMask> {
     let (mut a, b) = (u32::from(start), u32::from(end));
     let mut out = Vec::new();
     while a <= b {
-        let mut size: u32 = if a == 0 { 1 << 16 } else { 1 << a.trailing_zeros().min(16) };
+        let mut size: u32 = if a == 0 {
+            1 << 16
+        } else {
+            1 << a.trailing_zeros().min(16)
+        };
         while a + size - 1 > b {
             size >>= 1;
         }

@@ -8,8 +8,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ike_proto::backend::{ChildSaSpec, Direction};
 use netlink_packet_xfrm::{
-    AF_INET, AF_INET6, Address, AlgAead, AlgAuth, EncapTmpl, Alg, IPPROTO_ESP, LifetimeConfig, ReplayEsn, UDP_ENCAP_ESPINUDP, UserSaId, UserSaInfo, XFRM_INF,
-    XFRM_MODE_TUNNEL, XFRM_STATE_ESN, XfrmAttrs, state::{DelGetMessage, ModifyMessage},
+    AF_INET, AF_INET6, Address, Alg, AlgAead, AlgAuth, EncapTmpl, IPPROTO_ESP, LifetimeConfig,
+    ReplayEsn, UDP_ENCAP_ESPINUDP, UserSaId, UserSaInfo, XFRM_INF, XFRM_MODE_TUNNEL,
+    XFRM_STATE_ESN, XfrmAttrs,
+    state::{DelGetMessage, ModifyMessage},
 };
 use xesp_esp::{
     alg::{Encr, Integ, Suite},
@@ -204,8 +206,11 @@ impl XfrmSa {
             return Err(invalid("if_id 0 means no xfrm interface".into()));
         }
         let mut info = UserSaInfo::default();
-        // The selector stays all zeros (AF_UNSPEC, /0 both ways): in tunnel
-        // mode the policies choose the traffic, and both inner families fit.
+        // The selector matches everything (/0 both ways): in tunnel mode the
+        // policies choose the traffic. Its family is the one of xesp's
+        // IPv4 traffic selectors, which is what the kernel would write for
+        // AF_UNSPEC anyway (copy_from_user_state, net/xfrm/xfrm_user.c).
+        info.selector.family = family(self.dst);
         info.id.daddr = address(self.dst);
         info.id.spi = spi;
         info.id.proto = IPPROTO_ESP;
@@ -248,7 +253,10 @@ impl XfrmSa {
             }));
         } else {
             let Some(integ) = self.suite.integ else {
-                return Err(invalid(format!("{} has no integrity transform", self.suite)));
+                return Err(invalid(format!(
+                    "{} has no integrity transform",
+                    self.suite
+                )));
             };
             nlas.push(XfrmAttrs::AuthenticationAlgTrunc(AlgAuth {
                 alg_name: alg_name(integ_name(integ)),
@@ -324,7 +332,11 @@ impl SaId {
 
 impl fmt::Display for SaId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "SPI {:08x} proto {} dst {}", self.spi, self.proto, self.dst)
+        write!(
+            f,
+            "SPI {:08x} proto {} dst {}",
+            self.spi, self.proto, self.dst
+        )
     }
 }
 
