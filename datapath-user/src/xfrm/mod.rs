@@ -110,6 +110,17 @@ impl XfrmError {
     }
 }
 
+/// For the `SaBackend` glue: a refused SA is `Invalid`, anything else is
+/// the datapath failing.
+impl From<XfrmError> for ike_proto::backend::BackendError {
+    fn from(e: XfrmError) -> Self {
+        match e {
+            XfrmError::InvalidSa { spi, reason } => Self::Invalid { spi, reason },
+            e => Self::System(e.to_string()),
+        }
+    }
+}
+
 /// How many SAs and policies [`Xfrm::flush_ours`] removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Flushed {

@@ -304,7 +304,7 @@ impl XfrmPolicy {
     }
 
     /// The body of `XFRM_MSG_NEWPOLICY` / `XFRM_MSG_UPDPOLICY`.
-    pub fn message(&self) -> Result<ModifyMessage, XfrmError> {
+    pub(crate) fn message(&self) -> Result<ModifyMessage, XfrmError> {
         self.check()?;
         let info = UserPolicyInfo {
             selector: kernel_selector(&self.selector),

@@ -174,9 +174,19 @@ impl XfrmSa {
         }
     }
 
+    /// Checks what [`super::Xfrm::add_sa`] would refuse before asking the
+    /// kernel: a reserved SPI, outer addresses of two families, KEYMAT of
+    /// the wrong length for the suite, a replay window over the kernel's
+    /// maximum, `if_id` 0.
+    pub fn validate(&self) -> Result<(), XfrmError> {
+        self.message()
+            .map(|m| drop(super::msg::Out(netlink_packet_xfrm::XfrmMessage::AddSa(m))))
+    }
+
     /// The body of an `XFRM_MSG_NEWSA` / `XFRM_MSG_UPDSA`: the SA header,
-    /// then its transforms, NAT-T, the replay state and the interface.
-    pub fn message(&self) -> Result<ModifyMessage, XfrmError> {
+    /// then its transforms, NAT-T, the replay state and the interface. It
+    /// holds the keys: wrap it in `msg::Out`, which zeroes them on drop.
+    pub(crate) fn message(&self) -> Result<ModifyMessage, XfrmError> {
         let spi = self.spi;
         let invalid = |reason: String| XfrmError::InvalidSa { spi, reason };
         if spi < 256 {

@@ -283,6 +283,11 @@ fn bad_sas_are_refused_with_reasons() {
         },
     ];
     for b in bad {
+        assert!(matches!(b.validate(), Err(XfrmError::InvalidSa { .. })));
+        assert!(matches!(
+            ike_proto::backend::BackendError::from(b.validate().expect_err("invalid")),
+            ike_proto::backend::BackendError::Invalid { spi, .. } if spi == b.spi
+        ));
         assert!(
             matches!(b.message(), Err(XfrmError::InvalidSa { spi, .. }) if spi == b.spi),
             "{b:?}"
@@ -293,6 +298,7 @@ fn bad_sas_are_refused_with_reasons() {
 #[test]
 fn keys_stay_out_of_debug_output() {
     let sa = gcm_in();
+    sa.validate().expect("a good SA");
     let text = format!("{sa:?}");
     assert!(text.contains("<36 octets>"), "{text}");
     assert!(!text.contains("[1, 2, 3"), "{text}");
