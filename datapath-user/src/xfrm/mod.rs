@@ -18,6 +18,22 @@
 //! [`Xfrm::flush_ours`] dumps SAs and policies and deletes exactly those
 //! with a reqid in the range: never the host's other SAs (strongSwan and
 //! iproute2 number reqids from 1), whatever their interface or mark.
+//!
+//! # A tunnel's life
+//!
+//! 1. [`Xfrm::flush_ours`] (leftovers of a crash), [`create_interface`]
+//!    (`Tunnel0`, its `if_id`, the underlay's ifindex), [`set_espinudp`] on
+//!    the IKE socket of port 4500, [`ExpireEvents::open`] (poll its fd).
+//! 2. Per CHILD_SA direction: [`XfrmSa::from_spec`] with the tunnel's
+//!    `if_id` and [`reqid`], then [`Xfrm::add_sa`]; once per tunnel (or per
+//!    set of selectors): [`tunnel_policies`] then [`Xfrm::add_policy`] or
+//!    [`Xfrm::update_policy`] for each.
+//! 3. [`Xfrm::counters`] for status; [`ExpireEvents::drain`] when readable
+//!    (soft: rekey; hard: the kernel removed the SA); [`Xfrm::delete_sa`]
+//!    for the old SAs after a rekey; [`Xfrm::update_sa`] for new NAT-T ports.
+//! 4. On stop: [`Xfrm::flush_ours`], [`delete_interface`].
+//!
+//! `tests/xfrm_kernel.rs` does all of this against a kernel with ESP.
 
 mod msg;
 mod nl;
