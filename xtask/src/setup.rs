@@ -42,6 +42,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "tcpdump",
     "ethtool",
     "procps",
+    // The test VM's kernel is taken out of its xz-compressed bzImage.
+    "xz-utils",
     // Build scripts of C-using crates (ring).
     "gcc",
     "libc6-dev",

@@ -403,7 +403,7 @@ pub fn run(cmd: &VmCommand) -> Result<VmOutcome> {
     let boot = qemu::Boot {
         qemu: &qemu,
         accel,
-        kernel: &assets.vmlinuz,
+        kernel: &assets.vmlinux,
         initramfs: &initramfs,
         work: &work,
         nonce: &nonce,
@@ -412,8 +412,12 @@ pub fn run(cmd: &VmCommand) -> Result<VmOutcome> {
     };
     if cmd.echo {
         eprintln!(
-            "[vm] booting Debian's kernel {} under QEMU ({:?}, {} CPUs, {} MiB); work directory {}",
-            assets.release, accel, cmd.cpus, cmd.mem_mb, work_str
+            "[vm] booting Debian's kernel {} under QEMU ({}, {} CPUs, {} MiB); work directory {}",
+            assets.release,
+            accel.name(),
+            cmd.cpus,
+            cmd.mem_mb,
+            work_str
         );
     }
     let started = Instant::now();
@@ -478,7 +482,11 @@ pub fn run(cmd: &VmCommand) -> Result<VmOutcome> {
                     }
                     None => {
                         if cmd.verbose {
-                            eprintln!("[vm console] {}", printable(&line));
+                            eprintln!(
+                                "[vm console +{:.1}s] {}",
+                                started.elapsed().as_secs_f64(),
+                                printable(&line)
+                            );
                         }
                     }
                 }
