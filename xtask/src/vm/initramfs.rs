@@ -43,7 +43,13 @@ pub const MODULES: &[&str] = &[
     "veth",
     "dummy",
     "tun",
+    // ESP's IV generators (seqiv, echainiv) take their salt from the
+    // default RNG ("stdrng": drbg, seeded by jitterentropy), which the kernel
+    // would ask modprobe for, and the guest has no modprobe.
+    "jitterentropy_rng",
+    "drbg",
     // The ciphers and integrity algorithms xesp proposes.
+    "crypto_null",
     "aesni_intel",
     "gcm",
     "ghash_generic",
