@@ -2,7 +2,7 @@
 # Runs inside xesp's test VM (xtask::vm: Debian's 6.1 kernel under QEMU, the
 # host's root read-only), started by tests/tests/root_vm.rs. Checks, in order:
 #
-#   1. the XFRM, ESP and cipher modules are loaded;
+#   1. the XFRM, ESP and cipher modules are loaded, and others load on demand;
 #   2. the host's tools run here: strongSwan's charon starts (its pid file and
 #      vici socket on the guest's tmpfs /run) and answers swanctl; an xesp
 #      binary, if given, answers --version;
@@ -80,9 +80,13 @@ for m in xfrm_user xfrm_interface esp4 esp6 veth tun aesni_intel gcm ghash_clmul
     grep -qx "$m" "$RESULTS/modules.txt" || fail "module $m is not loaded"
 done
 echo "xfrm_user xfrm_interface esp4 esp6 veth tun aesni_intel gcm authencesn: loaded"
+# A module not loaded at boot comes when the kernel asks for it.
+netns "$C"
+ip -n "$C" link add gnv0 type geneve id 1 remote 192.0.2.9 || fail "no geneve link (module autoload)"
+grep -q '^geneve ' /proc/modules || fail "geneve is not loaded"
+echo "geneve: loaded on demand"
 
 echo "== 2. the host's tools"
-netns "$C"
 mkdir -p /tmp/charon
 cat > /tmp/charon/strongswan.conf <<EOF
 charon {

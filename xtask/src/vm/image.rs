@@ -48,6 +48,11 @@ pub struct Assets {
     /// `lib/modules/<release>` of the unpacked kernel (with `modules.dep`).
     pub modules: PathBuf,
     pub busybox: PathBuf,
+    /// The unpacked kmod under the name `modprobe` (the guest's module
+    /// requests run it chrooted into the host's root).
+    pub modprobe: PathBuf,
+    /// The root the packages were unpacked into (`modprobe -d`).
+    pub root: PathBuf,
 }
 
 /// `target/vm` of this project.
@@ -73,6 +78,8 @@ impl Assets {
             vmlinux: dir.join(format!("vmlinux-{release}")),
             modules: root.join(format!("lib/modules/{release}")),
             busybox: root.join("bin/busybox"),
+            modprobe: dir.join("bin/modprobe"),
+            root,
         }
     }
 
@@ -80,6 +87,7 @@ impl Assets {
         self.vmlinuz.is_file()
             && self.modules.join("modules.dep").is_file()
             && self.busybox.is_file()
+            && self.modprobe.exists()
     }
 
     /// The assets already unpacked, whatever kernel they are (no apt, no output).
@@ -191,8 +199,14 @@ pub fn ensure(quiet: bool) -> Result<Assets> {
         .with_context(|| format!("unexpected kernel package name {package:?}"))?;
     let assets = Assets::at(&dir, &release);
     let stamp = fs::read_to_string(stamp_path(&dir)).unwrap_or_default();
-    if stamp.trim() == package && !assets.vmlinux.is_file() && assets.vmlinuz.is_file() {
-        extract_vmlinux(&assets.vmlinuz, &assets.vmlinux)?;
+    if stamp.trim() == package && assets.vmlinuz.is_file() {
+        // Caches from before these steps.
+        if !assets.vmlinux.is_file() {
+            extract_vmlinux(&assets.vmlinuz, &assets.vmlinux)?;
+        }
+        if !assets.modprobe.exists() {
+            tool_links(&dir)?;
+        }
     }
     if stamp.trim() == package && assets.complete() {
         if !quiet {
@@ -252,14 +266,7 @@ fn fetch(dir: &Path, package: &str, assets: &Assets) -> Result<()> {
     for deb in &found {
         run_cmd(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&root))?;
     }
-    // The unpacked kmod's depmod is a symlink to /bin/kmod, which the host may
-    // not have: call the unpacked kmod under the name depmod.
-    let tools = dir.join("bin");
-    fs::create_dir_all(&tools)?;
-    let depmod = tools.join("depmod");
-    let _ = fs::remove_file(&depmod);
-    std::os::unix::fs::symlink(root.join("bin/kmod"), &depmod)
-        .with_context(|| format!("linking {}", depmod.display()))?;
+    let depmod = tool_links(dir)?;
     println!("[setup] vm: depmod for {}", assets.release);
     run_cmd(
         Command::new(&depmod)
@@ -283,6 +290,21 @@ fn fetch(dir: &Path, package: &str, assets: &Assets) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// The unpacked kmod's depmod and modprobe are symlinks to /bin/kmod, which
+/// the host may not have: links under those names to the unpacked kmod, in
+/// `target/vm/bin/`. Returns depmod's.
+fn tool_links(dir: &Path) -> Result<PathBuf> {
+    let tools = dir.join("bin");
+    fs::create_dir_all(&tools)?;
+    for name in ["depmod", "modprobe"] {
+        let link = tools.join(name);
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(unpacked_dir(dir).join("bin/kmod"), &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
+    Ok(tools.join("depmod"))
 }
 
 /// Where the compressed kernel starts inside a bzImage, and the command that

@@ -21,7 +21,8 @@ use super::image::Assets;
 
 /// Modules loaded at boot, in this order (each after its dependencies).
 /// Names as `modprobe` takes them; `-` and `_` are the same. Modules the
-/// kernel has built in are skipped.
+/// kernel has built in are skipped. Any other module of the kernel is
+/// loaded on demand once the host's root is mounted (see [`modprobe_script`]).
 pub const MODULES: &[&str] = &[
     // The host's root and the work directory over 9p on virtio.
     "virtio_pci",
@@ -205,6 +206,24 @@ poweroff -f
     )
 }
 
+/// `/sbin/modprobe`, which the kernel runs for modules it wants (an
+/// algorithm, a link type, a protocol): Debian's modprobe from the unpacked
+/// kmod, chrooted into the host's root (where its libraries are), with the
+/// unpacked kernel package as its module root. Before the host's root is
+/// mounted it fails, and the kernel goes on without the module.
+pub fn modprobe_script(assets: &Assets) -> String {
+    format!(
+        r#"#!/bin/sh
+# Module requests of the kernel (written by xtask::vm::initramfs).
+# (Its path is a symlink into the host's root: test what it points to.)
+[ -e "/host{root}/bin/kmod" ] || exit 1
+exec /bin/chroot /host "{modprobe}" -d "{root}" "$@"
+"#,
+        modprobe = assets.modprobe.display(),
+        root = assets.root.display(),
+    )
+}
+
 /// A `newc` ("070701") cpio archive, as the kernel unpacks an initramfs.
 #[derive(Default)]
 pub struct Cpio {
@@ -304,7 +323,8 @@ pub fn ensure(assets: &Assets, quiet: bool) -> Result<PathBuf> {
     };
     let order = load_order(&read("modules.dep")?, &read("modules.builtin")?, MODULES)?;
     let init = init_script(&assets.release);
-    let stamp = fingerprint(assets, &order, &init)?;
+    let modprobe = modprobe_script(assets);
+    let stamp = fingerprint(assets, &order, &format!("{init}{modprobe}"))?;
     if out.is_file() && fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp) {
         if !quiet {
             println!("[setup] vm: initramfs up to date ({})", out.display());
@@ -334,6 +354,7 @@ pub fn ensure(assets: &Assets, quiet: bool) -> Result<PathBuf> {
         cpio.symlink(&format!("bin/{a}"), "busybox")?;
     }
     cpio.file("init", 0o755, init.as_bytes())?;
+    cpio.file("sbin/modprobe", 0o755, modprobe.as_bytes())?;
     let base = format!("lib/modules/{}", assets.release);
     let mut dirs = BTreeSet::new();
     for path in &order {

@@ -12,8 +12,11 @@
 //!   offloads, VTI, `af_key`), the ciphers (AES-NI, GCM, GHASH, CBC, HMAC
 //!   SHA-1/256/512, 3DES, ChaCha20-Poly1305, `authencesn`), `veth`, `dummy`
 //!   and `tun` are loaded at boot ([`initramfs::MODULES`]); BPF, XDP and
-//!   AF_XDP are built in. There is no `modprobe` inside the chroot: what is
-//!   not in that list is not there.
+//!   AF_XDP are built in. Every other module of that kernel loads when the
+//!   kernel asks for it (an algorithm, a link type: its `/sbin/modprobe` runs
+//!   the unpacked kmod on the unpacked package); to load one by hand, run
+//!   `target/vm/bin/modprobe -d target/vm/unpacked <module>` (the host's root
+//!   has no modprobe of its own).
 //! * **Files**: the host's `/` over 9p, **read-only**, as the root of a
 //!   chroot, so the host's `ip`, `ping`, strongSwan (`/usr/lib/ipsec/charon`,
 //!   `swanctl`), BIRD, python3 and cargo-built binaries (`target/debug/xesp`,
