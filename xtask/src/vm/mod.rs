@@ -393,7 +393,12 @@ pub fn run(cmd: &VmCommand) -> Result<VmOutcome> {
     let qemu = qemu::find_qemu()
         .with_context(|| format!("{} is not installed: run `cargo xtask setup`", qemu::QEMU))?;
     let accel = qemu::Accel::from_env()?;
-    let assets = image::ensure(true)?;
+    // What is unpacked boots as it is (no apt-cache, which takes seconds on
+    // a busy machine); `cargo xtask setup` moves to a newer kernel.
+    let assets = match image::Assets::present() {
+        Some(a) => a,
+        None => image::ensure(true)?,
+    };
     let initramfs = initramfs::ensure(&assets, true)?;
 
     let meta = work.join(".xesp-vm");
@@ -465,7 +470,22 @@ pub fn run(cmd: &VmCommand) -> Result<VmOutcome> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left.max(Duration::from_millis(1))) {
-            Ok(line) => {
+            Ok(mut line) => {
+                // Output without a final newline runs into the marker's line.
+                if let Some(at) = line.find("XESP_VM_").filter(|at| *at > 0)
+                    && marker(&line[at..], &nonce).is_some()
+                {
+                    let rest = line.split_off(at);
+                    if boot_secs.is_some() && status.is_none() {
+                        if cmd.echo {
+                            println!("{line}");
+                        }
+                        output += &line;
+                        output.push('\n');
+                    }
+                    lines.push(line);
+                    line = rest;
+                }
                 match marker(&line, &nonce) {
                     Some(Marker::Start) => {
                         let secs = started.elapsed().as_secs_f64();
