@@ -85,6 +85,7 @@ impl Assets {
 
     fn complete(&self) -> bool {
         self.vmlinuz.is_file()
+            && self.vmlinux.is_file()
             && self.modules.join("modules.dep").is_file()
             && self.busybox.is_file()
             && self.modprobe.exists()
@@ -217,7 +218,22 @@ pub fn ensure(quiet: bool) -> Result<Assets> {
         }
         return Ok(assets);
     }
-    fetch(&dir, &package, &assets)?;
+    if let Err(e) = fetch(&dir, &package, &assets) {
+        // Stale apt lists name a kernel the archive has replaced: refresh
+        // them once and take the kernel they name then.
+        eprintln!("[setup] vm: {e:#}; apt-get update and trying again");
+        run_cmd(
+            Command::new("apt-get")
+                .arg("update")
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+        let package = resolve_kernel_package()?;
+        let release = release_of_package(&package)
+            .with_context(|| format!("unexpected kernel package name {package:?}"))?;
+        let assets = Assets::at(&dir, &release);
+        fetch(&dir, &package, &assets)?;
+        return Ok(assets);
+    }
     Ok(assets)
 }
 
@@ -274,11 +290,13 @@ fn fetch(dir: &Path, package: &str, assets: &Assets) -> Result<()> {
             .arg(&root)
             .arg(&assets.release),
     )?;
+    extract_vmlinux(&assets.vmlinuz, &assets.vmlinux)?;
     if !assets.complete() {
         bail!(
-            "after unpacking, {} lacks {}, {} or {}",
+            "after unpacking, {} lacks {}, {}, {} or {}",
             root.display(),
             assets.vmlinuz.display(),
+            assets.vmlinux.display(),
             assets.modules.join("modules.dep").display(),
             assets.busybox.display()
         );
