@@ -334,6 +334,9 @@ fn printable(line: &str) -> String {
 }
 
 fn tail(lines: &[String], n: usize) -> String {
+    if lines.is_empty() {
+        return "  (nothing: the kernel had not started yet)".to_string();
+    }
     let from = lines.len().saturating_sub(n);
     lines[from..]
         .iter()
