@@ -45,9 +45,8 @@ pub const MODULES: &[&str] = &[
     "dummy",
     "tun",
     // ESP's IV generators (seqiv, echainiv) take their salt from the
-    // default RNG ("stdrng": drbg, seeded by jitterentropy), which the kernel
-    // would ask modprobe for, and the guest has no modprobe.
-    "jitterentropy_rng",
+    // default RNG ("stdrng": drbg). Its seed source, jitterentropy_rng, has
+    // a soft dependency insmod does not follow: it loads on demand.
     "drbg",
     // The ciphers and integrity algorithms xesp proposes.
     "crypto_null",

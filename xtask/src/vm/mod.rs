@@ -318,6 +318,14 @@ fn marker(line: &str, nonce: &str) -> Option<Marker> {
     }
 }
 
+/// Where a marker starts after other text on the same line (the command's
+/// last output had no newline), if it does.
+fn marker_inside(line: &str, nonce: &str) -> Option<usize> {
+    line.match_indices("XESP_VM_")
+        .map(|(at, _)| at)
+        .find(|&at| at > 0 && marker(&line[at..], nonce).is_some())
+}
+
 fn nonce() -> String {
     let t = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -475,9 +483,7 @@ pub fn run(cmd: &VmCommand) -> Result<VmOutcome> {
         match rx.recv_timeout(left.max(Duration::from_millis(1))) {
             Ok(mut line) => {
                 // Output without a final newline runs into the marker's line.
-                if let Some(at) = line.find("XESP_VM_").filter(|at| *at > 0)
-                    && marker(&line[at..], &nonce).is_some()
-                {
+                if let Some(at) = marker_inside(&line, &nonce) {
                     let rest = line.split_off(at);
                     if boot_secs.is_some() && status.is_none() {
                         if cmd.echo {
@@ -617,6 +623,20 @@ mod tests {
         assert_eq!(
             marker("XESP_VM_FAILED abc cannot mount", "abc"),
             Some(Marker::Failed("cannot mount".into()))
+        );
+    }
+
+    #[test]
+    fn a_marker_after_unterminated_output_is_found() {
+        assert_eq!(
+            marker_inside("no newlineXESP_VM_STATUS abc 0", "abc"),
+            Some(10)
+        );
+        assert_eq!(marker_inside("XESP_VM_STATUS abc 0", "abc"), None);
+        assert_eq!(marker_inside("say XESP_VM_STATUS xyz 0", "abc"), None);
+        assert_eq!(
+            marker_inside("XESP_VM_ in textXESP_VM_STATUS abc 4", "abc"),
+            Some(16)
         );
     }
 
