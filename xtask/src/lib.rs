@@ -6,3 +6,4 @@ pub mod lab;
 pub mod netns;
 pub mod setup;
 pub mod test;
+pub mod vm;
