@@ -234,3 +234,62 @@ src 192.0.2.2 dst 192.0.2.1
     assert_eq!((s[1].spi.as_str(), s[1].packets), ("0xb0000001", 0));
     assert!(parse_states("src 1 dst 2\n\tproto esp spi 0x1(1)\n").is_err());
 }
+
+/// The path of the `xfrm_kernel` test binary of datapath-user, built if
+/// needed (`cargo test --no-run` prints where).
+fn xfrm_kernel_binary(root: &Path) -> Result<String> {
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .current_dir(root)
+        .args([
+            "test",
+            "--locked",
+            "-p",
+            "datapath-user",
+            "--test",
+            "xfrm_kernel",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .output()
+        .context("cargo test --no-run")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "building xfrm_kernel: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|m| m["target"]["name"] == "xfrm_kernel" && m["executable"].is_string())
+        .and_then(|m| m["executable"].as_str().map(String::from))
+        .context("cargo named no xfrm_kernel executable")
+}
+
+/// datapath-user's XFRM layer against Debian's kernel: its own kernel test
+/// (SAs, narrowed policies, an xfrm interface, counters, a hard expire,
+/// `flush_ours` sparing the host's SAs) run in the guest, where missing
+/// kernel support is a failure, not a skip.
+#[test]
+fn root_vm_xfrm_netlink_layer_against_the_kernel() -> Result<()> {
+    let root = xtask::setup::project_root();
+    let bin = xfrm_kernel_binary(&root)?;
+    let work = xtask::vm::fresh_work_dir("root_vm_xfrm")?;
+    let cmd = VmCommand::new([bin.as_str(), "--test-threads", "1", "--color", "never"])
+        .env("XESP_EXPECT_XFRM", "1")
+        .work_dir(&work)
+        .cwd(root.join("datapath-user"))
+        .timeout(Duration::from_secs(240));
+    let out = xtask::vm::run(&cmd)?;
+    eprintln!(
+        "[root_vm_xfrm] boot {:.1} s, VM {:.1} s",
+        out.boot_secs, out.total_secs
+    );
+    assert_eq!(out.status, 0, "{}", out.output);
+    assert!(
+        out.output.contains("test result: ok. 1 passed"),
+        "{}",
+        out.output
+    );
+    Ok(())
+}
