@@ -183,6 +183,14 @@ impl Rtnl {
         self.act("link set", RouteNetlinkMessage::SetLink(msg), 0)
     }
 
+    /// `ip link set <ifindex> down`.
+    pub fn set_link_down(&mut self, ifindex: u32) -> Result<(), NetlinkError> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = ifindex;
+        msg.header.change_mask = LinkFlags::Up;
+        self.act("link set", RouteNetlinkMessage::SetLink(msg), 0)
+    }
+
     /// `ip addr replace <addr>/<prefix_len> dev <ifindex>`.
     pub fn replace_address(
         &mut self,

@@ -72,6 +72,9 @@ pub enum DatapathMode {
     Xdp,
     /// TUN devices and sockets only (no XDP, no DMZ filter).
     Tun,
+    /// The kernel's ESP (XFRM SAs and policies, xfrm interfaces), behind
+    /// the XDP DMZ filter: on a kernel with ESP, or a NIC with ESP offload.
+    Xfrm,
 }
 
 #[derive(Debug, Deserialize)]

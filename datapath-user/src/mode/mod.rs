@@ -7,7 +7,9 @@
 //!   sockets, ESP in user space;
 //! * [`xdp::XdpDatapath`] (`datapath = "xdp"`): the socket datapath behind
 //!   the XDP DMZ filter, with ESP and the LAN's tunnel traffic steered to
-//!   AF_XDP workers.
+//!   AF_XDP workers;
+//! * [`xfrm::XfrmDatapath`] (`datapath = "xfrm"`): the kernel's ESP through
+//!   XFRM, xfrm interfaces, behind the XDP DMZ filter.
 //!
 //! The daemon only wires the IKE driver, the chosen datapath and the control
 //! socket.
@@ -16,6 +18,7 @@ mod backend;
 pub mod sockets;
 mod workers;
 pub mod xdp;
+pub mod xfrm;
 
 use std::{
     io,
@@ -36,6 +39,7 @@ use crate::{DatapathError, sadb::TunnelTotals, xdp::TunnelTraffic};
 pub enum Mode {
     Xdp,
     Tun,
+    Xfrm,
 }
 
 /// One tunnel, as the datapath sees it.
@@ -116,7 +120,7 @@ pub trait Datapath: Send {
     fn expiries(&mut self, now: Instant) -> Vec<SaExpiry>;
     /// Once a second: supervision (workers), logs. An error ends the daemon.
     fn tick(&mut self, now: Instant) -> Result<(), DatapathError>;
-    fn status(&self) -> DatapathStatus;
+    fn status(&mut self) -> DatapathStatus;
     /// The DMZ filter's allowlist and whether it passes what it cannot
     /// classify, applied at once (`xesp reload`). Without a filter there is
     /// nothing to apply.
@@ -136,6 +140,7 @@ pub fn start(
     Ok(match cfg.mode {
         Mode::Tun => Box::new(sockets::SocketDatapath::start(cfg, udp4500, ike)?),
         Mode::Xdp => Box::new(xdp::XdpDatapath::start(cfg, udp4500, ike)?),
+        Mode::Xfrm => Box::new(xfrm::XfrmDatapath::start(cfg, udp4500, ike)?),
     })
 }
 

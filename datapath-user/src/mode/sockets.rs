@@ -190,7 +190,7 @@ impl super::Datapath for SocketDatapath {
         Ok(())
     }
 
-    fn status(&self) -> DatapathStatus {
+    fn status(&mut self) -> DatapathStatus {
         SocketDatapath::status(self, "sockets")
     }
 

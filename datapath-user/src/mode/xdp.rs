@@ -74,6 +74,22 @@ fn attach_links(x: &mut XdpPrograms, dmz: &str, lan: &str) -> Result<(), Datapat
 fn attach(cfg: &DatapathConfig, lan_if: &str) -> Result<XdpPrograms, DatapathError> {
     let mut x = XdpPrograms::load()?;
     attach_links(&mut x, &cfg.dmz_interface, lan_if)?;
+    configure_dmz(&mut x, cfg)?;
+    Ok(x)
+}
+
+/// Loads the programs and attaches the DMZ filter alone (the `xfrm` mode:
+/// no ESP steered, no LAN program), configured.
+pub(super) fn dmz_filter_only(cfg: &DatapathConfig) -> Result<XdpPrograms, DatapathError> {
+    let mut x = XdpPrograms::load()?;
+    let mode = x.attach_dmz(&cfg.dmz_interface, XdpAttach::Auto)?;
+    log::info!("{}: DMZ filter attached ({mode:?} mode)", cfg.dmz_interface);
+    configure_dmz(&mut x, cfg)?;
+    Ok(x)
+}
+
+/// The DMZ filter's allowlist and flags from the configuration.
+fn configure_dmz(x: &mut XdpPrograms, cfg: &DatapathConfig) -> Result<(), DatapathError> {
     for p in &cfg.dmz_allow {
         x.allow(*p)?;
     }
@@ -89,7 +105,56 @@ fn attach(cfg: &DatapathConfig, lan_if: &str) -> Result<XdpPrograms, DatapathErr
         cfg.dmz_interface,
         cfg.dmz_allow.len()
     );
-    Ok(x)
+    Ok(())
+}
+
+/// Changes the DMZ filter's allowlist from `allowed` to `allow`, and its
+/// flags (`xesp reload`). New prefixes go in first: nothing allowed before
+/// is dropped meanwhile.
+pub(super) fn change_dmz(
+    x: &mut XdpPrograms,
+    allowed: &mut Vec<IpNet>,
+    allow: &[IpNet],
+    pass_unclassified: bool,
+) -> Result<(), DatapathError> {
+    for p in allow.iter().filter(|p| !allowed.contains(p)) {
+        x.allow(*p)?;
+    }
+    for p in allowed.iter().filter(|p| !allow.contains(p)) {
+        x.disallow(*p)?;
+    }
+    *allowed = allow.to_vec();
+    let flags = if pass_unclassified {
+        xesp_common::dmz_flags::PASS_UNCLASSIFIED
+    } else {
+        0
+    };
+    x.set_dmz_flags(flags)?;
+    log::info!(
+        "DMZ filter allows {} prefixes{}",
+        allow.len(),
+        if pass_unclassified {
+            ", passes what it cannot classify"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+/// The DMZ program's and the ESP steering's counters, into `st.dmz`.
+pub(super) fn dmz_status(x: &XdpPrograms, st: &mut DatapathStatus) {
+    match x.dmz_counters() {
+        Ok(c) => st.dmz.extend(c.iter().map(|(k, v)| (k.to_string(), v))),
+        Err(e) => log::warn!("reading the DMZ counters: {e}"),
+    }
+    if let Ok(c) = x.steer_counters() {
+        st.dmz.extend(
+            SteerCounter::ALL
+                .iter()
+                .map(|k| (format!("esp_{}", k.name()), c[*k as usize])),
+        );
+    }
 }
 
 /// The XDP datapath.
@@ -212,19 +277,9 @@ impl super::Datapath for XdpDatapath {
         self.workers.watch(&mut self.xdp, now)
     }
 
-    fn status(&self) -> DatapathStatus {
+    fn status(&mut self) -> DatapathStatus {
         let mut st = self.sockets.status("xdp + AF_XDP workers");
-        match self.xdp.dmz_counters() {
-            Ok(c) => st.dmz.extend(c.iter().map(|(k, v)| (k.to_string(), v))),
-            Err(e) => log::warn!("reading the DMZ counters: {e}"),
-        }
-        if let Ok(c) = self.xdp.steer_counters() {
-            st.dmz.extend(
-                SteerCounter::ALL
-                    .iter()
-                    .map(|k| (format!("esp_{}", k.name()), c[*k as usize])),
-            );
-        }
+        dmz_status(&self.xdp, &mut st);
         if let Ok(c) = self.xdp.lan_counters() {
             st.lan.extend(
                 LanCounter::ALL
@@ -244,31 +299,7 @@ impl super::Datapath for XdpDatapath {
     }
 
     fn set_dmz(&mut self, allow: &[IpNet], pass_unclassified: bool) -> Result<(), DatapathError> {
-        // New prefixes first: nothing allowed before is dropped meanwhile.
-        for p in allow.iter().filter(|p| !self.allowed.contains(p)) {
-            self.xdp.allow(*p)?;
-        }
-        for p in self.allowed.iter().filter(|p| !allow.contains(p)) {
-            self.xdp.disallow(*p)?;
-        }
-        self.allowed = allow.to_vec();
-        let flags = if pass_unclassified {
-            xesp_common::dmz_flags::PASS_UNCLASSIFIED
-        } else {
-            0
-        };
-        self.xdp.set_dmz_flags(flags)?;
-        log::info!(
-            "{}: DMZ filter allows {} prefixes{}",
-            self.dmz_if,
-            allow.len(),
-            if pass_unclassified {
-                ", passes what it cannot classify"
-            } else {
-                ""
-            }
-        );
-        Ok(())
+        change_dmz(&mut self.xdp, &mut self.allowed, allow, pass_unclassified)
     }
 
     fn stop(self: Box<Self>) {

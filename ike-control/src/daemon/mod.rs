@@ -62,6 +62,7 @@ fn datapath_config(cfg: &Config) -> DatapathConfig {
         mode: match cfg.device.datapath {
             DatapathMode::Xdp => mode::Mode::Xdp,
             DatapathMode::Tun => mode::Mode::Tun,
+            DatapathMode::Xfrm => mode::Mode::Xfrm,
         },
         public_address: cfg.device.public_address,
         tunnels: cfg
