@@ -190,17 +190,13 @@ fn root_workers_forward_only_what_the_selectors_cover() {
         }
     }
 
-    let st = || dp.status();
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            let s = st();
-            s.tunnels[0].totals.drops.get(DropReason::SelectorMismatch) == 4
-                && counter(&s.workers, "esp_rx") == 7
-        }),
-        "{:?}",
-        st()
-    );
-    let s = st();
+    let ok = wait_until(Duration::from_secs(10), || {
+        let s = dp.status();
+        s.tunnels[0].totals.drops.get(DropReason::SelectorMismatch) == 4
+            && counter(&s.workers, "esp_rx") == 7
+    });
+    let s = dp.status();
+    assert!(ok, "{s:?}");
     // The workers saw all seven: the DMZ program steered them, none went
     // through the sockets.
     assert_eq!(counter(&s.dmz, "esp_redirected"), 7, "{:?}", s.dmz);
