@@ -346,21 +346,26 @@ impl Life {
         self.set_thresholds(ev, hot);
     }
 
-    /// Counts one packet of `bytes` octets; checks the byte and packet
-    /// limits when a threshold is crossed (rarely).
+    /// Counts one packet of `bytes` octets in `hot`; checks the byte and
+    /// packet limits when a threshold is crossed (rarely).
     fn account(&self, hot: &Hot, bytes: u64) {
         let packets = hot.packets.fetch_add(1, Ordering::Relaxed) + 1;
         let total = hot.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        if packets < hot.packets_limit.load(Ordering::Relaxed)
-            && total < hot.bytes_limit.load(Ordering::Relaxed)
-        {
+        self.check(hot, packets, total);
+    }
+
+    /// Whether totals of `packets` and `total` octets reach a limit.
+    fn crossed(hot: &Hot, packets: u64, total: u64) -> bool {
+        packets >= hot.packets_limit.load(Ordering::Relaxed)
+            || total >= hot.bytes_limit.load(Ordering::Relaxed)
+    }
+
+    /// Fires what totals of `packets` and `total` octets reach.
+    fn check(&self, hot: &Hot, packets: u64, total: u64) {
+        if !Self::crossed(hot, packets, total) {
             return;
         }
         let mut ev = lock(&self.events);
-        let (packets, total) = (
-            hot.packets.load(Ordering::Relaxed),
-            hot.bytes.load(Ordering::Relaxed),
-        );
         let over = |l: &Limits| {
             if l.bytes.is_some_and(|b| total >= b) {
                 Some(Limit::Bytes)
@@ -821,17 +826,32 @@ pub struct Decapsulated {
     pub seq: u64,
 }
 
+/// What the inbound direction changes per packet, under one short lock:
+/// the window's commit and the counters, together.
+#[derive(Debug)]
+struct Received {
+    window: ReplayWindow,
+    packets: u64,
+    bytes: u64,
+}
+
 /// The inbound direction of a CHILD_SA.
 pub struct InboundSa {
+    /// Its lifetime thresholds and expiry (its counters are in `received`).
     hot: Hot,
+    /// The window's top, read without the lock: a packet ahead of it needs
+    /// the lock only for its commit (in-order traffic, the common case).
+    top: AtomicU64,
+    window_size: u32,
     spi: u32,
     suite: Suite,
     cipher: Cipher,
     mac: Option<Mac>,
     esn: bool,
-    /// Taken for the check before the ICV and for the commit after it,
+    /// Taken once per packet, for the commit after the ICV verified (and
+    /// for the check before it when the packet is not ahead of `top`);
     /// never across the crypto.
-    replay: Mutex<ReplayWindow>,
+    received: Mutex<Received>,
     tunnel: Tunnel,
     life: Life,
     drops: AtomicDrops,
@@ -846,7 +866,7 @@ impl core::fmt::Debug for InboundSa {
             "InboundSa(spi {:08x}, {}, {:?})",
             self.spi,
             self.suite,
-            *lock(&self.replay)
+            lock(&self.received).window
         )
     }
 }
@@ -857,14 +877,21 @@ impl InboundSa {
         let (cipher, mac) = key(p.suite, p.keymat)?;
         let hot = Hot::default();
         let life = Life::new(p.lifetime, now, &hot);
+        let window = ReplayWindow::new(p.replay_window, p.esn);
         Ok(Self {
             hot,
+            top: AtomicU64::new(window.top()),
+            window_size: window.size(),
             spi: p.spi,
             suite: p.suite,
             cipher,
             mac,
             esn: p.esn,
-            replay: Mutex::new(ReplayWindow::new(p.replay_window, p.esn)),
+            received: Mutex::new(Received {
+                window,
+                packets: 0,
+                bytes: 0,
+            }),
             tunnel: p.tunnel,
             life,
             drops: AtomicDrops::default(),
@@ -899,7 +926,12 @@ impl InboundSa {
     }
 
     pub fn counters(&self) -> SaCounters {
-        counters_of(&self.hot, &self.drops)
+        let r = lock(&self.received);
+        SaCounters {
+            packets: r.packets,
+            bytes: r.bytes,
+            drops: self.drops.load(),
+        }
     }
 
     /// Counts a drop that happened before this SA could look at the packet
@@ -943,7 +975,11 @@ impl InboundSa {
         }
         let seq_low = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
         // RFC 4303 §3.4.3: the replay check comes before the ICV check.
-        let checked = lock(&self.replay).check(seq_low);
+        let top = self.top.load(Ordering::Acquire);
+        let checked = match ReplayWindow::ahead_of(top, self.window_size, self.esn, seq_low) {
+            Some(seq) => Ok(seq),
+            None => lock(&self.received).window.check(seq_low),
+        };
         let seq = match checked {
             Ok(s) => s,
             Err(ReplayError::Duplicate | ReplayError::TooOld) => {
@@ -977,14 +1013,6 @@ impl InboundSa {
             {
                 return Err(self.drop(DropReason::Authentication));
             }
-        }
-        // Another thread may have taken the same number meanwhile: the
-        // commit decides, under the lock, which one of them passes.
-        let committed = lock(&self.replay).commit(seq);
-        if committed.is_err() {
-            return Err(self.drop(DropReason::Replay));
-        }
-        if !encr.is_aead() {
             let (head, rest) = buf.split_at_mut(ct_start);
             if self
                 .cipher
@@ -994,10 +1022,50 @@ impl InboundSa {
                 return Err(self.drop(DropReason::Malformed));
             }
         }
+        // Authentic: what it holds is read now, and the commit that marks
+        // its number (whatever it holds) and counts it is one lock.
+        let unwrapped = self.unwrap(buf, ct_start, ct_end, ct_len);
+        let mut r = lock(&self.received);
+        // Another thread may have had the same number meanwhile: the commit
+        // decides which one passes.
+        if r.window.commit(seq).is_err() {
+            drop(r);
+            return Err(self.drop(DropReason::Replay));
+        }
+        self.top.store(r.window.top(), Ordering::Release);
+        let (inner, next_header) = match unwrapped {
+            Ok(u) => u,
+            Err(e) => {
+                drop(r);
+                return Err(self.drop(e));
+            }
+        };
+        r.packets += 1;
+        r.bytes += inner.len() as u64;
+        let (packets, bytes) = (r.packets, r.bytes);
+        drop(r);
+        self.life.check(&self.hot, packets, bytes);
+        Ok(Decapsulated {
+            inner,
+            next_header,
+            seq,
+        })
+    }
+
+    /// Reads the decrypted payload `buf[ct_start..ct_end]`: padding, Next
+    /// Header, the inner packet and its selectors. Returns where the inner
+    /// packet is and its Next Header.
+    fn unwrap(
+        &self,
+        buf: &[u8],
+        ct_start: usize,
+        ct_end: usize,
+        ct_len: usize,
+    ) -> Result<(Range<usize>, u8), DropReason> {
         let pad = usize::from(buf[ct_end - 2]);
         let next_header = buf[ct_end - 1];
         if pad + ESP_TRAILER > ct_len {
-            return Err(self.drop(DropReason::BadPadding));
+            return Err(DropReason::BadPadding);
         }
         let payload_end = ct_end - ESP_TRAILER - pad;
         if buf[payload_end..payload_end + pad]
@@ -1005,26 +1073,26 @@ impl InboundSa {
             .enumerate()
             .any(|(i, b)| usize::from(*b) != i + 1)
         {
-            return Err(self.drop(DropReason::BadPadding));
+            return Err(DropReason::BadPadding);
         }
         let payload = ct_start..payload_end;
         let inner_len = match next_header {
-            IPPROTO_NONE => return Err(self.drop(DropReason::Dummy)),
+            IPPROTO_NONE => return Err(DropReason::Dummy),
             IPPROTO_IPIP => match buf.get(payload.start..payload.start + IPV4_HLEN) {
                 Some(ih) if ih[0] >> 4 == 4 => usize::from(u16::from_be_bytes([ih[2], ih[3]])),
-                _ => return Err(self.drop(DropReason::BadInner)),
+                _ => return Err(DropReason::BadInner),
             },
             IPPROTO_IPV6 => match buf.get(payload.start..payload.start + IPV6_HLEN) {
                 Some(ih) if ih[0] >> 4 == 6 => {
                     IPV6_HLEN + usize::from(u16::from_be_bytes([ih[4], ih[5]]))
                 }
-                _ => return Err(self.drop(DropReason::BadInner)),
+                _ => return Err(DropReason::BadInner),
             },
-            _ => return Err(self.drop(DropReason::BadInner)),
+            _ => return Err(DropReason::BadInner),
         };
         // Anything past the inner packet's own length is TFC padding (RFC 4303 §2.7).
         if inner_len > payload.len() || inner_len < IPV4_HLEN {
-            return Err(self.drop(DropReason::BadInner));
+            return Err(DropReason::BadInner);
         }
         let inner = payload.start..payload.start + inner_len;
         // RFC 4301 §5.2 step 4: an authentic packet the SA does not cover is
@@ -1032,14 +1100,9 @@ impl InboundSa {
         if let Some(s) = &self.selectors
             && !s.covers_inbound(&buf[inner.clone()])
         {
-            return Err(self.drop(DropReason::SelectorMismatch));
+            return Err(DropReason::SelectorMismatch);
         }
-        self.life.account(&self.hot, inner_len as u64);
-        Ok(Decapsulated {
-            inner,
-            next_header,
-            seq,
-        })
+        Ok((inner, next_header))
     }
 
     /// The next lifetime event, if any.
@@ -1049,6 +1112,6 @@ impl InboundSa {
 
     /// Highest sequence number received so far.
     pub fn highest_seq(&self) -> u64 {
-        lock(&self.replay).top()
+        lock(&self.received).window.top()
     }
 }
