@@ -8,15 +8,18 @@
 //! says where the inner packet is. Neither allocates.
 //!
 //! An SA is shared by every thread that uses it (`&self`), without a lock
-//! per packet: its keys are fixed when it is created; the outbound sequence
-//! number is an atomic, taken with a compare-and-swap that never lets it wrap
-//! (exhaustion is exact, with or without ESN); the inbound anti-replay window
-//! has its own short lock, taken only around its check and its commit, never
-//! across the crypto. Packet and byte counters and the lifetime thresholds
-//! share one cache line with the sequence number (outbound), the line every
-//! packet of the SA must own anyway; crossing a byte or packet limit takes a
-//! slow path that fires the lifetime event once. Drops are counted in atomics
-//! of their own.
+//! per packet held across the crypto: its keys are fixed when it is
+//! created; the outbound sequence number is an atomic, taken with a
+//! compare-and-swap that never lets it wrap (exhaustion is exact, with or
+//! without ESN), and the outbound packet and byte counters and lifetime
+//! thresholds share its cache line, the line every outbound packet of the SA
+//! must own anyway. Inbound, a packet ahead of the anti-replay window's top
+//! (read without a lock) goes straight to the ICV check; the window's commit
+//! and the counters then take one short lock together, after the crypto (a
+//! packet behind the top also takes it for the check). Crossing a byte or
+//! packet limit takes a slow path that fires the lifetime event once; the
+//! hard lifetime stops the SA for every thread (a packet already past the
+//! check may still complete). Drops are counted in atomics of their own.
 
 use core::ops::Range;
 use std::{
