@@ -103,7 +103,7 @@ fn policy(c: &mut Criterion) {
         ("any", Some(Selectors::any_v4())),
         ("narrowed", Some(narrowed)),
     ] {
-        let mut sender = OutboundSa::new(&params(suite, &keymat), now).unwrap();
+        let sender = OutboundSa::new(&params(suite, &keymat), now).unwrap();
         let mut inb = InboundSa::new(&params(suite, &keymat), now).unwrap();
         if let Some(s) = sel {
             inb.set_selectors(s);
@@ -198,7 +198,7 @@ fn bench(c: &mut Criterion) {
         for (name, suite) in suites() {
             let keymat = vec![3u8; suite.keymat_len()];
             let now = Instant::now();
-            let mut out = OutboundSa::new(&params(suite, &keymat), now).unwrap();
+            let out = OutboundSa::new(&params(suite, &keymat), now).unwrap();
             let template = packet(size);
             g.bench_function(format!("{name}/encap/{size}"), |b| {
                 b.iter_batched_ref(
@@ -207,8 +207,8 @@ fn bench(c: &mut Criterion) {
                     BatchSize::SmallInput,
                 )
             });
-            let mut sender = OutboundSa::new(&params(suite, &keymat), now).unwrap();
-            let mut inb = InboundSa::new(&params(suite, &keymat), now).unwrap();
+            let sender = OutboundSa::new(&params(suite, &keymat), now).unwrap();
+            let inb = InboundSa::new(&params(suite, &keymat), now).unwrap();
             g.bench_function(format!("{name}/decap/{size}"), |b| {
                 b.iter_batched_ref(
                     || {

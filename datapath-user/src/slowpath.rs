@@ -14,7 +14,8 @@
 //!   packet, MSS clamped, is written into that SA's tunnel device.
 //!
 //! One thread per TUN device and one per receiving socket; buffers are
-//! allocated once per thread.
+//! allocated once per thread, and each thread holds its own view of the SA
+//! database (no lock per packet, see [`crate::sadb`]).
 
 use std::{
     io,
@@ -37,7 +38,7 @@ use xesp_esp::{
 use crate::{
     mss::{Clamp, clamp_mss},
     rxq,
-    sadb::SaDb,
+    sadb::{SaDb, SaView},
     tun::Tun,
 };
 
@@ -166,6 +167,7 @@ impl SlowPath {
             events: libc::POLLIN,
             revents: 0,
         };
+        let mut view = self.sadb.view();
         while !self.stop.load(Ordering::Relaxed) {
             // SAFETY: one valid pollfd.
             let r = unsafe { libc::poll(&mut pfd, 1, TICK.as_millis() as i32) };
@@ -181,12 +183,19 @@ impl SlowPath {
                         break;
                     }
                 };
-                self.send_outbound(n as u32, &mut buf, HEADROOM..HEADROOM + len);
+                self.sadb.refresh(&mut view);
+                self.send_outbound(&view, n as u32, &mut buf, HEADROOM..HEADROOM + len);
             }
         }
     }
 
-    fn send_outbound(&self, tunnel: u32, buf: &mut [u8], inner: std::ops::Range<usize>) {
+    fn send_outbound(
+        &self,
+        view: &SaView,
+        tunnel: u32,
+        buf: &mut [u8],
+        inner: std::ops::Range<usize>,
+    ) {
         if inner.is_empty() || !matches!(buf[inner.start] >> 4, 4 | 6) {
             Self::count(&self.counters.tun_malformed);
             return;
@@ -194,20 +203,16 @@ impl SlowPath {
         // RFC 4301 §5.1: the tunnel's SA whose selectors cover the packet.
         // No SA, or none covers it: counted by the SA database (per tunnel);
         // a tunnel without SA has no carrier, so routing moves elsewhere.
-        let Ok(entry) = self.sadb.outbound_for(tunnel, &buf[inner.clone()]) else {
+        let Ok(entry) = view.outbound_for(&self.sadb, tunnel, &buf[inner.clone()]) else {
             return;
         };
         if let Clamp::Lowered(_) = clamp_mss(&mut buf[inner.clone()], self.mss_clamp) {
             Self::count(&self.counters.mss_clamped);
         }
-        let (outer, t) = {
-            let mut sa = entry.sa.lock().unwrap_or_else(|e| e.into_inner());
-            match sa.encapsulate(buf, inner) {
-                Ok(o) => (o, sa.tunnel()),
-                Err(_) => return, // counted by the SA
-            }
+        let Ok(outer) = entry.encapsulate(buf, inner) else {
+            return; // counted by the SA
         };
-        self.send_esp(t, &buf[outer]);
+        self.send_esp(entry.endpoints, &buf[outer]);
     }
 
     /// Sends the outer packet `pkt` (IPv4 header first) of an SA with tunnel
@@ -247,6 +252,7 @@ impl SlowPath {
     /// UDP 4500 → IKE, keepalives, ESP.
     fn udp_loop(&self, ike: impl Fn(SocketAddr, &[u8])) {
         let mut buf = vec![0u8; MAX_PACKET + 64];
+        let mut view = self.sadb.view();
         while !self.stop.load(Ordering::Relaxed) {
             let (len, from) = match rxq::recv(self.udp4500.as_raw_fd(), &mut buf) {
                 Ok(r) => {
@@ -279,7 +285,8 @@ impl SlowPath {
                 }
                 [a, b, c, d, _, ..] => {
                     let spi = u32::from_be_bytes([*a, *b, *c, *d]);
-                    self.receive_esp(&mut buf, spi, 0..len);
+                    self.sadb.refresh(&mut view);
+                    self.receive_esp(&view, &mut buf, spi, 0..len);
                 }
                 _ => Self::count(&self.counters.malformed),
             }
@@ -289,30 +296,31 @@ impl SlowPath {
     /// Raw IP protocol 50 → ESP.
     fn raw_loop(&self) {
         let mut buf = vec![0u8; MAX_PACKET + 64];
+        let mut view = self.sadb.view();
         while !self.stop.load(Ordering::Relaxed) {
             let Ok(r) = rxq::recv(self.raw_esp.as_raw_fd(), &mut buf) else {
                 continue;
             };
             rxq::note(&self.counters.esp_buffer_drops, &r);
             match parse_outer(&buf[..r.len]) {
-                Ok(Outer::Esp { spi, esp, .. }) => self.receive_esp(&mut buf, spi, esp),
+                Ok(Outer::Esp { spi, esp, .. }) => {
+                    self.sadb.refresh(&mut view);
+                    self.receive_esp(&view, &mut buf, spi, esp);
+                }
                 _ => Self::count(&self.counters.malformed),
             }
         }
     }
 
-    fn receive_esp(&self, buf: &mut [u8], spi: u32, esp: std::ops::Range<usize>) {
+    fn receive_esp(&self, view: &SaView, buf: &mut [u8], spi: u32, esp: std::ops::Range<usize>) {
         // An unknown SPI is counted by the SA database.
-        let Some(entry) = self.sadb.inbound(spi) else {
+        let Some(entry) = view.inbound(&self.sadb, spi) else {
             return;
         };
-        let inner = {
-            let mut sa = entry.sa.lock().unwrap_or_else(|e| e.into_inner());
-            match sa.decapsulate(buf, esp) {
-                Ok(d) => d.inner,
-                Err(_) => return, // counted by the SA
-            }
+        let Ok(d) = entry.sa.decapsulate(buf, esp) else {
+            return; // counted by the SA
         };
+        let inner = d.inner;
         self.deliver_inner(entry.tunnel as usize, &mut buf[inner]);
     }
 }

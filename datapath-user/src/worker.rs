@@ -22,7 +22,7 @@ use std::{
     net::Ipv4Addr,
     ops::Range,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Instant,
@@ -34,8 +34,9 @@ use crate::{
     mss::{Clamp, checksum_replace, clamp_mss},
     netlink::ifindex,
     nexthop::{NextHop, NextHopStats, NextHops},
+    sadb::SaView,
     slowpath::SlowPath,
-    xsk::{Frame, KernelDrops, Port, PortConfig, SockId, Verdict, XskError},
+    xsk::{Frame, KernelDrops, Port, PortConfig, PortStats, SockId, Verdict, XskError},
 };
 
 const ETH_HLEN: usize = 14;
@@ -45,73 +46,169 @@ const BATCH: u32 = 64;
 /// How often a worker reads the kernel's drop counters of its sockets.
 const DROPS_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// What the workers did, summed over workers.
-#[derive(Debug, Default)]
-pub struct WorkerCounters {
+/// One counter of a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Counter {
     /// ESP frames from the DMZ sockets.
-    pub esp_rx: AtomicU64,
+    EspRx,
     /// Decapsulated and sent to the LAN without the stack.
-    pub decap_forwarded: AtomicU64,
+    DecapForwarded,
     /// Decapsulated and handed to the tunnel's TUN device (local, IPv6,
     /// unresolved, TTL expiring).
-    pub decap_to_stack: AtomicU64,
+    DecapToStack,
     /// Frames from the LAN sockets.
-    pub lan_rx: AtomicU64,
+    LanRx,
     /// Encapsulated and sent on the DMZ socket.
-    pub encap_sent: AtomicU64,
+    EncapSent,
     /// Encapsulated and sent through the socket datapath (gateway MAC unknown).
-    pub encap_via_socket: AtomicU64,
+    EncapViaSocket,
     /// Not Ethernet + IP, or not ESP.
-    pub malformed: AtomicU64,
+    Malformed,
     /// LAN packets whose TTL or hop limit ran out.
-    pub ttl_expired: AtomicU64,
+    TtlExpired,
     /// TCP SYNs whose MSS was lowered.
-    pub mss_clamped: AtomicU64,
+    MssClamped,
     /// Frames that found the TX ring full.
-    pub tx_full: AtomicU64,
+    TxFull,
     /// Dropped by the kernel before a worker saw them (`XDP_STATISTICS`):
     /// the RX ring was full, or no free frame (the workers fell behind).
-    pub xsk_rx_ring_full: AtomicU64,
-    pub xsk_rx_dropped: AtomicU64,
+    XskRxRingFull,
+    XskRxDropped,
     /// Times a fill ring was found empty.
-    pub xsk_fill_ring_empty: AtomicU64,
+    XskFillRingEmpty,
     /// TX descriptors the kernel refused.
-    pub xsk_tx_invalid: AtomicU64,
+    XskTxInvalid,
     /// The next-hop caches' kernel lookups, and the destinations not looked
     /// up because the lookup budget was spent (sent through the stack).
-    pub nexthop_lookups: AtomicU64,
-    pub nexthop_rate_limited: AtomicU64,
+    NexthopLookups,
+    NexthopRateLimited,
     /// A frame without room for the Ethernet header in front of the packet.
-    pub no_headroom: AtomicU64,
+    NoHeadroom,
+    /// Rounds of the worker's loop that found packets (each one RX batch per
+    /// socket, one TX submission and at most one kick per TX ring).
+    Batches,
+    /// System calls: `poll()` waits for RX (made only after an idle round),
+    /// `sendto()` kicks of a TX ring (in copy mode the kernel sends at most
+    /// 32 frames per kick), fill-ring wakeups, and `XDP_STATISTICS` reads.
+    RxPolls,
+    TxKicks,
+    FillWakeups,
+    StatsReads,
 }
 
-impl WorkerCounters {
-    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        vec![
-            ("esp_rx", g(&self.esp_rx)),
-            ("decap_forwarded", g(&self.decap_forwarded)),
-            ("decap_to_stack", g(&self.decap_to_stack)),
-            ("lan_rx", g(&self.lan_rx)),
-            ("encap_sent", g(&self.encap_sent)),
-            ("encap_via_socket", g(&self.encap_via_socket)),
-            ("malformed", g(&self.malformed)),
-            ("ttl_expired", g(&self.ttl_expired)),
-            ("mss_clamped", g(&self.mss_clamped)),
-            ("tx_full", g(&self.tx_full)),
-            ("xsk_rx_ring_full", g(&self.xsk_rx_ring_full)),
-            ("xsk_rx_dropped", g(&self.xsk_rx_dropped)),
-            ("xsk_fill_ring_empty", g(&self.xsk_fill_ring_empty)),
-            ("xsk_tx_invalid", g(&self.xsk_tx_invalid)),
-            ("nexthop_lookups", g(&self.nexthop_lookups)),
-            ("nexthop_rate_limited", g(&self.nexthop_rate_limited)),
-            ("no_headroom", g(&self.no_headroom)),
-        ]
+impl Counter {
+    pub const ALL: [Counter; 22] = [
+        Self::EspRx,
+        Self::DecapForwarded,
+        Self::DecapToStack,
+        Self::LanRx,
+        Self::EncapSent,
+        Self::EncapViaSocket,
+        Self::Malformed,
+        Self::TtlExpired,
+        Self::MssClamped,
+        Self::TxFull,
+        Self::XskRxRingFull,
+        Self::XskRxDropped,
+        Self::XskFillRingEmpty,
+        Self::XskTxInvalid,
+        Self::NexthopLookups,
+        Self::NexthopRateLimited,
+        Self::NoHeadroom,
+        Self::Batches,
+        Self::RxPolls,
+        Self::TxKicks,
+        Self::FillWakeups,
+        Self::StatsReads,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::EspRx => "esp_rx",
+            Self::DecapForwarded => "decap_forwarded",
+            Self::DecapToStack => "decap_to_stack",
+            Self::LanRx => "lan_rx",
+            Self::EncapSent => "encap_sent",
+            Self::EncapViaSocket => "encap_via_socket",
+            Self::Malformed => "malformed",
+            Self::TtlExpired => "ttl_expired",
+            Self::MssClamped => "mss_clamped",
+            Self::TxFull => "tx_full",
+            Self::XskRxRingFull => "xsk_rx_ring_full",
+            Self::XskRxDropped => "xsk_rx_dropped",
+            Self::XskFillRingEmpty => "xsk_fill_ring_empty",
+            Self::XskTxInvalid => "xsk_tx_invalid",
+            Self::NexthopLookups => "nexthop_lookups",
+            Self::NexthopRateLimited => "nexthop_rate_limited",
+            Self::NoHeadroom => "no_headroom",
+            Self::Batches => "batches",
+            Self::RxPolls => "syscall_rx_polls",
+            Self::TxKicks => "syscall_tx_kicks",
+            Self::FillWakeups => "syscall_fill_wakeups",
+            Self::StatsReads => "syscall_stats_reads",
+        }
     }
 }
 
-fn count(c: &AtomicU64) {
-    c.fetch_add(1, Ordering::Relaxed);
+/// One worker's counters. Only that worker writes them (a plain load and
+/// store, no locked instruction, on lines no other worker writes); readers
+/// sum every worker's, as the eBPF per-CPU counters are summed.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct WorkerStats([AtomicU64; Counter::ALL.len()]);
+
+impl WorkerStats {
+    /// Adds `n` to counter `c` (the owning worker only).
+    pub fn add(&self, c: Counter, n: u64) {
+        let a = &self.0[c as usize];
+        a.store(a.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+    }
+
+    pub fn get(&self, c: Counter) -> u64 {
+        self.0[c as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// What the workers did: each worker's [`WorkerStats`], summed when read.
+#[derive(Debug, Default)]
+pub struct WorkerCounters {
+    /// One per worker started (a restarted worker gets a new one; the old
+    /// one's counts stay in the sums).
+    workers: Mutex<Vec<Arc<WorkerStats>>>,
+}
+
+impl WorkerCounters {
+    /// A new worker's own counters.
+    pub fn register(&self) -> Arc<WorkerStats> {
+        let s = Arc::new(WorkerStats::default());
+        self.workers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(s.clone());
+        s
+    }
+
+    /// Counter `c` summed over the workers.
+    pub fn get(&self, c: Counter) -> u64 {
+        self.workers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|w| w.get(c))
+            .sum()
+    }
+
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let workers = self
+            .workers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Counter::ALL
+            .iter()
+            .map(|c| (c.name(), workers.iter().map(|w| w.get(*c)).sum()))
+            .collect()
+    }
 }
 
 /// One queue's sockets, to be registered in the XDP maps.
@@ -131,7 +228,7 @@ pub struct Worker {
     dmz_ifindex: u32,
     lan_ifindex: u32,
     path: Arc<SlowPath>,
-    counters: Arc<WorkerCounters>,
+    counters: Arc<WorkerStats>,
 }
 
 impl Worker {
@@ -167,13 +264,18 @@ impl Worker {
                 dmz_ifindex: ifindex(dmz_if),
                 lan_ifindex: ifindex(lan_if),
                 path,
-                counters,
+                counters: counters.register(),
             },
             socks,
         ))
     }
 
-    /// Runs until `stop` is set.
+    /// Runs until `stop` is set. Each round: refresh the SA view if the SA
+    /// database changed (one atomic load), take a batch from each RX ring
+    /// (no more than the TX ring it feeds can take), process it in place,
+    /// then submit each TX ring's batch with one kick (copy mode: one per 32
+    /// frames, the kernel's limit per `sendto()`), reap completions and
+    /// refill the fill rings in one go. `poll()` only after an idle round.
     pub fn run(mut self, stop: Arc<AtomicBool>) {
         let mut hops = match NextHops::new() {
             Ok(h) => h,
@@ -183,23 +285,31 @@ impl Worker {
             }
         };
         let (dmz_tx, lan_tx) = (self.dmz[0], self.lan[0]);
-        let mut tx_full_seen = 0;
+        let mut port_seen = PortStats::default();
         let mut drops_seen = KernelDrops::default();
         let mut hops_seen = NextHopStats::default();
         let mut drops_read = Instant::now();
         let mut busy = false;
+        let mut sas = self.path.sadb.view();
+        let c = self.counters.clone();
         while !stop.load(Ordering::Relaxed) {
             // Sleep in poll() only when the last round found nothing to do.
-            if !busy && let Err(e) = self.port.poll(100) {
-                log::warn!("AF_XDP worker: poll: {e}");
+            if !busy {
+                c.add(Counter::RxPolls, 1);
+                if let Err(e) = self.port.poll(100) {
+                    log::warn!("AF_XDP worker: poll: {e}");
+                }
             }
             busy = false;
             let now = Instant::now();
+            self.path.sadb.refresh(&mut sas);
+            let mut got = 0;
             for t in 0..self.dmz.len() {
                 let mut ctx = Ctx {
                     hops: &mut hops,
                     path: &self.path,
-                    c: &self.counters,
+                    sas: &sas,
+                    c: &c,
                     now,
                     tunnel: t,
                     dmz_ifindex: self.dmz_ifindex,
@@ -207,21 +317,30 @@ impl Worker {
                 };
                 // No more than the outgoing TX ring can take (see Port::tx_room).
                 let room = self.port.tx_room(lan_tx).min(BATCH);
-                let mut n = self
+                let n = self
                     .port
                     .recv(self.dmz[t], room, |f| ctx.decrypt_to_lan(f, lan_tx));
+                c.add(Counter::EspRx, u64::from(n));
                 let room = self.port.tx_room(dmz_tx).min(BATCH);
-                n += self
+                let m = self
                     .port
                     .recv(self.lan[t], room, |f| ctx.encrypt_to_dmz(f, dmz_tx));
-                busy |= n > 0;
+                c.add(Counter::LanRx, u64::from(m));
+                got += n + m;
+            }
+            busy |= got > 0;
+            if got > 0 {
+                c.add(Counter::Batches, 1);
             }
             busy |= self.port.flush();
-            let full = self.port.stats().tx_ring_full;
-            self.counters
-                .tx_full
-                .fetch_add(full - tx_full_seen, Ordering::Relaxed);
-            tx_full_seen = full;
+            let ps = self.port.stats();
+            c.add(Counter::TxFull, ps.tx_ring_full - port_seen.tx_ring_full);
+            c.add(Counter::TxKicks, ps.tx_kicks - port_seen.tx_kicks);
+            c.add(
+                Counter::FillWakeups,
+                ps.fill_wakeups - port_seen.fill_wakeups,
+            );
+            port_seen = ps;
             // The kernel's drops cost a system call per socket: read them now and then.
             if now.duration_since(drops_read) >= DROPS_EVERY {
                 drops_read = now;
@@ -237,10 +356,11 @@ impl Worker {
     fn add_nexthop_stats(&self, hops: &NextHops, seen: NextHopStats) -> NextHopStats {
         let now = hops.stats();
         let c = &self.counters;
-        c.nexthop_lookups
-            .fetch_add(now.lookups - seen.lookups, Ordering::Relaxed);
-        c.nexthop_rate_limited
-            .fetch_add(now.rate_limited - seen.rate_limited, Ordering::Relaxed);
+        c.add(Counter::NexthopLookups, now.lookups - seen.lookups);
+        c.add(
+            Counter::NexthopRateLimited,
+            now.rate_limited - seen.rate_limited,
+        );
         now
     }
 
@@ -248,17 +368,18 @@ impl Worker {
     fn add_kernel_drops(&self, seen: KernelDrops) -> KernelDrops {
         let d = self.port.kernel_drops();
         let c = &self.counters;
+        c.add(Counter::StatsReads, self.port.sockets() as u64);
         for (counter, now, before) in [
-            (&c.xsk_rx_ring_full, d.rx_ring_full, seen.rx_ring_full),
-            (&c.xsk_rx_dropped, d.rx_dropped, seen.rx_dropped),
+            (Counter::XskRxRingFull, d.rx_ring_full, seen.rx_ring_full),
+            (Counter::XskRxDropped, d.rx_dropped, seen.rx_dropped),
             (
-                &c.xsk_fill_ring_empty,
+                Counter::XskFillRingEmpty,
                 d.fill_ring_empty,
                 seen.fill_ring_empty,
             ),
-            (&c.xsk_tx_invalid, d.tx_invalid, seen.tx_invalid),
+            (Counter::XskTxInvalid, d.tx_invalid, seen.tx_invalid),
         ] {
-            counter.fetch_add(now.saturating_sub(before), Ordering::Relaxed);
+            c.add(counter, now.saturating_sub(before));
         }
         d
     }
@@ -267,7 +388,8 @@ impl Worker {
 struct Ctx<'a> {
     hops: &'a mut NextHops,
     path: &'a SlowPath,
-    c: &'a WorkerCounters,
+    sas: &'a SaView,
+    c: &'a WorkerStats,
     now: Instant,
     tunnel: usize,
     dmz_ifindex: u32,
@@ -326,27 +448,22 @@ fn write_eth(buf: &mut [u8], at: usize, src: [u8; 6], dst: [u8; 6], ty: u16) {
 impl Ctx<'_> {
     /// ESP from the DMZ → the LAN (or the tunnel's device).
     fn decrypt_to_lan(&mut self, f: &mut Frame<'_>, lan_tx: SockId) -> Verdict {
-        count(&self.c.esp_rx);
         let Some((ETH_P_IP, ip)) = ip_of(f) else {
-            count(&self.c.malformed);
+            self.c.add(Counter::Malformed, 1);
             return Verdict::Drop;
         };
         let Ok(Outer::Esp { spi, esp, .. }) = parse_outer(&f.buf[ip.clone()]) else {
-            count(&self.c.malformed);
+            self.c.add(Counter::Malformed, 1);
             return Verdict::Drop;
         };
         // Unknown SPIs and failed checks (the selectors of RFC 4301 §5.2
         // among them) are counted by the SA database and the SA.
-        let Some(entry) = self.path.sadb.inbound(spi) else {
+        let Some(entry) = self.sas.inbound(&self.path.sadb, spi) else {
             return Verdict::Drop;
         };
         let esp = ip.start + esp.start..ip.start + esp.end;
-        let d = {
-            let mut sa = entry.sa.lock().unwrap_or_else(|e| e.into_inner());
-            match sa.decapsulate(f.buf, esp) {
-                Ok(d) => d,
-                Err(_) => return Verdict::Drop,
-            }
+        let Ok(d) = entry.sa.decapsulate(f.buf, esp) else {
+            return Verdict::Drop;
         };
         let inner = d.inner;
         let tunnel = entry.tunnel as usize;
@@ -359,14 +476,14 @@ impl Ctx<'_> {
             {
                 if let Clamp::Lowered(_) = clamp_mss(&mut f.buf[inner.clone()], self.path.mss_clamp)
                 {
-                    count(&self.c.mss_clamped);
+                    self.c.add(Counter::MssClamped, 1);
                 }
                 let Some(at) = inner.start.checked_sub(ETH_HLEN) else {
-                    count(&self.c.no_headroom);
+                    self.c.add(Counter::NoHeadroom, 1);
                     return Verdict::Drop;
                 };
                 write_eth(f.buf, at, src, dst, ETH_P_IP);
-                count(&self.c.decap_forwarded);
+                self.c.add(Counter::DecapForwarded, 1);
                 return Verdict::Transmit {
                     on: lan_tx,
                     offset: at as u32,
@@ -374,50 +491,45 @@ impl Ctx<'_> {
                 };
             }
         }
-        count(&self.c.decap_to_stack);
+        self.c.add(Counter::DecapToStack, 1);
         self.path.deliver_inner(tunnel, &mut f.buf[inner]);
         Verdict::Drop
     }
 
     /// A LAN packet routed into tunnel `self.tunnel` → ESP on the DMZ.
     fn encrypt_to_dmz(&mut self, f: &mut Frame<'_>, dmz_tx: SockId) -> Verdict {
-        count(&self.c.lan_rx);
         let Some((_, inner)) = ip_of(f) else {
-            count(&self.c.malformed);
+            self.c.add(Counter::Malformed, 1);
             return Verdict::Drop;
         };
         // RFC 4301 §5.1: the tunnel's SA whose selectors cover the packet.
         // None (the tunnel just went down, or no selector covers it):
         // counted by the SA database, per tunnel.
-        let Ok(entry) = self
-            .path
-            .sadb
-            .outbound_for(self.tunnel as u32, &f.buf[inner.clone()])
+        let Ok(entry) =
+            self.sas
+                .outbound_for(&self.path.sadb, self.tunnel as u32, &f.buf[inner.clone()])
         else {
             return Verdict::Drop;
         };
         if !decrement_ttl(&mut f.buf[inner.clone()]) {
-            count(&self.c.ttl_expired);
+            self.c.add(Counter::TtlExpired, 1);
             return Verdict::Drop;
         }
         if let Clamp::Lowered(_) = clamp_mss(&mut f.buf[inner.clone()], self.path.mss_clamp) {
-            count(&self.c.mss_clamped);
+            self.c.add(Counter::MssClamped, 1);
         }
-        let (outer, t) = {
-            let mut sa = entry.sa.lock().unwrap_or_else(|e| e.into_inner());
-            match sa.encapsulate(f.buf, inner) {
-                Ok(o) => (o, sa.tunnel()),
-                Err(_) => return Verdict::Drop,
-            }
+        let Ok(outer) = entry.encapsulate(f.buf, inner) else {
+            return Verdict::Drop;
         };
+        let t = entry.endpoints;
         match self.hops.resolve(t.remote, self.now) {
             NextHop::Ether { ifindex, src, dst } if ifindex == self.dmz_ifindex => {
                 let Some(at) = outer.start.checked_sub(ETH_HLEN) else {
-                    count(&self.c.no_headroom);
+                    self.c.add(Counter::NoHeadroom, 1);
                     return Verdict::Drop;
                 };
                 write_eth(f.buf, at, src, dst, ETH_P_IP);
-                count(&self.c.encap_sent);
+                self.c.add(Counter::EncapSent, 1);
                 Verdict::Transmit {
                     on: dmz_tx,
                     offset: at as u32,
@@ -425,7 +537,7 @@ impl Ctx<'_> {
                 }
             }
             _ => {
-                count(&self.c.encap_via_socket);
+                self.c.add(Counter::EncapViaSocket, 1);
                 self.path.send_esp(t, &f.buf[outer]);
                 Verdict::Drop
             }

@@ -125,6 +125,10 @@ pub struct PortStats {
     pub tx_ring_full: u64,
     /// Frames the kernel reported done with.
     pub completed: u64,
+    /// `sendto()` kicks of the TX rings, and wakeups of the fill rings
+    /// (system calls).
+    pub tx_kicks: u64,
+    pub fill_wakeups: u64,
 }
 
 /// What the kernel dropped on a port's sockets (`XDP_STATISTICS`), summed.
@@ -332,6 +336,11 @@ impl Port {
         self.stats
     }
 
+    /// How many sockets the port has.
+    pub fn sockets(&self) -> usize {
+        self.socks.len()
+    }
+
     /// The kernel's drop counters of every socket of the port, summed
     /// (sockets whose counters cannot be read add nothing).
     pub fn kernel_drops(&self) -> KernelDrops {
@@ -391,6 +400,7 @@ impl Port {
             q.in_fill += n;
             if q.dq.needs_wakeup() {
                 q.dq.wake();
+                self.stats.fill_wakeups += 1;
             }
         }
     }
@@ -546,7 +556,7 @@ impl Port {
                 }
             }
             if tx.pending() > 0 || tx.needs_wakeup() {
-                kick(tx, self.config.ring_size / COPY_MODE_BATCH + 1);
+                self.stats.tx_kicks += kick(tx, self.config.ring_size / COPY_MODE_BATCH + 1);
             }
             pending |= tx.pending() > 0;
         }
@@ -587,15 +597,17 @@ const COPY_MODE_BATCH: u32 = 32;
 /// without zero-copy) each `sendto()` sends at most [`COPY_MODE_BATCH`]
 /// frames, synchronously: kick again while that makes progress, or the ring
 /// fills faster than it drains. In zero-copy mode the driver sends later, so
-/// the first kick shows no progress and is the only one.
-fn kick(tx: &mut RingTx, max_kicks: u32) {
+/// the first kick shows no progress and is the only one. Returns the kicks
+/// made (system calls).
+fn kick(tx: &mut RingTx, max_kicks: u32) -> u64 {
     let mut before = tx.pending();
-    for _ in 0..max_kicks {
+    for k in 1..=max_kicks {
         tx.wake();
         let now = tx.pending();
         if now == 0 || now >= before {
-            return;
+            return u64::from(k);
         }
         before = now;
     }
+    u64::from(max_kicks)
 }

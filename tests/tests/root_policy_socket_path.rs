@@ -147,8 +147,8 @@ fn root_socket_path_enforces_the_selectors_both_ways() {
     let threads = path.clone().start(|_, _| {}).unwrap();
 
     // The peer: its halves of the SAs and a UDP 4500 socket.
-    let mut peer_out = OutboundSa::new(&params(SPI_IN, ALLOWED_SRC, DUT, &keys_in), now).unwrap();
-    let mut peer_in = InboundSa::new(&params(SPI_OUT, ALLOWED_SRC, DUT, &keys_out), now).unwrap();
+    let peer_out = OutboundSa::new(&params(SPI_IN, ALLOWED_SRC, DUT, &keys_in), now).unwrap();
+    let peer_in = InboundSa::new(&params(SPI_OUT, ALLOWED_SRC, DUT, &keys_out), now).unwrap();
     let peer_sock = p
         .peer
         .enter(|| UdpSocket::bind(SocketAddrV4::new(ALLOWED_SRC, 4500)).unwrap())

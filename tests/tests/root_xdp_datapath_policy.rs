@@ -144,7 +144,7 @@ fn root_workers_forward_only_what_the_selectors_cover() {
     }
 
     // The peer's half of the inbound SA.
-    let mut peer_out = OutboundSa::new(
+    let peer_out = OutboundSa::new(
         &SaParams {
             spi: SPI_IN,
             suite: suite(),

@@ -136,6 +136,7 @@ impl Encr {
     }
 
     /// The length the plaintext (with padding and trailer) must be a multiple of.
+    /// Always a power of two (the ESP core masks with it).
     pub const fn block_len(self) -> usize {
         match self {
             Self::Des3Cbc => 8,

@@ -70,12 +70,17 @@ impl ReplayWindow {
     /// The full sequence number a packet carrying `seq_low` has, inferred per
     /// RFC 4303 Appendix A2.2 when ESN is on (the high half is never sent).
     pub fn infer(&self, seq_low: u32) -> u64 {
-        if !self.esn {
+        Self::infer_at(self.top, self.size, self.esn, seq_low)
+    }
+
+    /// [`ReplayWindow::infer`] for a window of `size` whose top is `top`.
+    pub fn infer_at(top: u64, size: u32, esn: bool, seq_low: u32) -> u64 {
+        if !esn {
             return u64::from(seq_low);
         }
-        let w = u64::from(self.size.max(1));
-        let tl = self.top as u32;
-        let th = (self.top >> 32) as u32;
+        let w = u64::from(size.max(1));
+        let tl = top as u32;
+        let th = (top >> 32) as u32;
         let seq = u64::from(seq_low);
         // Bottom of the window, in the same 32-bit space.
         let bottom = tl.wrapping_sub((w - 1) as u32);
@@ -95,6 +100,18 @@ impl ReplayWindow {
             }
         };
         (u64::from(hi) << 32) | seq
+    }
+
+    /// The check of [`ReplayWindow::check`] that needs only the top (read
+    /// without the window's lock by threads sharing it): `Some` full
+    /// sequence number when the packet is ahead of `top` (or the window is
+    /// off), `None` when the window itself must be looked at. A `top` that
+    /// is already behind can only let a packet on to the commit, which
+    /// decides under the lock.
+    pub fn ahead_of(top: u64, size: u32, esn: bool, seq_low: u32) -> Option<u64> {
+        let size = size.min(MAX_WINDOW);
+        let seq = Self::infer_at(top, size, esn, seq_low);
+        (size == 0 || (seq != 0 && seq > top)).then_some(seq)
     }
 
     /// Whether a packet with `seq_low` may be accepted; returns its full

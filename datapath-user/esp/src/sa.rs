@@ -7,11 +7,29 @@
 //! trailer and ICV behind. Decapsulation verifies and decrypts in place and
 //! says where the inner packet is. Neither allocates.
 //!
-//! An SA is used by one thread at a time (`&mut self`): a worker owns it, or
-//! it sits behind a lock taken once per batch.
+//! An SA is shared by every thread that uses it (`&self`), without a lock
+//! per packet held across the crypto: its keys are fixed when it is
+//! created; the outbound sequence number is an atomic, taken with a
+//! compare-and-swap that never lets it wrap (exhaustion is exact, with or
+//! without ESN), and counts the packets sent (the byte counter and the
+//! lifetime thresholds share its cache line), the line every outbound packet of the SA
+//! must own anyway. Inbound, a packet ahead of the anti-replay window's top
+//! (read without a lock) goes straight to the ICV check; the window's commit
+//! and the counters then take one short lock together, after the crypto (a
+//! packet behind the top also takes it for the check). Crossing a byte or
+//! packet limit takes a slow path that fires the lifetime event once; the
+//! hard lifetime stops the SA for every thread (a packet already past the
+//! check may still complete). Drops are counted in atomics of their own.
 
 use core::ops::Range;
-use std::{net::Ipv4Addr, time::Instant};
+use std::{
+    net::Ipv4Addr,
+    sync::{
+        Mutex, MutexGuard,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Instant,
+};
 
 use aes::cipher::{BlockEncrypt, KeyInit, generic_array::GenericArray};
 
@@ -222,79 +240,187 @@ pub enum Expiry {
     Hard(Limit),
 }
 
-/// Lifetime accounting shared by both directions.
-#[derive(Debug, Clone)]
-struct Life {
-    lifetime: Lifetime,
-    created: Instant,
+/// Lifetime events not yet fired or taken.
+#[derive(Debug, Clone, Default)]
+struct Events {
     soft: Option<Limit>,
     hard: Option<Limit>,
     /// Events not yet taken by `poll_expiry`.
     pending: [Option<Expiry>; 2],
 }
 
+/// What every packet of one direction touches, on one cache line: the
+/// outbound sequence number and byte counter, the totals at which the next
+/// lifetime limit is reached, and whether the hard lifetime is over.
+#[derive(Debug, Default)]
+#[repr(C, align(64))]
+struct Hot {
+    /// Next sequence number to send (outbound only; starts at 1, 0 once the
+    /// space is used up).
+    next_seq: AtomicU64,
+    /// Numbers below `next_seq` that are no packet sent (skipped by a
+    /// known-answer test, or taken by a packet that failed after), wrapping:
+    /// the packets sent are `next_seq - 1 - unsent`, one locked
+    /// instruction per packet fewer than a counter of their own.
+    unsent: AtomicU64,
+    bytes: AtomicU64,
+    /// Totals at which a limit not yet fired is reached (`u64::MAX`: none).
+    packets_limit: AtomicU64,
+    bytes_limit: AtomicU64,
+    /// The hard lifetime is over: nothing more is processed.
+    expired: AtomicBool,
+    /// The soft sequence-number limit has been signalled.
+    seq_soft: AtomicBool,
+}
+
+/// Drops, counted per reason, by any thread.
+#[derive(Debug, Default)]
+struct AtomicDrops([AtomicU64; DropReason::ALL.len()]);
+
+impl AtomicDrops {
+    fn record(&self, r: DropReason) {
+        self.0[r as usize].fetch_add(1, Ordering::Relaxed);
+    }
+    fn load(&self) -> DropCounters {
+        let mut d = DropCounters::default();
+        for r in DropReason::ALL {
+            d.record_n(r, self.0[r as usize].load(Ordering::Relaxed));
+        }
+        d
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; a poisoned one is still consistent.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Lifetime accounting of one direction; the counters it watches are in
+/// its [`Hot`] line.
+#[derive(Debug)]
+struct Life {
+    lifetime: Lifetime,
+    created: Instant,
+    /// Taken only when a limit is crossed and by `poll_expiry`.
+    events: Mutex<Events>,
+}
+
 impl Life {
-    fn new(lifetime: Lifetime, now: Instant) -> Self {
-        Self {
+    fn new(lifetime: Lifetime, now: Instant, hot: &Hot) -> Self {
+        let life = Self {
             lifetime,
             created: now,
-            soft: None,
-            hard: None,
-            pending: [None; 2],
-        }
+            events: Mutex::new(Events::default()),
+        };
+        life.set_thresholds(&Events::default(), hot);
+        life
     }
 
-    fn fire(&mut self, e: Expiry) {
+    /// The totals at which the next limit not yet fired is reached.
+    fn set_thresholds(&self, ev: &Events, hot: &Hot) {
+        let (soft, hard) = (&self.lifetime.soft, &self.lifetime.hard);
+        let next = |s: Option<u64>, h: Option<u64>| {
+            if ev.hard.is_some() {
+                return u64::MAX;
+            }
+            let s = if ev.soft.is_none() { s } else { None };
+            s.unwrap_or(u64::MAX).min(h.unwrap_or(u64::MAX))
+        };
+        hot.packets_limit
+            .store(next(soft.packets, hard.packets), Ordering::Relaxed);
+        hot.bytes_limit
+            .store(next(soft.bytes, hard.bytes), Ordering::Relaxed);
+    }
+
+    fn fire(&self, e: Expiry, hot: &Hot) {
+        let mut ev = lock(&self.events);
+        self.fire_locked(&mut ev, e, hot);
+    }
+
+    fn fire_locked(&self, ev: &mut Events, e: Expiry, hot: &Hot) {
         match e {
-            Expiry::Soft(l) if self.soft.is_none() && self.hard.is_none() => self.soft = Some(l),
-            Expiry::Hard(l) if self.hard.is_none() => self.hard = Some(l),
+            Expiry::Soft(l) if ev.soft.is_none() && ev.hard.is_none() => ev.soft = Some(l),
+            Expiry::Hard(l) if ev.hard.is_none() => {
+                ev.hard = Some(l);
+                hot.expired.store(true, Ordering::Relaxed);
+            }
             _ => return,
         }
-        if let Some(slot) = self.pending.iter_mut().find(|p| p.is_none()) {
+        if let Some(slot) = ev.pending.iter_mut().find(|p| p.is_none()) {
             *slot = Some(e);
         }
+        self.set_thresholds(ev, hot);
     }
 
-    /// Checks the byte and packet limits after `c` changed.
-    fn account(&mut self, c: &SaCounters) {
+    /// Counts outbound packet `seq` of `bytes` octets in `hot`; checks the
+    /// byte and packet limits when a threshold is crossed (rarely).
+    fn account(&self, hot: &Hot, seq: u64, bytes: u64) {
+        let total = hot.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let packets = seq.wrapping_sub(hot.unsent.load(Ordering::Relaxed));
+        self.check(hot, packets, total);
+    }
+
+    /// Whether totals of `packets` and `total` octets reach a limit.
+    fn crossed(hot: &Hot, packets: u64, total: u64) -> bool {
+        packets >= hot.packets_limit.load(Ordering::Relaxed)
+            || total >= hot.bytes_limit.load(Ordering::Relaxed)
+    }
+
+    /// Fires what totals of `packets` and `total` octets reach.
+    fn check(&self, hot: &Hot, packets: u64, total: u64) {
+        if !Self::crossed(hot, packets, total) {
+            return;
+        }
+        let mut ev = lock(&self.events);
         let over = |l: &Limits| {
-            if l.bytes.is_some_and(|b| c.bytes >= b) {
+            if l.bytes.is_some_and(|b| total >= b) {
                 Some(Limit::Bytes)
-            } else if l.packets.is_some_and(|p| c.packets >= p) {
+            } else if l.packets.is_some_and(|p| packets >= p) {
                 Some(Limit::Packets)
             } else {
                 None
             }
         };
-        if self.hard.is_none()
+        if ev.hard.is_none()
             && let Some(l) = over(&self.lifetime.hard)
         {
-            self.fire(Expiry::Hard(l));
-        } else if self.soft.is_none()
+            self.fire_locked(&mut ev, Expiry::Hard(l), hot);
+        } else if ev.soft.is_none()
             && let Some(l) = over(&self.lifetime.soft)
         {
-            self.fire(Expiry::Soft(l));
+            self.fire_locked(&mut ev, Expiry::Soft(l), hot);
         }
     }
 
-    fn poll(&mut self, now: Instant) -> Option<Expiry> {
+    fn poll(&self, now: Instant, hot: &Hot) -> Option<Expiry> {
+        let mut ev = lock(&self.events);
         let age = now.saturating_duration_since(self.created).as_secs();
         if self.lifetime.hard.seconds.is_some_and(|s| age >= s) {
-            self.fire(Expiry::Hard(Limit::Seconds));
+            self.fire_locked(&mut ev, Expiry::Hard(Limit::Seconds), hot);
         } else if self.lifetime.soft.seconds.is_some_and(|s| age >= s) {
-            self.fire(Expiry::Soft(Limit::Seconds));
+            self.fire_locked(&mut ev, Expiry::Soft(Limit::Seconds), hot);
         }
-        let first = self.pending[0].take();
-        self.pending[0] = self.pending[1].take();
+        let first = ev.pending[0].take();
+        ev.pending[0] = ev.pending[1].take();
         first
     }
 }
 
-/// Unpredictable, unique CBC IVs: each is a counter encrypted under a random
-/// per-SA key (RFC 3602 §2 wants IVs that cannot be predicted).
+fn counters_of(hot: &Hot, drops: &AtomicDrops) -> SaCounters {
+    let unsent = hot.unsent.load(Ordering::Relaxed);
+    let next = hot.next_seq.load(Ordering::Relaxed);
+    SaCounters {
+        packets: next.wrapping_sub(1).wrapping_sub(unsent),
+        bytes: hot.bytes.load(Ordering::Relaxed),
+        drops: drops.load(),
+    }
+}
+
+/// Unpredictable, unique CBC IVs: each is the packet's sequence number
+/// (unique per SA) encrypted under a random per-SA key (RFC 3602 §2 wants
+/// IVs that cannot be predicted).
 struct IvGen {
     key: aes::Aes128,
-    counter: u128,
 }
 
 impl IvGen {
@@ -306,13 +432,11 @@ impl IvGen {
             .map_err(|_| SaError::Random)?;
         Ok(Self {
             key: aes::Aes128::new(GenericArray::from_slice(&k)),
-            counter: 0,
         })
     }
 
-    fn next(&mut self, out: &mut [u8]) {
-        self.counter = self.counter.wrapping_add(1);
-        let mut block = GenericArray::from(self.counter.to_be_bytes());
+    fn iv(&self, seq: u64, out: &mut [u8]) {
+        let mut block = GenericArray::from(u128::from(seq).to_be_bytes());
         self.key.encrypt_block(&mut block);
         let n = out.len().min(16);
         out[..n].copy_from_slice(&block[..n]);
@@ -365,7 +489,10 @@ pub fn esp_aad(spi: u32, seq: u64, esn: bool) -> ([u8; 12], usize) {
 /// block and of 4 (RFC 4303 §2.4).
 fn pad_len(encr: Encr, payload: usize) -> usize {
     let block = encr.block_len().max(4);
-    (block - (payload + ESP_TRAILER) % block) % block
+    // Blocks are powers of two (4, 8, 16): a mask, not a division (a 64-bit
+    // division is tens of cycles, on every packet).
+    let mask = block - 1;
+    (block - ((payload + ESP_TRAILER) & mask)) & mask
 }
 
 /// What encapsulation takes from the inner header.
@@ -378,18 +505,17 @@ struct InnerInfo {
 
 /// The outbound direction of a CHILD_SA.
 pub struct OutboundSa {
+    hot: Hot,
     spi: u32,
     suite: Suite,
     cipher: Cipher,
     mac: Option<Mac>,
     esn: bool,
-    /// Next sequence number to send (starts at 1).
-    next_seq: u64,
+    /// The outer addresses it was created with (see [`OutboundSa::encapsulate_on`]).
     tunnel: Tunnel,
-    ip_id: u16,
     iv: Option<IvGen>,
     life: Life,
-    counters: SaCounters,
+    drops: AtomicDrops,
 }
 
 impl core::fmt::Debug for OutboundSa {
@@ -397,7 +523,9 @@ impl core::fmt::Debug for OutboundSa {
         write!(
             f,
             "OutboundSa(spi {:08x}, {}, next seq {})",
-            self.spi, self.suite, self.next_seq
+            self.spi,
+            self.suite,
+            self.next_seq()
         )
     }
 }
@@ -411,18 +539,22 @@ impl OutboundSa {
         } else {
             Some(IvGen::new()?)
         };
+        let hot = Hot {
+            next_seq: AtomicU64::new(1),
+            ..Hot::default()
+        };
+        let life = Life::new(p.lifetime, now, &hot);
         Ok(Self {
+            hot,
             spi: p.spi,
             suite: p.suite,
             cipher,
             mac,
             esn: p.esn,
-            next_seq: 1,
             tunnel: p.tunnel,
-            ip_id: 0,
             iv,
-            life: Life::new(p.lifetime, now),
-            counters: SaCounters::default(),
+            life,
+            drops: AtomicDrops::default(),
         })
     }
 
@@ -438,30 +570,25 @@ impl OutboundSa {
         self.tunnel
     }
 
-    /// Updates the outer addresses/ports (NAT-T port float, RFC 7296 §2.23).
+    /// Updates the outer addresses/ports (NAT-T port float, RFC 7296 §2.23)
+    /// of an SA that one owner uses; a shared SA is given its current outer
+    /// addresses with each packet ([`OutboundSa::encapsulate_on`]).
     pub fn set_tunnel(&mut self, tunnel: Tunnel) {
         self.tunnel = tunnel;
     }
 
     pub fn counters(&self) -> SaCounters {
-        self.counters
+        counters_of(&self.hot, &self.drops)
     }
 
     /// The next sequence number this SA would send.
     pub fn next_seq(&self) -> u64 {
-        self.next_seq
+        self.hot.next_seq.load(Ordering::Relaxed)
     }
 
     /// Octets needed in front of the inner packet.
     pub fn headroom(&self) -> usize {
-        IPV4_HLEN
-            + if self.tunnel.natt.is_some() {
-                UDP_HLEN
-            } else {
-                0
-            }
-            + ESP_HLEN
-            + self.suite.encr.iv_len()
+        headroom(self.suite, &self.tunnel)
     }
 
     /// Octets needed behind an inner packet of `inner_len` octets.
@@ -478,41 +605,67 @@ impl OutboundSa {
     }
 
     /// Takes the next sequence number, or refuses when the space is used up.
-    fn take_seq(&mut self) -> Result<u64, DropReason> {
-        let seq = self.next_seq;
-        if seq > self.max_seq() || seq == 0 {
-            self.life.fire(Expiry::Hard(Limit::Sequence));
-            return Err(self.drop(DropReason::SequenceExhausted));
+    /// A compare-and-swap, so that the counter never moves past the end of
+    /// the space (with ESN it becomes 0 after `u64::MAX` and stays there):
+    /// no number is ever given twice, whatever the threads.
+    fn take_seq(&self) -> Result<u64, DropReason> {
+        let max = self.max_seq();
+        match self
+            .hot
+            .next_seq
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |s| {
+                (s != 0 && s <= max).then(|| s.wrapping_add(1))
+            }) {
+            Ok(seq) => Ok(seq),
+            Err(_) => {
+                self.life.fire(Expiry::Hard(Limit::Sequence), &self.hot);
+                Err(self.drop(DropReason::SequenceExhausted))
+            }
         }
-        self.next_seq = seq.wrapping_add(1);
-        Ok(seq)
     }
 
-    fn drop(&mut self, r: DropReason) -> DropReason {
-        self.counters.drops.record(r);
+    fn drop(&self, r: DropReason) -> DropReason {
+        self.drops.record(r);
         r
+    }
+
+    /// A drop after the packet's sequence number was taken.
+    fn unsent(&self, r: DropReason) -> DropReason {
+        self.hot.unsent.fetch_add(1, Ordering::Relaxed);
+        self.drop(r)
     }
 
     /// Encapsulates the inner packet at `buf[inner]` in place; returns where
     /// the outer IPv4 packet now lies in `buf`.
     pub fn encapsulate(
-        &mut self,
+        &self,
+        buf: &mut [u8],
+        inner: Range<usize>,
+    ) -> Result<Range<usize>, DropReason> {
+        self.encapsulate_on(&self.tunnel, buf, inner)
+    }
+
+    /// [`OutboundSa::encapsulate`] with the outer addresses `tunnel` (those
+    /// of the SA once its endpoints moved; its NAT-T must not change).
+    pub fn encapsulate_on(
+        &self,
+        tunnel: &Tunnel,
         buf: &mut [u8],
         inner: Range<usize>,
     ) -> Result<Range<usize>, DropReason> {
         let mut iv = [0u8; 16];
         let iv_len = self.suite.encr.iv_len();
-        let info = self.check(buf, &inner)?;
-        if self.life.hard.is_some() {
+        let info = self.check(tunnel, buf, &inner)?;
+        if self.hot.expired.load(Ordering::Relaxed) {
             return Err(self.drop(DropReason::Expired));
         }
         let seq = self.take_seq()?;
-        match self.iv.as_mut() {
-            Some(g) => g.next(&mut iv[..iv_len]),
+        match &self.iv {
+            Some(g) => g.iv(seq, &mut iv[..iv_len]),
             // GCM: the sequence number is unique per key, which is all RFC 4106 §3.1 asks.
             None => iv[..8].copy_from_slice(&seq.to_be_bytes()),
         }
-        self.seal(buf, inner, info, seq, &iv[..iv_len])
+        self.seal(tunnel, buf, inner, info, seq, &iv[..iv_len])
     }
 
     /// Encapsulates with a given sequence number and IV, for known-answer
@@ -524,22 +677,36 @@ impl OutboundSa {
         seq: u64,
         iv: &[u8],
     ) -> Result<Range<usize>, DropReason> {
-        let info = self.check(buf, &inner)?;
+        let tunnel = self.tunnel;
+        let info = self.check(&tunnel, buf, &inner)?;
         if iv.len() != self.suite.encr.iv_len() {
             return Err(self.drop(DropReason::Malformed));
         }
-        self.next_seq = self.next_seq.max(seq.wrapping_add(1));
-        self.seal(buf, inner, info, seq, iv)
+        let next = self.hot.next_seq.get_mut();
+        let old = *next;
+        *next = old.max(seq.wrapping_add(1));
+        // The numbers jumped over are no packets; one behind `next` is one more.
+        let jumped = (*next).wrapping_sub(old);
+        let unsent = self.hot.unsent.get_mut();
+        *unsent = unsent.wrapping_add(jumped).wrapping_sub(1);
+        self.seal(&tunnel, buf, inner, info, seq, iv)
     }
 
     /// Checks the room around the inner packet and reads from its header the
     /// Next Header value and the outer TOS and DF bit.
-    fn check(&mut self, buf: &[u8], inner: &Range<usize>) -> Result<InnerInfo, DropReason> {
+    fn check(
+        &self,
+        tunnel: &Tunnel,
+        buf: &[u8],
+        inner: &Range<usize>,
+    ) -> Result<InnerInfo, DropReason> {
         let len = buf.len();
         if inner.start > inner.end || inner.end > len {
             return Err(self.drop(DropReason::Malformed));
         }
-        if inner.start < self.headroom() || len - inner.end < self.tailroom(inner.len()) {
+        if inner.start < headroom(self.suite, tunnel)
+            || len - inner.end < self.tailroom(inner.len())
+        {
             return Err(self.drop(DropReason::NoRoom));
         }
         let p = &buf[inner.clone()];
@@ -558,8 +725,10 @@ impl OutboundSa {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn seal(
-        &mut self,
+        &self,
+        tunnel: &Tunnel,
         buf: &mut [u8],
         inner: Range<usize>,
         InnerInfo {
@@ -572,8 +741,11 @@ impl OutboundSa {
     ) -> Result<Range<usize>, DropReason> {
         let encr = self.suite.encr;
         let inner_len = inner.len();
-        if seq >= self.max_seq() / 8 * 7 {
-            self.life.fire(Expiry::Soft(Limit::Sequence));
+        if seq >= self.max_seq() / 8 * 7
+            && !self.hot.seq_soft.load(Ordering::Relaxed)
+            && !self.hot.seq_soft.swap(true, Ordering::Relaxed)
+        {
+            self.life.fire(Expiry::Soft(Limit::Sequence), &self.hot);
         }
         let pad = pad_len(encr, inner_len);
         let ct_start = inner.start;
@@ -586,12 +758,7 @@ impl OutboundSa {
 
         let iv_len = encr.iv_len();
         let esp = ct_start - iv_len - ESP_HLEN;
-        let start =
-            esp - if self.tunnel.natt.is_some() {
-                UDP_HLEN
-            } else {
-                0
-            } - IPV4_HLEN;
+        let start = esp - if tunnel.natt.is_some() { UDP_HLEN } else { 0 } - IPV4_HLEN;
         buf[esp..esp + 4].copy_from_slice(&self.spi.to_be_bytes());
         buf[esp + 4..esp + 8].copy_from_slice(&(seq as u32).to_be_bytes());
         buf[esp + 8..ct_start].copy_from_slice(iv);
@@ -607,7 +774,7 @@ impl OutboundSa {
                 .aead_seal(iv, aad, &mut rest[..ct_end - ct_start + icv])
                 .is_err()
             {
-                return Err(self.drop(DropReason::Malformed));
+                return Err(self.unsent(DropReason::Malformed));
             }
         } else {
             let (head, rest) = buf.split_at_mut(ct_start);
@@ -616,37 +783,38 @@ impl OutboundSa {
                 .cbc_encrypt(&head[esp + 8..], &mut rest[..ct_end - ct_start])
                 .is_err()
             {
-                return Err(self.drop(DropReason::Malformed));
+                return Err(self.unsent(DropReason::Malformed));
             }
             let Some(mac) = &self.mac else {
-                return Err(self.drop(DropReason::Malformed));
+                return Err(self.unsent(DropReason::Malformed));
             };
             let (covered, tail) = buf.split_at_mut(ct_end);
             // RFC 4303 §3.3.2.1: with ESN the high half is appended for the ICV only.
             let hi: &[u8] = if self.esn { &seq_hi } else { &[] };
             if mac.sign(&[&covered[esp..], hi], &mut tail[..icv]).is_err() {
-                return Err(self.drop(DropReason::Malformed));
+                return Err(self.unsent(DropReason::Malformed));
             }
         }
         let end = ct_end + icv;
         let total = end - start;
-        let proto = if self.tunnel.natt.is_some() {
+        let proto = if tunnel.natt.is_some() {
             IPPROTO_UDP
         } else {
             IPPROTO_ESP
         };
-        self.ip_id = self.ip_id.wrapping_add(1);
+        // The identification only has to differ between the SA's packets in
+        // flight (RFC 6864): the low half of the unique sequence number does.
         write_ipv4(
             &mut buf[start..start + IPV4_HLEN],
             tos,
             total as u16,
-            self.ip_id,
+            seq as u16,
             df,
             proto,
-            self.tunnel.local,
-            self.tunnel.remote,
+            tunnel.local,
+            tunnel.remote,
         );
-        if let Some(ports) = self.tunnel.natt {
+        if let Some(ports) = tunnel.natt {
             let u = start + IPV4_HLEN;
             buf[u..u + 2].copy_from_slice(&ports.local.to_be_bytes());
             buf[u + 2..u + 4].copy_from_slice(&ports.remote.to_be_bytes());
@@ -654,16 +822,19 @@ impl OutboundSa {
             // RFC 3948 §2.1: the checksum SHOULD be zero.
             buf[u + 6..u + 8].copy_from_slice(&[0, 0]);
         }
-        self.counters.packets += 1;
-        self.counters.bytes += inner_len as u64;
-        self.life.account(&self.counters);
+        self.life.account(&self.hot, seq, inner_len as u64);
         Ok(start..end)
     }
 
     /// The next lifetime event, if any (call periodically with the time).
-    pub fn poll_expiry(&mut self, now: Instant) -> Option<Expiry> {
-        self.life.poll(now)
+    pub fn poll_expiry(&self, now: Instant) -> Option<Expiry> {
+        self.life.poll(now, &self.hot)
     }
+}
+
+/// Octets an SA of `suite` needs in front of the inner packet.
+fn headroom(suite: Suite, tunnel: &Tunnel) -> usize {
+    IPV4_HLEN + if tunnel.natt.is_some() { UDP_HLEN } else { 0 } + ESP_HLEN + suite.encr.iv_len()
 }
 
 /// Where a decapsulated packet is.
@@ -677,17 +848,35 @@ pub struct Decapsulated {
     pub seq: u64,
 }
 
+/// What the inbound direction changes per packet, under one short lock:
+/// the window's commit and the counters, together.
+#[derive(Debug)]
+struct Received {
+    window: ReplayWindow,
+    packets: u64,
+    bytes: u64,
+}
+
 /// The inbound direction of a CHILD_SA.
 pub struct InboundSa {
+    /// Its lifetime thresholds and expiry (its counters are in `received`).
+    hot: Hot,
+    /// The window's top, read without the lock: a packet ahead of it needs
+    /// the lock only for its commit (in-order traffic, the common case).
+    top: AtomicU64,
+    window_size: u32,
     spi: u32,
     suite: Suite,
     cipher: Cipher,
     mac: Option<Mac>,
     esn: bool,
-    replay: ReplayWindow,
+    /// Taken once per packet, for the commit after the ICV verified (and
+    /// for the check before it when the packet is not ahead of `top`);
+    /// never across the crypto.
+    received: Mutex<Received>,
     tunnel: Tunnel,
     life: Life,
-    counters: SaCounters,
+    drops: AtomicDrops,
     /// Checked against every decrypted packet; `None` checks nothing.
     selectors: Option<Selectors>,
 }
@@ -697,7 +886,9 @@ impl core::fmt::Debug for InboundSa {
         write!(
             f,
             "InboundSa(spi {:08x}, {}, {:?})",
-            self.spi, self.suite, self.replay
+            self.spi,
+            self.suite,
+            lock(&self.received).window
         )
     }
 }
@@ -706,16 +897,26 @@ impl InboundSa {
     pub fn new(p: &SaParams<'_>, now: Instant) -> Result<Self, SaError> {
         check_spi(p.spi)?;
         let (cipher, mac) = key(p.suite, p.keymat)?;
+        let hot = Hot::default();
+        let life = Life::new(p.lifetime, now, &hot);
+        let window = ReplayWindow::new(p.replay_window, p.esn);
         Ok(Self {
+            hot,
+            top: AtomicU64::new(window.top()),
+            window_size: window.size(),
             spi: p.spi,
             suite: p.suite,
             cipher,
             mac,
             esn: p.esn,
-            replay: ReplayWindow::new(p.replay_window, p.esn),
+            received: Mutex::new(Received {
+                window,
+                packets: 0,
+                bytes: 0,
+            }),
             tunnel: p.tunnel,
-            life: Life::new(p.lifetime, now),
-            counters: SaCounters::default(),
+            life,
+            drops: AtomicDrops::default(),
             selectors: None,
         })
     }
@@ -747,31 +948,36 @@ impl InboundSa {
     }
 
     pub fn counters(&self) -> SaCounters {
-        self.counters
+        let r = lock(&self.received);
+        SaCounters {
+            packets: r.packets,
+            bytes: r.bytes,
+            drops: self.drops.load(),
+        }
     }
 
     /// Counts a drop that happened before this SA could look at the packet
     /// (e.g. the worker found the outer packet malformed after the SPI).
-    pub fn record_drop(&mut self, r: DropReason) {
-        self.counters.drops.record(r);
+    pub fn record_drop(&self, r: DropReason) {
+        self.drops.record(r);
     }
 
-    fn drop(&mut self, r: DropReason) -> DropReason {
-        self.counters.drops.record(r);
+    fn drop(&self, r: DropReason) -> DropReason {
+        self.drops.record(r);
         r
     }
 
     /// Verifies, decrypts and unwraps the ESP packet at `buf[esp]` (from the
     /// ESP header to the end of the ICV) in place.
     pub fn decapsulate(
-        &mut self,
+        &self,
         buf: &mut [u8],
         esp: Range<usize>,
     ) -> Result<Decapsulated, DropReason> {
         if esp.start > esp.end || esp.end > buf.len() {
             return Err(self.drop(DropReason::Malformed));
         }
-        if self.life.hard.is_some() {
+        if self.hot.expired.load(Ordering::Relaxed) {
             return Err(self.drop(DropReason::Expired));
         }
         let encr = self.suite.encr;
@@ -781,7 +987,7 @@ impl InboundSa {
         let Some(ct_len) = esp.len().checked_sub(overhead) else {
             return Err(self.drop(DropReason::Malformed));
         };
-        if ct_len < ESP_TRAILER || ct_len % encr.block_len().max(4) != 0 {
+        if ct_len < ESP_TRAILER || ct_len & (encr.block_len().max(4) - 1) != 0 {
             return Err(self.drop(DropReason::Malformed));
         }
         let ct_end = ct_start + ct_len;
@@ -791,7 +997,12 @@ impl InboundSa {
         }
         let seq_low = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
         // RFC 4303 §3.4.3: the replay check comes before the ICV check.
-        let seq = match self.replay.check(seq_low) {
+        let top = self.top.load(Ordering::Acquire);
+        let checked = match ReplayWindow::ahead_of(top, self.window_size, self.esn, seq_low) {
+            Some(seq) => Ok(seq),
+            None => lock(&self.received).window.check(seq_low),
+        };
+        let seq = match checked {
             Ok(s) => s,
             Err(ReplayError::Duplicate | ReplayError::TooOld) => {
                 return Err(self.drop(DropReason::Replay));
@@ -824,11 +1035,6 @@ impl InboundSa {
             {
                 return Err(self.drop(DropReason::Authentication));
             }
-        }
-        if self.replay.commit(seq).is_err() {
-            return Err(self.drop(DropReason::Replay));
-        }
-        if !encr.is_aead() {
             let (head, rest) = buf.split_at_mut(ct_start);
             if self
                 .cipher
@@ -838,49 +1044,29 @@ impl InboundSa {
                 return Err(self.drop(DropReason::Malformed));
             }
         }
-        let pad = usize::from(buf[ct_end - 2]);
-        let next_header = buf[ct_end - 1];
-        if pad + ESP_TRAILER > ct_len {
-            return Err(self.drop(DropReason::BadPadding));
+        // Authentic: what it holds is read now, and the commit that marks
+        // its number (whatever it holds) and counts it is one lock.
+        let unwrapped = self.unwrap(buf, ct_start, ct_end, ct_len);
+        let mut r = lock(&self.received);
+        // Another thread may have had the same number meanwhile: the commit
+        // decides which one passes.
+        if r.window.commit(seq).is_err() {
+            drop(r);
+            return Err(self.drop(DropReason::Replay));
         }
-        let payload_end = ct_end - ESP_TRAILER - pad;
-        if buf[payload_end..payload_end + pad]
-            .iter()
-            .enumerate()
-            .any(|(i, b)| usize::from(*b) != i + 1)
-        {
-            return Err(self.drop(DropReason::BadPadding));
-        }
-        let payload = ct_start..payload_end;
-        let inner_len = match next_header {
-            IPPROTO_NONE => return Err(self.drop(DropReason::Dummy)),
-            IPPROTO_IPIP => match buf.get(payload.start..payload.start + IPV4_HLEN) {
-                Some(ih) if ih[0] >> 4 == 4 => usize::from(u16::from_be_bytes([ih[2], ih[3]])),
-                _ => return Err(self.drop(DropReason::BadInner)),
-            },
-            IPPROTO_IPV6 => match buf.get(payload.start..payload.start + IPV6_HLEN) {
-                Some(ih) if ih[0] >> 4 == 6 => {
-                    IPV6_HLEN + usize::from(u16::from_be_bytes([ih[4], ih[5]]))
-                }
-                _ => return Err(self.drop(DropReason::BadInner)),
-            },
-            _ => return Err(self.drop(DropReason::BadInner)),
+        self.top.store(r.window.top(), Ordering::Release);
+        let (inner, next_header) = match unwrapped {
+            Ok(u) => u,
+            Err(e) => {
+                drop(r);
+                return Err(self.drop(e));
+            }
         };
-        // Anything past the inner packet's own length is TFC padding (RFC 4303 §2.7).
-        if inner_len > payload.len() || inner_len < IPV4_HLEN {
-            return Err(self.drop(DropReason::BadInner));
-        }
-        let inner = payload.start..payload.start + inner_len;
-        // RFC 4301 §5.2 step 4: an authentic packet the SA does not cover is
-        // dropped (its sequence number stays used: it was not a replay).
-        if let Some(s) = &self.selectors
-            && !s.covers_inbound(&buf[inner.clone()])
-        {
-            return Err(self.drop(DropReason::SelectorMismatch));
-        }
-        self.counters.packets += 1;
-        self.counters.bytes += inner_len as u64;
-        self.life.account(&self.counters);
+        r.packets += 1;
+        r.bytes += inner.len() as u64;
+        let (packets, bytes) = (r.packets, r.bytes);
+        drop(r);
+        self.life.check(&self.hot, packets, bytes);
         Ok(Decapsulated {
             inner,
             next_header,
@@ -888,13 +1074,66 @@ impl InboundSa {
         })
     }
 
+    /// Reads the decrypted payload `buf[ct_start..ct_end]`: padding, Next
+    /// Header, the inner packet and its selectors. Returns where the inner
+    /// packet is and its Next Header.
+    fn unwrap(
+        &self,
+        buf: &[u8],
+        ct_start: usize,
+        ct_end: usize,
+        ct_len: usize,
+    ) -> Result<(Range<usize>, u8), DropReason> {
+        let pad = usize::from(buf[ct_end - 2]);
+        let next_header = buf[ct_end - 1];
+        if pad + ESP_TRAILER > ct_len {
+            return Err(DropReason::BadPadding);
+        }
+        let payload_end = ct_end - ESP_TRAILER - pad;
+        if buf[payload_end..payload_end + pad]
+            .iter()
+            .enumerate()
+            .any(|(i, b)| usize::from(*b) != i + 1)
+        {
+            return Err(DropReason::BadPadding);
+        }
+        let payload = ct_start..payload_end;
+        let inner_len = match next_header {
+            IPPROTO_NONE => return Err(DropReason::Dummy),
+            IPPROTO_IPIP => match buf.get(payload.start..payload.start + IPV4_HLEN) {
+                Some(ih) if ih[0] >> 4 == 4 => usize::from(u16::from_be_bytes([ih[2], ih[3]])),
+                _ => return Err(DropReason::BadInner),
+            },
+            IPPROTO_IPV6 => match buf.get(payload.start..payload.start + IPV6_HLEN) {
+                Some(ih) if ih[0] >> 4 == 6 => {
+                    IPV6_HLEN + usize::from(u16::from_be_bytes([ih[4], ih[5]]))
+                }
+                _ => return Err(DropReason::BadInner),
+            },
+            _ => return Err(DropReason::BadInner),
+        };
+        // Anything past the inner packet's own length is TFC padding (RFC 4303 §2.7).
+        if inner_len > payload.len() || inner_len < IPV4_HLEN {
+            return Err(DropReason::BadInner);
+        }
+        let inner = payload.start..payload.start + inner_len;
+        // RFC 4301 §5.2 step 4: an authentic packet the SA does not cover is
+        // dropped (its sequence number stays used: it was not a replay).
+        if let Some(s) = &self.selectors
+            && !s.covers_inbound(&buf[inner.clone()])
+        {
+            return Err(DropReason::SelectorMismatch);
+        }
+        Ok((inner, next_header))
+    }
+
     /// The next lifetime event, if any.
-    pub fn poll_expiry(&mut self, now: Instant) -> Option<Expiry> {
-        self.life.poll(now)
+    pub fn poll_expiry(&self, now: Instant) -> Option<Expiry> {
+        self.life.poll(now, &self.hot)
     }
 
     /// Highest sequence number received so far.
     pub fn highest_seq(&self) -> u64 {
-        self.replay.top()
+        lock(&self.received).window.top()
     }
 }
