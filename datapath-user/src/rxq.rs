@@ -2,7 +2,8 @@
 //! `SO_RXQ_OVFL` (socket(7)) a datagram received carries the socket's count
 //! of such drops up to when it was queued (once there was one), so a burst
 //! that overflowed the buffer is counted, at the next datagram that comes
-//! through, instead of vanishing.
+//! through, instead of vanishing. Drops after the last datagram of a burst
+//! are read directly ([`drops_now`], `SO_MEMINFO`) when counters are shown.
 
 use std::{
     io,
@@ -93,6 +94,44 @@ pub fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<Received> {
     })
 }
 
+/// The socket's receive-buffer drops so far (`SO_MEMINFO`'s
+/// `SK_MEMINFO_DROPS`, the count `SO_RXQ_OVFL` reports), read now.
+pub fn drops_now(fd: RawFd) -> io::Result<u32> {
+    /// `SO_MEMINFO` (asm-generic/socket.h) and `SK_MEMINFO_DROPS`
+    /// (linux/sock_diag.h).
+    const SO_MEMINFO: libc::c_int = 55;
+    const SK_MEMINFO_DROPS: usize = 8;
+    let mut info = [0u32; 16];
+    let mut len = size_of::<[u32; 16]>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` octets into `info`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (len as usize) < (SK_MEMINFO_DROPS + 1) * size_of::<u32>() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "SO_MEMINFO without the drop count",
+        ));
+    }
+    Ok(info[SK_MEMINFO_DROPS])
+}
+
+/// Brings `counter` up to the socket's drops now (see [`drops_now`]).
+pub fn sync(counter: &AtomicU64, fd: RawFd) {
+    if let Ok(d) = drops_now(fd) {
+        counter.fetch_max(u64::from(d), Ordering::Relaxed);
+    }
+}
+
 /// Keeps the highest drop count a socket reported (the count only grows).
 pub fn note(counter: &AtomicU64, r: &Received) {
     if let Some(d) = r.drops {
@@ -130,6 +169,9 @@ mod tests {
             got += 1;
             drops = drops.max(r.drops.unwrap_or(0));
         }
+        // The drops are there to read before any other datagram comes.
+        let now = drops_now(rx.as_raw_fd()).unwrap();
+        assert_eq!(got + now, SENT, "every datagram received or counted");
         // A datagram carries the drops counted before it was queued: the
         // next one after the burst reports them.
         tx.send_to(&SENT.to_be_bytes(), to).unwrap();

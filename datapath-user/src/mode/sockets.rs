@@ -4,6 +4,7 @@
 
 use std::{
     io,
+    os::fd::AsRawFd,
     net::UdpSocket,
     sync::{
         Arc,
@@ -146,6 +147,10 @@ impl SocketDatapath {
     }
 
     pub(super) fn status(&self, description: &'static str) -> DatapathStatus {
+        // Drops after a burst's last datagram, which no datagram reported.
+        let c = &self.path.counters;
+        crate::rxq::sync(&c.udp4500_buffer_drops, self.path.udp4500.as_raw_fd());
+        crate::rxq::sync(&c.esp_buffer_drops, self.path.raw_esp.as_raw_fd());
         let (unknown_spi, no_outbound_sa) = self.sadb.orphans();
         DatapathStatus {
             description,

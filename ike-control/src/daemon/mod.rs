@@ -408,6 +408,10 @@ impl Driver {
                 connection,
             });
         }
+        rxq::sync(
+            &self.ike.udp500_buffer_drops,
+            std::os::fd::AsRawFd::as_raw_fd(&self.udp500),
+        );
         let mut socket_path = dp.socket_path;
         socket_path.extend(
             self.ike
