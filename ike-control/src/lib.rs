@@ -5,10 +5,12 @@
 //!   [`ike_proto::backend::SaBackend`];
 //! * [`control`]: the control socket and `xesp status`;
 //! * [`azure`]: `xesp azure import|export|allowlist`;
-//! * [`bgp_config`]: `xesp bgp-config --bird`.
+//! * [`bgp_config`]: `xesp bgp-config --bird`;
+//! * [`service`]: the capability check at start, systemd notifications.
 
 pub mod azure;
 pub mod bgp_config;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod service;

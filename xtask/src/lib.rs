@@ -4,5 +4,6 @@
 pub mod bench;
 pub mod lab;
 pub mod netns;
+pub mod package;
 pub mod setup;
 pub mod test;

@@ -6,7 +6,8 @@
 //!   BIRD for the reference lab, and the network tools the lab and tests use.
 //! * bpf-linker, built against the libLLVM that Debian's rustc itself links
 //!   (its major version is read from `/usr/bin/rustc -vV`, never pinned);
-//! * cargo-fuzz, which runs the fuzz targets (with rustup's nightly).
+//! * cargo-fuzz, which runs the fuzz targets (with rustup's nightly);
+//! * cargo-deb and what packaging needs ([`crate::package::ensure_tools`]).
 
 use std::{
     env,
@@ -64,6 +65,7 @@ pub fn run(quiet: bool) -> Result<Toolchain> {
     let llvm_major = debian_llvm_major()?;
     let bpf_linker = bpf_linker(llvm_major, quiet)?;
     cargo_fuzz(quiet)?;
+    crate::package::ensure_tools(quiet)?;
     Ok(Toolchain {
         bpf_linker,
         llvm_major,
@@ -76,6 +78,7 @@ pub fn is_complete() -> bool {
         && debian_llvm_major().is_ok()
         && installed_bpf_linker().is_some()
         && installed_cargo_fuzz()
+        && crate::package::tools_present()
 }
 
 fn installed_cargo_fuzz() -> bool {
