@@ -111,15 +111,18 @@ pub fn build(profile: Profile, build: bool, out: &Path) -> Result<PathBuf> {
             fs::remove_file(e.path())?;
         }
     }
-    run_cmd(
-        Command::new(&cargo)
-            .current_dir(&root)
-            .args(["deb", "--locked", "-p", "ike-control", "--no-build"])
-            .args(["--profile", profile.cargo_name()])
-            .arg("--output")
-            .arg(out),
-    )
-    .context("cargo deb (installed by `cargo xtask setup`)")?;
+    let mut deb = Command::new(&cargo);
+    deb.current_dir(&root)
+        .args(["deb", "--locked", "-p", "ike-control", "--no-build"])
+        .args(["--profile", profile.cargo_name()])
+        .arg("--output")
+        .arg(out);
+    if profile == Profile::Dev {
+        // A test's package: quicker compression, a larger file. (cargo-deb
+        // warns that it means the dev profile for releases; it is not one.)
+        deb.arg("--fast");
+    }
+    run_cmd(&mut deb).context("cargo deb (installed by `cargo xtask setup`)")?;
     let debs: Vec<PathBuf> = fs::read_dir(out)?
         .flatten()
         .map(|e| e.path())
@@ -239,8 +242,11 @@ pub fn unit_root(dir: &Path, unit: &Path, binary: &Path) -> Result<PathBuf> {
     }
     let bin = dir.join("usr/bin/xesp");
     fs::create_dir_all(bin.parent().context("no parent")?)?;
-    fs::copy(binary, &bin).with_context(|| format!("copying {}", binary.display()))?;
-    fs::set_permissions(&bin, fs::Permissions::from_mode(0o755))?;
+    // A hard link where it can (the debug binary is 100+ MB), else a copy.
+    if fs::hard_link(binary, &bin).is_err() {
+        fs::copy(binary, &bin).with_context(|| format!("copying {}", binary.display()))?;
+        fs::set_permissions(&bin, fs::Permissions::from_mode(0o755))?;
+    }
     let to = dir.join(UNIT_INSTALLED);
     fs::create_dir_all(to.parent().context("no parent")?)?;
     fs::copy(unit, &to).with_context(|| format!("copying {}", unit.display()))?;
