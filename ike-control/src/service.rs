@@ -151,8 +151,8 @@ pub fn needed(mode: DatapathMode, env: Environment) -> Vec<Need> {
         });
         v.push(Need {
             cap: Capability::Perfmon,
-            why: "let the verifier accept the XDP programs' pointer arithmetic \
-                  (datapath = \"xdp\" only)",
+            why: "load the XDP programs under the verifier's privileged rules \
+                  (without it some pointer operations are refused; datapath = \"xdp\" only)",
         });
         if !env.memlock_unlimited {
             v.push(Need {

@@ -89,7 +89,10 @@ fn root_package_installs_into_a_scratch_root() {
     let _ = fs::remove_dir_all(&dir.0);
     let root = dir.0.join("root");
     fs::create_dir_all(&root).unwrap();
-    fs::set_permissions(&dir.0, fs::Permissions::from_mode(0o755)).unwrap();
+    // The xesp user walks into it (whatever the umask).
+    for d in [&dir.0, &root] {
+        fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
+    }
 
     let t = Instant::now();
     lab::xesp::binary().unwrap();
