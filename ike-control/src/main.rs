@@ -168,9 +168,11 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }
-        Command::Run { config } => {
-            load(&config).and_then(|c| daemon::run(c).map_err(|e| e.to_string()))
-        }
+        Command::Run { config } => load(&config).and_then(|c| {
+            // Name every missing capability now, not the first failing call.
+            service::check_capabilities(c.device.datapath).map_err(|e| e.to_string())?;
+            daemon::run(c).map_err(|e| e.to_string())
+        }),
         Command::Status {
             config,
             socket,

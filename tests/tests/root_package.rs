@@ -194,6 +194,18 @@ fn root_package_installs_into_a_scratch_root() {
     ] {
         assert!(t.contains(&format!("{cap}: to ")), "{cap} not named: {t}");
     }
+    // `xesp run` checks first, and stops before touching anything.
+    let run_out = run(Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg("--clear-groups")
+        .arg(root.join("usr/bin/xesp"))
+        .arg("run")
+        .arg("-c")
+        .arg(&conf));
+    let t = text(&run_out);
+    assert!(!run_out.status.success());
+    assert!(t.contains("CAP_BPF: to load the XDP programs"), "{t}");
     // ... all the tun datapath needs with the unit's ...
     let tun = check_caps(&root, uid, gid, Some(UNIT_CAPS), "tun");
     assert!(tun.status.success(), "{}", text(&tun));
