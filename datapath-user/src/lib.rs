@@ -1,5 +1,6 @@
 //! xesp's user-space datapath: loads the eBPF programs and owns their maps.
 
+pub mod mode;
 pub mod mss;
 pub mod netlink;
 pub mod nexthop;
@@ -45,6 +46,19 @@ pub enum DatapathError {
     TunnelIndex(u32),
     #[error("receive queue {0} is out of range (at most {max} queues)", max = xesp_common::MAX_QUEUES)]
     QueueIndex(u32),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Netlink(#[from] netlink::NetlinkError),
+    #[error(transparent)]
+    Xsk(#[from] xsk::XskError),
+    #[error("{0}")]
+    Workers(String),
+    #[error("{0}")]
+    Config(String),
     #[error("allowlist entry {prefix}: {source}")]
     Allowlist {
         prefix: ipnet::IpNet,

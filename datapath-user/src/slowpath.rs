@@ -66,14 +66,8 @@ pub struct SlowCounters {
     pub tun_malformed: AtomicU64,
     /// TCP SYNs whose MSS was lowered.
     pub mss_clamped: AtomicU64,
-    /// IKE from an address that is no configured peer (UDP 500 or 4500),
-    /// dropped before it was queued for the IKE daemon.
-    pub ike_not_peer: AtomicU64,
-    /// IKE dropped because the queue to the IKE daemon was full.
-    pub ike_queue_full: AtomicU64,
     /// Datagrams the kernel dropped at a full receive buffer (SO_RXQ_OVFL),
-    /// per socket: UDP 500, UDP 4500, raw ESP.
-    pub udp500_buffer_drops: AtomicU64,
+    /// per socket: UDP 4500, raw ESP.
     pub udp4500_buffer_drops: AtomicU64,
     pub esp_buffer_drops: AtomicU64,
 }
@@ -89,9 +83,6 @@ impl SlowCounters {
             ("send_errors", g(&self.send_errors)),
             ("tun_malformed", g(&self.tun_malformed)),
             ("mss_clamped", g(&self.mss_clamped)),
-            ("ike_not_peer", g(&self.ike_not_peer)),
-            ("ike_queue_full", g(&self.ike_queue_full)),
-            ("udp500_buffer_drops", g(&self.udp500_buffer_drops)),
             ("udp4500_buffer_drops", g(&self.udp4500_buffer_drops)),
             ("esp_buffer_drops", g(&self.esp_buffer_drops)),
         ]

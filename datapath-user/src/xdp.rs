@@ -12,7 +12,7 @@ use std::os::fd::RawFd;
 use aya::{
     Ebpf, TestRun, TestRunOptions,
     maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, XskMap, lpm_trie::Key},
-    programs::{Xdp, XdpMode},
+    programs::{Xdp, XdpMode, xdp::XdpLinkId},
 };
 use ipnet::IpNet;
 use xesp_common::{
@@ -32,10 +32,18 @@ pub enum XdpAttach {
     Skb,
 }
 
+/// One program attached to one interface.
+struct Attachment {
+    iface: String,
+    program: &'static str,
+    mode: XdpMode,
+    link: XdpLinkId,
+}
+
 /// The loaded programs and their maps. Programs are detached when dropped.
 pub struct XdpPrograms {
     ebpf: Ebpf,
-    attached: Vec<(String, &'static str, XdpMode)>,
+    attached: Vec<Attachment>,
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -131,9 +139,14 @@ impl XdpPrograms {
         let mut last = None;
         for &mode in modes {
             match program.attach(iface, mode) {
-                Ok(_) => {
+                Ok(link) => {
                     log::info!("XDP {name} attached to {iface} in {mode:?} mode");
-                    self.attached.push((iface.to_string(), name, mode));
+                    self.attached.push(Attachment {
+                        iface: iface.to_string(),
+                        program: name,
+                        mode,
+                        link,
+                    });
                     return Ok(mode);
                 }
                 Err(e) => {
@@ -165,8 +178,30 @@ impl XdpPrograms {
     }
 
     /// `(interface, program, mode)` of every attachment.
-    pub fn attached(&self) -> &[(String, &'static str, XdpMode)] {
-        &self.attached
+    pub fn attached(&self) -> impl Iterator<Item = (&str, &'static str, XdpMode)> {
+        self.attached
+            .iter()
+            .map(|a| (a.iface.as_str(), a.program, a.mode))
+    }
+
+    /// Detaches every program from `iface`, before attaching them again to
+    /// an interface of that name that was re-created or changed. A link the
+    /// kernel already dropped with its interface is only forgotten.
+    pub fn detach(&mut self, iface: &str) {
+        let (gone, kept) = std::mem::take(&mut self.attached)
+            .into_iter()
+            .partition(|a| a.iface == iface);
+        self.attached = kept;
+        for a in gone {
+            let Attachment { program, link, .. } = a;
+            let detached = self.loaded(program).and_then(|p| {
+                p.detach(link)
+                    .map_err(|e| DatapathError::program(program, e))
+            });
+            if let Err(e) = detached {
+                log::debug!("XDP {program} on {iface}: {e}");
+            }
+        }
     }
 
     fn map_mut(&mut self, name: &'static str) -> Result<&mut Map, DatapathError> {

@@ -100,6 +100,8 @@ struct DeviceFile {
     datapath: DatapathMode,
     #[serde(default = "default_socket")]
     control_socket: PathBuf,
+    #[serde(default)]
+    control_group: Option<String>,
     #[serde(default = "default_mss")]
     mss_clamp: i64,
     #[serde(default = "default_mtu")]
@@ -180,6 +182,8 @@ pub struct Device {
     pub lan_interfaces: Vec<String>,
     pub datapath: DatapathMode,
     pub control_socket: PathBuf,
+    /// The control socket's group (mode 0660); `None`: root's.
+    pub control_group: Option<String>,
     pub mss_clamp: u16,
     pub tunnel_mtu: u16,
     pub bird_socket: Option<PathBuf>,
@@ -316,6 +320,7 @@ impl Config {
             lan_interfaces: f.device.lan_interfaces,
             datapath: f.device.datapath,
             control_socket: f.device.control_socket,
+            control_group: f.device.control_group,
             mss_clamp,
             tunnel_mtu,
             bird_socket: f.device.bird_socket,

@@ -1,8 +1,11 @@
 //! The daemon's control socket: a Unix stream socket where a client writes
-//! one request line (`status`) and reads one JSON document back. `xesp
+//! one request line ([`Request`]) and reads one JSON document back. `xesp
 //! status` is its client; it prints the article's verification answers per
 //! tunnel (connection status, ingress/egress bytes, last established time in
-//! UTC, IKE_SA details, CHILD_SA counters) as tables, or the JSON.
+//! UTC, IKE_SA details, CHILD_SA counters) as tables, or the JSON. `xesp
+//! tunnel up|down|rekey`, `xesp sa list` and `xesp reload` are the others
+//! (strongSwan's `--initiate`, `--terminate`, `--rekey`, `--list-sas`,
+//! `--load-all` habits).
 
 use std::{
     fmt::Write as _,
@@ -17,8 +20,94 @@ use serde::{Deserialize, Serialize};
 
 use ike_proto::status::ConnStatus;
 
-/// The one request there is.
+/// The status request's line.
 pub const STATUS_REQUEST: &str = "status";
+
+/// Longest request line the daemon reads.
+pub const MAX_REQUEST: usize = 256;
+
+/// What a client asks for, one line each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// `status`: a [`DeviceStatus`].
+    Status,
+    /// `tunnel up NAME`: open the tunnel (initiate, or accept the peer again).
+    Up(String),
+    /// `tunnel down NAME`: delete its IKE_SAs and refuse the peer's until up.
+    Down(String),
+    /// `tunnel rekey NAME child|ike`.
+    Rekey(String, RekeyWhat),
+    /// `reload`: read the configuration file again and apply what changed.
+    Reload,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RekeyWhat {
+    Child,
+    Ike,
+}
+
+impl Request {
+    /// Parses a request line; the error says what is understood.
+    pub fn parse(line: &str) -> Result<Self, String> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["status"] => Ok(Self::Status),
+            ["reload"] => Ok(Self::Reload),
+            ["tunnel", "up", name] => Ok(Self::Up((*name).into())),
+            ["tunnel", "down", name] => Ok(Self::Down((*name).into())),
+            ["tunnel", "rekey", name] | ["tunnel", "rekey", name, "child"] => {
+                Ok(Self::Rekey((*name).into(), RekeyWhat::Child))
+            }
+            ["tunnel", "rekey", name, "ike"] => Ok(Self::Rekey((*name).into(), RekeyWhat::Ike)),
+            _ => Err(format!(
+                "unknown request {:?}: one of \"status\", \"reload\", \"tunnel up|down NAME\", \"tunnel rekey NAME [child|ike]\"",
+                line.chars().take(MAX_REQUEST).collect::<String>()
+            )),
+        }
+    }
+
+    /// The request's line.
+    pub fn line(&self) -> String {
+        match self {
+            Self::Status => STATUS_REQUEST.into(),
+            Self::Reload => "reload".into(),
+            Self::Up(n) => format!("tunnel up {n}"),
+            Self::Down(n) => format!("tunnel down {n}"),
+            Self::Rekey(n, RekeyWhat::Child) => format!("tunnel rekey {n} child"),
+            Self::Rekey(n, RekeyWhat::Ike) => format!("tunnel rekey {n} ike"),
+        }
+    }
+}
+
+/// The daemon's answer to every request but `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answer {
+    pub ok: bool,
+    /// What was done, or why not.
+    pub message: String,
+    /// `reload`: changes that need a restart of the daemon, by name.
+    #[serde(default)]
+    pub not_applied: Vec<String>,
+}
+
+impl Answer {
+    pub fn ok(message: impl Into<String>) -> Self {
+        Self {
+            ok: true,
+            message: message.into(),
+            not_applied: Vec::new(),
+        }
+    }
+
+    pub fn error(message: impl Into<String>) -> Self {
+        Self {
+            ok: false,
+            message: message.into(),
+            not_applied: Vec::new(),
+        }
+    }
+}
 
 /// Everything `xesp status` shows.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -41,6 +130,10 @@ pub struct DeviceStatus {
     pub no_outbound_sa: u64,
     /// `birdc show protocols`, when a BIRD socket is configured.
     pub bgp: Option<String>,
+    /// What the configuration check warned about at start (weak PSK,
+    /// legacy algorithms, risky values).
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 /// One tunnel (the article's Tunnel0 / Tunnel1).
@@ -85,22 +178,32 @@ pub enum ControlError {
     Connect { path: String, source: io::Error },
     #[error("talking to the daemon: {0}")]
     Io(#[from] io::Error),
-    #[error("the daemon's answer is not a status document: {0}")]
+    #[error("the daemon's answer is not what was asked for: {0}")]
     Decode(#[from] serde_json::Error),
 }
 
-/// Asks the daemon at `path` for its status.
-pub fn query_status(path: &Path) -> Result<DeviceStatus, ControlError> {
+/// Sends `request` to the daemon at `path` and returns its answer's text.
+fn ask(path: &Path, request: &Request) -> Result<String, ControlError> {
     let mut s = UnixStream::connect(path).map_err(|source| ControlError::Connect {
         path: path.display().to_string(),
         source,
     })?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(format!("{STATUS_REQUEST}\n").as_bytes())?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.write_all(format!("{}\n", request.line()).as_bytes())?;
     s.shutdown(std::net::Shutdown::Write)?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
-    Ok(serde_json::from_str(&text)?)
+    Ok(text)
+}
+
+/// Asks the daemon at `path` for its status.
+pub fn query_status(path: &Path) -> Result<DeviceStatus, ControlError> {
+    Ok(serde_json::from_str(&ask(path, &Request::Status)?)?)
+}
+
+/// Sends a command (anything but `status`) to the daemon at `path`.
+pub fn command(path: &Path, request: &Request) -> Result<Answer, ControlError> {
+    Ok(serde_json::from_str(&ask(path, request)?)?)
 }
 
 /// `secs` since the Unix epoch as `YYYY-MM-DD HH:MM:SS UTC`.
@@ -141,6 +244,69 @@ fn duration(secs: u64) -> String {
     }
 }
 
+/// One CHILD_SA, two lines (`show crypto ipsec sa`).
+fn write_child(o: &mut String, ch: &ike_proto::status::ChildStatus) {
+    let _ = writeln!(
+        o,
+        "  CHILD_SA {}{}  SPI in {} out {}  {}  {} === {}",
+        ch.state,
+        if ch.routed { " (routed)" } else { "" },
+        ch.spi_in,
+        ch.spi_out,
+        ch.suite,
+        ch.local_ts.join(","),
+        ch.remote_ts.join(",")
+    );
+    let _ = writeln!(
+        o,
+        "    #pkts encaps {}, #bytes {}; #pkts decaps {}, #bytes {}; drops in {} out {}; age {}, rekey in {}",
+        ch.packets_out,
+        ch.bytes_out,
+        ch.packets_in,
+        ch.bytes_in,
+        ch.drops_in,
+        ch.drops_out,
+        duration(ch.age_secs),
+        duration(ch.rekey_in_secs)
+    );
+}
+
+/// `xesp sa list`: each tunnel's IKE_SA and CHILD_SAs (`swanctl --list-sas`).
+pub fn render_sas(st: &DeviceStatus) -> String {
+    let mut o = String::new();
+    for t in &st.tunnels {
+        let c = &t.connection;
+        let state = if c.closed {
+            " (down by the operator)"
+        } else {
+            ""
+        };
+        match &c.ike {
+            Some(i) => {
+                let _ = writeln!(
+                    o,
+                    "{}: IKE_SA {} {} {} === {}  SPIs {}/{}{}{state}",
+                    t.name,
+                    i.state,
+                    i.role,
+                    i.local,
+                    i.remote,
+                    i.spi_i,
+                    i.spi_r,
+                    if i.nat_t { "  NAT-T" } else { "" }
+                );
+            }
+            None => {
+                let _ = writeln!(o, "{}: no IKE_SA (peer {}){state}", t.name, c.peer);
+            }
+        }
+        for ch in &c.children {
+            write_child(&mut o, ch);
+        }
+    }
+    o
+}
+
 /// The human rendering of `xesp status`.
 pub fn render(st: &DeviceStatus) -> String {
     let mut o = String::new();
@@ -149,6 +315,9 @@ pub fn render(st: &DeviceStatus) -> String {
         "xesp {}  public address {}  datapath {}  running since {}",
         st.version, st.public_address, st.datapath, st.started_utc
     );
+    for w in &st.warnings {
+        let _ = writeln!(o, "warning: {w}");
+    }
     let _ = writeln!(
         o,
         "\n{:<10} {:<5} {:<16} {:<15} {:>14} {:>14} {:>9}  LAST ESTABLISHED",
@@ -209,29 +378,7 @@ pub fn render(st: &DeviceStatus) -> String {
             }
         }
         for ch in &c.children {
-            let _ = writeln!(
-                o,
-                "  CHILD_SA {}{}  SPI in {} out {}  {}  {} === {}",
-                ch.state,
-                if ch.routed { " (routed)" } else { "" },
-                ch.spi_in,
-                ch.spi_out,
-                ch.suite,
-                ch.local_ts.join(","),
-                ch.remote_ts.join(",")
-            );
-            let _ = writeln!(
-                o,
-                "    #pkts encaps {}, #bytes {}; #pkts decaps {}, #bytes {}; drops in {} out {}; age {}, rekey in {}",
-                ch.packets_out,
-                ch.bytes_out,
-                ch.packets_in,
-                ch.bytes_in,
-                ch.drops_in,
-                ch.drops_out,
-                duration(ch.age_secs),
-                duration(ch.rekey_in_secs)
-            );
+            write_child(&mut o, ch);
         }
         let nonzero: Vec<String> = t
             .drops
@@ -301,6 +448,39 @@ pub fn render(st: &DeviceStatus) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_parse_and_print_back() {
+        for r in [
+            Request::Status,
+            Request::Reload,
+            Request::Up("Tunnel0".into()),
+            Request::Down("Tunnel1".into()),
+            Request::Rekey("Tunnel0".into(), RekeyWhat::Child),
+            Request::Rekey("Tunnel0".into(), RekeyWhat::Ike),
+        ] {
+            assert_eq!(Request::parse(&r.line()), Ok(r.clone()));
+        }
+        assert_eq!(
+            Request::parse(" tunnel  rekey Tunnel1 \n"),
+            Ok(Request::Rekey("Tunnel1".into(), RekeyWhat::Child))
+        );
+        for bad in [
+            "",
+            "statusx",
+            "tunnel up",
+            "tunnel sideways Tunnel0",
+            "tunnel rekey T esp",
+        ] {
+            let e = Request::parse(bad).unwrap_err();
+            assert!(
+                e.contains("unknown request") && e.contains("tunnel up|down NAME"),
+                "{e}"
+            );
+        }
+        let long = "x".repeat(10_000);
+        assert!(Request::parse(&long).unwrap_err().len() < MAX_REQUEST + 200);
+    }
 
     #[test]
     fn utc_dates() {

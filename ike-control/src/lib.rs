@@ -1,8 +1,9 @@
 //! The xesp daemon around the sans-IO IKEv2 core ([`ike_proto`]).
 //!
 //! * [`config`]: the `xesp.toml` file, checked field by field;
-//! * [`daemon`]: `xesp run`, the tokio driver, and the user-space
-//!   [`ike_proto::backend::SaBackend`];
+//! * [`daemon`]: `xesp run`, the tokio driver that wires the IKE
+//!   connections, the chosen datapath ([`datapath_user::mode`]) and the
+//!   control socket;
 //! * [`control`]: the control socket and `xesp status`;
 //! * [`azure`]: `xesp azure import|export|allowlist`;
 //! * [`bgp_config`]: `xesp bgp-config --bird`;

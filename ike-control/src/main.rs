@@ -3,12 +3,13 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use ike_control::{
     azure::cmd::{AllowlistArgs, ExportArgs, ImportArgs, run_allowlist, run_export, run_import},
     bgp_config,
     config::{Config, ConfigError, DatapathMode},
-    control, daemon, service,
+    control::{self, Answer, RekeyWhat, Request},
+    daemon, service,
 };
 
 /// The on-premises end of a site-to-site IPsec VPN to an active-active Azure
@@ -25,6 +26,11 @@ Examples:
   xesp check-caps --datapath xdp         has this process the capabilities xesp run needs?
   xesp status -c /etc/xesp/xesp.toml     tunnels, IKE_SAs, CHILD_SAs, counters
   xesp status --json -s /run/xesp/xesp.sock
+  xesp sa list                           IKE_SAs and CHILD_SAs, one line each
+  xesp tunnel down Tunnel0               delete its SAs, refuse the peer until up
+  xesp tunnel up Tunnel0                 initiate again (or accept the peer)
+  xesp tunnel rekey Tunnel1 --ike        rekey the IKE_SA (default: the CHILD_SA)
+  xesp reload                            apply a changed xesp.toml (also SIGHUP)
 
 Logs go to standard error; RUST_LOG=debug shows every IKE exchange.
 The pre-shared key is never logged or shown.")]
@@ -67,20 +73,33 @@ enum Command {
     /// Per tunnel: state, peer, ingress/egress bytes, last established time
     /// (UTC), IKE_SA details, CHILD_SA counters, drops by reason.
     Status {
-        /// Find the control socket in this configuration.
-        #[arg(
-            short,
-            long,
-            default_value = "/etc/xesp/xesp.toml",
-            conflicts_with = "socket"
-        )]
-        config: PathBuf,
-        /// The daemon's control socket (instead of --config).
-        #[arg(short, long)]
-        socket: Option<PathBuf>,
+        #[command(flatten)]
+        daemon: DaemonArgs,
         /// Print JSON instead of tables.
         #[arg(long)]
         json: bool,
+    },
+    /// Bring a tunnel up or down, or rekey it, without stopping the daemon.
+    Tunnel {
+        #[command(subcommand)]
+        action: TunnelAction,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
+    /// The IKE_SAs and CHILD_SAs (`xesp sa list`).
+    Sa {
+        #[command(subcommand)]
+        action: SaAction,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
+    /// Read the configuration file again and apply what changed: [dmz] at
+    /// once, a tunnel whose IKE settings changed is re-established, the
+    /// others keep their SAs. What needs a restart is named. SIGHUP does
+    /// the same.
+    Reload {
+        #[command(flatten)]
+        daemon: DaemonArgs,
     },
     /// Print the routing daemon's configuration for BGP over the tunnels
     /// (the article's `router bgp 65010`) from [bgp] and the tunnels.
@@ -122,6 +141,80 @@ enum AzureCommand {
     /// named in Get-AzBgpServiceCommunity's output, or service tags. Prints
     /// the difference; --write updates the file.
     Allowlist(AllowlistArgs),
+}
+
+/// How a client finds the running daemon.
+#[derive(Args)]
+struct DaemonArgs {
+    /// Find the control socket in this configuration.
+    #[arg(
+        short,
+        long,
+        default_value = "/etc/xesp/xesp.toml",
+        conflicts_with = "socket",
+        global = true
+    )]
+    config: PathBuf,
+    /// The daemon's control socket (instead of --config).
+    #[arg(short, long, global = true)]
+    socket: Option<PathBuf>,
+}
+
+impl DaemonArgs {
+    fn socket(&self) -> Result<PathBuf, String> {
+        match &self.socket {
+            Some(s) => Ok(s.clone()),
+            None => load(&self.config).map(|c| c.device.control_socket),
+        }
+    }
+
+    /// Sends `request`; an answer that says no is an error.
+    fn command(&self, request: &Request) -> Result<(), String> {
+        let a: Answer = control::command(&self.socket()?, request).map_err(|e| e.to_string())?;
+        for n in &a.not_applied {
+            eprintln!("not applied: {n}");
+        }
+        if a.ok {
+            println!("{}", a.message);
+            Ok(())
+        } else {
+            Err(a.message)
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum TunnelAction {
+    /// Initiate the tunnel (or accept the peer's again, as responder).
+    Up {
+        /// The tunnel, as named in xesp.toml (e.g. Tunnel0).
+        name: String,
+    },
+    /// Delete the tunnel's IKE_SAs at the peer and refuse its new ones
+    /// until `xesp tunnel up`.
+    Down {
+        /// The tunnel, as named in xesp.toml (e.g. Tunnel0).
+        name: String,
+    },
+    /// Rekey the tunnel's CHILD_SA (make-before-break), or its IKE_SA.
+    Rekey {
+        /// The tunnel, as named in xesp.toml (e.g. Tunnel0).
+        name: String,
+        /// Rekey the IKE_SA instead of the CHILD_SA.
+        #[arg(long)]
+        ike: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum SaAction {
+    /// Each tunnel's IKE_SA and CHILD_SAs with their SPIs, algorithms,
+    /// traffic selectors and counters.
+    List {
+        /// Print JSON (the status document) instead.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn load(path: &std::path::Path) -> Result<Config, String> {
@@ -171,30 +264,48 @@ fn main() -> ExitCode {
         Command::Run { config } => load(&config).and_then(|c| {
             // Name every missing capability now, not the first failing call.
             service::check_capabilities(c.device.datapath).map_err(|e| e.to_string())?;
-            daemon::run(c).map_err(|e| e.to_string())
+            daemon::run(c, config.clone()).map_err(|e| e.to_string())
         }),
-        Command::Status {
-            config,
-            socket,
-            json,
-        } => {
-            let socket = match socket {
-                Some(s) => Ok(s),
-                None => load(&config).map(|c| c.device.control_socket),
-            };
-            socket.and_then(|s| {
-                let st = control::query_status(&s).map_err(|e| e.to_string())?;
-                if json {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&st).map_err(|e| e.to_string())?
-                    );
+        Command::Status { daemon, json } => daemon.socket().and_then(|s| {
+            let st = control::query_status(&s).map_err(|e| e.to_string())?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&st).map_err(|e| e.to_string())?
+                );
+            } else {
+                print!("{}", control::render(&st));
+            }
+            Ok(())
+        }),
+        Command::Sa {
+            action: SaAction::List { json },
+            daemon,
+        } => daemon.socket().and_then(|s| {
+            let st = control::query_status(&s).map_err(|e| e.to_string())?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&st.tunnels).map_err(|e| e.to_string())?
+                );
+            } else {
+                print!("{}", control::render_sas(&st));
+            }
+            Ok(())
+        }),
+        Command::Tunnel { action, daemon } => daemon.command(&match action {
+            TunnelAction::Up { name } => Request::Up(name),
+            TunnelAction::Down { name } => Request::Down(name),
+            TunnelAction::Rekey { name, ike } => Request::Rekey(
+                name,
+                if ike {
+                    RekeyWhat::Ike
                 } else {
-                    print!("{}", control::render(&st));
-                }
-                Ok(())
-            })
-        }
+                    RekeyWhat::Child
+                },
+            ),
+        }),
+        Command::Reload { daemon } => daemon.command(&Request::Reload),
         Command::Azure(AzureCommand::Import(a)) => run_import(&a)
             .map(|s| print!("{s}"))
             .map_err(|e| e.to_string()),

@@ -288,7 +288,7 @@ impl fmt::Display for Identity {
 }
 
 /// One connection's configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PeerConfig {
     /// Name for logs and status (e.g. Tunnel0).
     pub name: String,

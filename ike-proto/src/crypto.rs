@@ -516,6 +516,14 @@ impl Psk {
     }
 }
 
+/// Compared in constant time (a reload compares the old key with the new).
+impl PartialEq for Psk {
+    fn eq(&self, other: &Self) -> bool {
+        use subtle::ConstantTimeEq;
+        self.0.len() == other.0.len() && bool::from(self.0.ct_eq(&other.0))
+    }
+}
+
 impl fmt::Debug for Psk {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Psk(<redacted>)")

@@ -12,6 +12,9 @@ pub struct ConnStatus {
     pub peer: String,
     /// The tunnel's outbound traffic has an SA.
     pub up: bool,
+    /// Taken down by the operator (`xesp tunnel down`) and not up again.
+    #[serde(default)]
+    pub closed: bool,
     /// Seconds since an IKE_SA was last established (the daemon turns it into UTC).
     pub established_secs_ago: Option<u64>,
     pub ike: Option<IkeStatus>,

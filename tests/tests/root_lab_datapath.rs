@@ -1,12 +1,13 @@
 //! Needs root: the accelerated datapath end to end in the reference lab, with
 //! xesp (xdp datapath) on onprem, strongSwan + BIRD on azgw1/azgw2.
 //!
-//! Both tunnels and BGP sessions up with 10.2.0.0/24 over both tunnels;
-//! LAN pings and TCP flows to the VM go through the AF_XDP workers (not the
-//! TUN devices), spread over both tunnels with each flow on one; when azgw1
-//! dies, DPD takes Tunnel0 down and running TCP flows continue over Tunnel1
-//! without a reset; when it returns, new flows use Tunnel0 again; a source
-//! outside the DMZ allowlist never reaches the stack.
+//! Three independent tests, each on its own lab with both tunnels and BGP
+//! sessions up and 10.2.0.0/24 over both tunnels:
+//! * LAN pings and TCP flows to the VM go through the AF_XDP workers (not
+//!   the TUN devices), spread over both tunnels with each flow on one;
+//! * when azgw1 dies, DPD takes Tunnel0 down and running TCP flows continue
+//!   over Tunnel1 without a reset; when it returns, new flows use Tunnel0;
+//! * a source outside the DMZ allowlist never reaches the stack.
 
 #![allow(clippy::unwrap_used)] // a test: a failed step is a failed test
 
@@ -71,9 +72,10 @@ fn flow_tunnel(lab: &Lab, cport: u16) -> usize {
     usize::from(d[1] > d[0])
 }
 
-#[test]
-fn root_datapath_afxdp_ecmp_failover_and_dmz_filter() {
-    let mut lab = Lab::up(LabConfig {
+/// The lab with xesp's xdp datapath and a quick DPD, both tunnels and
+/// their BGP routes up.
+fn lab_up() -> Lab {
+    let lab = Lab::up(LabConfig {
         onprem: OnpremMode::Xesp,
         xesp: XespSettings {
             datapath: "xdp".into(),
@@ -87,22 +89,25 @@ fn root_datapath_afxdp_ecmp_failover_and_dmz_filter() {
     })
     .unwrap();
     lab.wait_ready(Duration::from_secs(60)).unwrap();
-    let both = || {
-        lab.ns
-            .onprem
-            .exec("ip", &["route", "show", VNET])
-            .is_ok_and(|r| r.contains("dev Tunnel0") && r.contains("dev Tunnel1"))
-    };
     assert!(
-        wait_until(Duration::from_secs(10), both),
+        wait_until(Duration::from_secs(10), || both_tunnels(&lab)),
         "10.2.0.0/24 not learned via both tunnels:\n{}",
         lab.status()
     );
-    for src in LAN_HOSTS {
-        lab.ping_vm(src, 3)
-            .unwrap_or_else(|e| panic!("ping {VM} from {src}: {e:#}\n{}", lab.status()));
-    }
-    let _server = Daemon::spawn(
+    lab
+}
+
+/// The VNet's route goes over both tunnels.
+fn both_tunnels(lab: &Lab) -> bool {
+    lab.ns
+        .onprem
+        .exec("ip", &["route", "show", VNET])
+        .is_ok_and(|r| r.contains("dev Tunnel0") && r.contains("dev Tunnel1"))
+}
+
+/// iperf3's server on the VM, listening.
+fn iperf_server(lab: &Lab) -> Daemon {
+    let server = Daemon::spawn(
         "iperf3 server",
         lab.ns
             .vnet
@@ -119,6 +124,19 @@ fn root_datapath_afxdp_ecmp_failover_and_dmz_filter() {
             .is_ok_and(|o| !o.trim().is_empty())),
         "the iperf3 server does not listen"
     );
+    server
+}
+
+#[test]
+fn root_datapath_flows_spread_over_both_tunnels_through_the_workers() {
+    let lab = lab_up();
+    for src in LAN_HOSTS {
+        let out = lab
+            .ping_vm(src, 3)
+            .unwrap_or_else(|e| panic!("ping {VM} from {src}: {e:#}\n{}", lab.status()));
+        assert!(out.contains(" 3 received"), "{out}");
+    }
+    let _server = iperf_server(&lab);
 
     // Each flow on one tunnel; both tunnels in use.
     let mut seen = [false; 2];
@@ -158,7 +176,12 @@ fn root_datapath_afxdp_ecmp_failover_and_dmz_filter() {
             "{tun} carried {through_tun} packets, the workers {encap}"
         );
     }
+}
 
+#[test]
+fn root_datapath_failover_keeps_tcp_flows_and_tunnel0_returns() {
+    let mut lab = lab_up();
+    let _server = iperf_server(&lab);
     // azgw1 dies during 8 TCP flows: they finish over Tunnel1, no reset.
     let charon = lab.gateway_ike_pid(0).unwrap();
     let flows = std::thread::scope(|s| {
@@ -232,7 +255,11 @@ fn root_datapath_afxdp_ecmp_failover_and_dmz_filter() {
     );
     let back = (41000..41016).any(|cport| flow_tunnel(&lab, cport) == 0);
     assert!(back, "no new flow used Tunnel0 after it returned");
+}
 
+#[test]
+fn root_datapath_dmz_filter_drops_sources_outside_the_allowlist() {
+    let lab = lab_up();
     // A source outside the allowlist never reaches the stack.
     let dropped = counter(&status(&lab)["dmz"], "drop_not_allowed");
     let r = lab.ns.msee.exec(

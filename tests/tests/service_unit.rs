@@ -155,6 +155,7 @@ fn unit_has_the_service_settings_the_daemon_relies_on() {
         ("LimitMEMLOCK", "infinity"),
         ("ExecStart", "/usr/bin/xesp run -c /etc/xesp/xesp.toml"),
         ("ExecStartPre", "/usr/bin/xesp check -c /etc/xesp/xesp.toml"),
+        ("ExecReload", "/usr/bin/xesp reload -c /etc/xesp/xesp.toml"),
         ("DeviceAllow", "/dev/net/tun rw"),
     ] {
         assert_eq!(value(&s, key), [want], "{key}");

@@ -35,6 +35,7 @@ const PLAIN_KEYS: &[&str] = &[
     "lan_interfaces",
     "datapath",
     "control_socket",
+    "control_group",
     "mss_clamp",
     "tunnel_mtu",
     "bird_socket",

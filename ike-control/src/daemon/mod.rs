@@ -1,14 +1,13 @@
 //! `xesp run`: the thin tokio driver around the sans-IO connections.
 //!
-//! One task owns every [`Connection`] and the [`UserBackend`]; it reads IKE
-//! from UDP 500 and (through the socket datapath, which demultiplexes UDP
-//! 4500) from UDP 4500, fires timers, polls SA lifetimes, sends what the
-//! connections ask for and answers the control socket. The packet paths run
-//! on their own threads ([`datapath_user::slowpath`]), optionally behind the
-//! DMZ XDP filter.
+//! One task owns every [`Connection`] and the chosen [`Datapath`] (whose
+//! [`SaBackend`](ike_proto::backend::SaBackend) the connections install
+//! their CHILD_SAs through); it reads IKE from UDP 500 and (through the
+//! datapath, which demultiplexes UDP 4500) from UDP 4500, fires timers,
+//! polls SA lifetimes, sends what the connections ask for and answers the
+//! control socket. The packets themselves never reach this task.
 
-pub mod backend;
-mod workers;
+mod reload;
 
 use std::{
     io,
@@ -16,37 +15,29 @@ use std::{
     path::PathBuf,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use datapath_user::{
     DatapathError,
-    netlink::{NetlinkError, Rtnl, ifindex},
+    mode::{self, Datapath, DatapathConfig, SaExpiry, TunnelConfig},
     rxq,
-    sadb::SaDb,
-    slowpath::{SlowCounters, SlowPath, raw_esp_socket},
-    tun::Tun,
-    xdp::{XdpAttach, XdpPrograms},
-    xsk::XskError,
 };
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::UnixListener,
     signal::unix::{SignalKind, signal},
     sync::{mpsc, oneshot},
 };
-use xesp_common::{LanCounter, SteerCounter};
 use xesp_esp::sa::{DropReason, Expiry};
 
-use self::{backend::UserBackend, workers::Workers};
 use crate::{
     config::{Config, DatapathMode},
-    control::{self, DeviceStatus, STATUS_REQUEST, TunnelStatus},
+    control::{self, Answer, DeviceStatus, MAX_REQUEST, RekeyWhat, Request, TunnelStatus},
 };
 use ike_proto::{
-    backend::Direction,
     connection::{Connection, Event, Level},
     random::SystemRandom,
 };
@@ -57,13 +48,7 @@ pub enum DaemonError {
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
     #[error(transparent)]
-    Netlink(#[from] NetlinkError),
-    #[error(transparent)]
     Datapath(#[from] DatapathError),
-    #[error(transparent)]
-    Xsk(#[from] XskError),
-    #[error("{0}")]
-    Workers(String),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DaemonError {
@@ -71,56 +56,74 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DaemonError {
     move |source| DaemonError::Io { what, source }
 }
 
-/// Creates tunnel `name`'s TUN device with its /32 address, up, carrier off.
-fn tunnel_device(
-    rtnl: &mut Rtnl,
-    name: &str,
-    addr: std::net::Ipv4Addr,
-    mtu: u16,
-) -> Result<Tun, DaemonError> {
-    let tun = Tun::create(name).map_err(io_err(format!("creating tunnel interface {name}")))?;
-    let ifindex = ifindex(name);
-    if ifindex == 0 {
-        return Err(io_err(format!("finding interface {name}"))(
-            io::Error::last_os_error(),
-        ));
+/// The datapath's part of the configuration.
+fn datapath_config(cfg: &Config) -> DatapathConfig {
+    DatapathConfig {
+        mode: match cfg.device.datapath {
+            DatapathMode::Xdp => mode::Mode::Xdp,
+            DatapathMode::Tun => mode::Mode::Tun,
+        },
+        public_address: cfg.device.public_address,
+        tunnels: cfg
+            .tunnels
+            .iter()
+            .map(|t| TunnelConfig {
+                name: t.name.clone(),
+                address: t.address,
+                peer: t.peer.remote,
+            })
+            .collect(),
+        tunnel_mtu: cfg.device.tunnel_mtu,
+        mss_clamp: cfg.device.mss_clamp,
+        dmz_interface: cfg.device.dmz_interface.clone(),
+        lan_interfaces: cfg.device.lan_interfaces.clone(),
+        dmz_allow: cfg.dmz_allow.clone(),
+        dmz_pass_unclassified: cfg.dmz_pass_unclassified,
     }
-    tun.set_carrier(false)
-        .map_err(io_err(format!("{name}: carrier")))?;
-    // The tunnels carry IPv4 selectors only: without this the device's own
-    // IPv6 (router solicitations, MLD) would go in and count as no_selector.
-    let v6 = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
-    if std::path::Path::new(&v6).exists() {
-        std::fs::write(&v6, "1").map_err(io_err(format!("{name}: turning IPv6 off")))?;
-    }
-    rtnl.set_link_up(ifindex, u32::from(mtu))?;
-    rtnl.replace_address(ifindex, addr, 32)?;
-    Ok(tun)
 }
 
-/// Receive queues of `iface` (1 when sysfs does not say), at most MAX_QUEUES.
-fn queue_count(iface: &str) -> u32 {
-    let n = std::fs::read_dir(format!("/sys/class/net/{iface}/queues"))
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
-                .count() as u32
-        })
-        .unwrap_or(1);
-    n.clamp(1, xesp_common::MAX_QUEUES)
+/// What the IKE sockets count before a datagram reaches a connection.
+#[derive(Debug, Default)]
+struct IkeCounters {
+    /// Datagrams read on UDP 500.
+    udp500_rx: AtomicU64,
+    /// IKE from an address that is no configured peer (UDP 500 or 4500),
+    /// dropped before it was queued.
+    not_peer: AtomicU64,
+    /// IKE on UDP 4500 dropped because the queue to this task was full.
+    queue_full: AtomicU64,
+    /// Datagrams the kernel dropped at UDP 500's full receive buffer.
+    udp500_buffer_drops: AtomicU64,
 }
 
-/// A request from a control-socket client, answered by the main loop.
-type StatusReply = oneshot::Sender<DeviceStatus>;
+impl IkeCounters {
+    fn snapshot(&self) -> [(&'static str, u64); 4] {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("udp500_rx", g(&self.udp500_rx)),
+            ("ike_not_peer", g(&self.not_peer)),
+            ("ike_queue_full", g(&self.queue_full)),
+            ("udp500_buffer_drops", g(&self.udp500_buffer_drops)),
+        ]
+    }
+}
+
+/// A request from a control-socket client and where its answer (a JSON
+/// document) goes, answered by the main loop.
+type ControlRequest = (Request, oneshot::Sender<String>);
+
+/// Control-socket clients served at once; more wait to be accepted.
+const MAX_CLIENTS: usize = 16;
 
 struct Driver {
     cfg: Config,
+    /// Where `cfg` came from, read again by `reload`.
+    config_path: PathBuf,
     conns: Vec<Connection>,
-    backend: UserBackend,
+    datapath: Box<dyn Datapath>,
     udp500: tokio::net::UdpSocket,
     udp4500: Arc<UdpSocket>,
-    slow: Arc<SlowCounters>,
-    workers: Option<Workers>,
+    ike: Arc<IkeCounters>,
     started_utc: String,
 }
 
@@ -178,10 +181,10 @@ impl Driver {
                 port,
                 from,
                 data,
-                &mut self.backend.tunnel(i as u32),
+                &mut *self.datapath.tunnel(i as u32),
             ),
             None => {
-                self.slow.ike_not_peer.fetch_add(1, Ordering::Relaxed);
+                self.ike.not_peer.fetch_add(1, Ordering::Relaxed);
                 log::debug!("IKE from {from}, which is no configured peer: dropped");
             }
         }
@@ -191,7 +194,7 @@ impl Driver {
         let now = Instant::now();
         for (i, c) in self.conns.iter_mut().enumerate() {
             if c.poll_timeout().is_some_and(|t| t <= now) {
-                c.handle_timeout(now, &mut self.backend.tunnel(i as u32));
+                c.handle_timeout(now, &mut *self.datapath.tunnel(i as u32));
             }
         }
     }
@@ -200,17 +203,18 @@ impl Driver {
     /// expiry rekeys the CHILD_SA the SA belongs to, a hard one removes it.
     fn expiries(&mut self) {
         let now = Instant::now();
-        for (tunnel, spi, inbound, x) in self.backend.sadb.poll_expiries(now) {
+        for x in self.datapath.expiries(now) {
+            let SaExpiry {
+                tunnel,
+                spi,
+                direction,
+                expiry,
+            } = x;
             let Some(c) = self.conns.get_mut(tunnel as usize) else {
                 continue;
             };
-            let dir = if inbound { "inbound" } else { "outbound" };
-            let direction = if inbound {
-                Direction::Inbound
-            } else {
-                Direction::Outbound
-            };
-            let hard = match x {
+            let dir = format!("{direction:?}").to_lowercase();
+            let hard = match expiry {
                 Expiry::Soft(l) => {
                     log::info!(
                         "{}: {dir} SA {spi:08x} reached its soft {l:?} limit: rekeying",
@@ -226,7 +230,13 @@ impl Driver {
                     true
                 }
             };
-            c.expired(now, spi, direction, hard, &mut self.backend.tunnel(tunnel));
+            c.expired(
+                now,
+                spi,
+                direction,
+                hard,
+                &mut *self.datapath.tunnel(tunnel),
+            );
         }
     }
 
@@ -234,13 +244,139 @@ impl Driver {
         self.conns.iter().filter_map(Connection::poll_timeout).min()
     }
 
+    /// Answers one control request. BIRD is asked off this task: a hung
+    /// BIRD must not stall retransmissions, DPD and rekeys.
+    fn answer(&mut self, request: Request, reply: oneshot::Sender<String>) {
+        let now = Instant::now();
+        let a = match request {
+            Request::Status => {
+                let mut st = self.status();
+                let bird = self.cfg.device.bird_socket.clone();
+                tokio::spawn(async move {
+                    if let Some(s) = bird {
+                        st.bgp = Some(bgp_protocols(&s).await);
+                    }
+                    let _ = reply.send(serde_json::to_string_pretty(&st).unwrap_or_default());
+                });
+                return;
+            }
+            Request::Reload => self.reload(),
+            Request::Up(name) | Request::Down(name) | Request::Rekey(name, _)
+                if self.tunnel_index(&name).is_none() =>
+            {
+                Answer::error(format!(
+                    "no tunnel {name:?}; the tunnels are {}",
+                    self.cfg
+                        .tunnels
+                        .iter()
+                        .map(|t| t.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            }
+            Request::Up(name) => {
+                let i = self.tunnel_index(&name).unwrap_or_default();
+                self.conns[i].open(now);
+                Answer::ok(format!("{name}: up (initiating, or accepting the peer)"))
+            }
+            Request::Down(name) => {
+                let i = self.tunnel_index(&name).unwrap_or_default();
+                self.conns[i].close(now);
+                Answer::ok(format!(
+                    "{name}: down (IKE_SAs deleted; the peer is refused until `xesp tunnel up {name}`)"
+                ))
+            }
+            Request::Rekey(name, what) => {
+                let i = self.tunnel_index(&name).unwrap_or_default();
+                if !self.conns[i].is_up() {
+                    Answer::error(format!("{name} is not up: nothing to rekey"))
+                } else {
+                    match what {
+                        RekeyWhat::Child => {
+                            self.conns[i].rekey_child(now, &mut *self.datapath.tunnel(i as u32));
+                            Answer::ok(format!("{name}: CHILD_SA rekey started"))
+                        }
+                        RekeyWhat::Ike => {
+                            self.conns[i].rekey_ike(now);
+                            Answer::ok(format!("{name}: IKE_SA rekey started"))
+                        }
+                    }
+                }
+            }
+        };
+        let _ = reply.send(answer_json(&a));
+    }
+
+    fn tunnel_index(&self, name: &str) -> Option<usize> {
+        self.cfg.tunnels.iter().position(|t| t.name == name)
+    }
+
+    /// Reads the configuration file again and applies what changed: the
+    /// DMZ allowlist at once, a tunnel whose IKE settings changed by
+    /// re-establishing it. Unchanged tunnels keep their SAs. What cannot
+    /// change while running is named in the answer.
+    fn reload(&mut self) -> Answer {
+        let new = match Config::load(&self.config_path) {
+            Ok(c) => c,
+            Err(e) => {
+                return Answer::error(format!(
+                    "{}: {e}; nothing changed",
+                    self.config_path.display()
+                ));
+            }
+        };
+        let plan = reload::plan(&self.cfg, &new);
+        let mut done = Vec::new();
+        if plan.dmz_changed {
+            match self
+                .datapath
+                .set_dmz(&new.dmz_allow, new.dmz_pass_unclassified)
+            {
+                Ok(()) => {
+                    done.push(format!("dmz: {} allowed prefixes", new.dmz_allow.len()));
+                    self.cfg.dmz_allow = new.dmz_allow.clone();
+                    self.cfg.dmz_pass_unclassified = new.dmz_pass_unclassified;
+                }
+                Err(e) => return Answer::error(format!("applying [dmz]: {e}")),
+            }
+        }
+        let now = Instant::now();
+        for &i in &plan.reconfigured {
+            let t = &new.tunnels[i];
+            self.conns[i].reconfigure(Arc::new(t.peer.clone()), now);
+            self.cfg.tunnels[i] = t.clone();
+            done.push(format!("{}: re-established with its new settings", t.name));
+        }
+        if plan.bird_socket_changed {
+            self.cfg.device.bird_socket = new.device.bird_socket.clone();
+            done.push("device.bird_socket".into());
+        }
+        self.cfg.warnings = new.warnings;
+        let message = if done.is_empty() {
+            "reloaded: nothing to apply".to_string()
+        } else {
+            format!("reloaded: {}", done.join("; "))
+        };
+        log::info!("{message}");
+        for n in &plan.not_applied {
+            log::warn!("reload: {n}");
+        }
+        Answer {
+            ok: true,
+            message,
+            not_applied: plan.not_applied,
+        }
+    }
+
     fn status(&mut self) -> DeviceStatus {
         let now = Instant::now();
+        let dp = self.datapath.status();
         let mut tunnels = Vec::new();
         for (i, c) in self.conns.iter().enumerate() {
             let t = &self.cfg.tunnels[i];
-            let connection = c.status(now, &mut self.backend.tunnel(i as u32));
-            let totals = self.backend.sadb.tunnel_totals(i as u32);
+            let connection = c.status(now, &mut *self.datapath.tunnel(i as u32));
+            let counters = dp.tunnels.get(i).cloned().unwrap_or_default();
+            let totals = counters.totals;
             tunnels.push(TunnelStatus {
                 name: t.name.clone(),
                 address: t.address.to_string(),
@@ -255,111 +391,122 @@ impl Driver {
                     .collect(),
                 no_selector: totals.drops.get(DropReason::NoSelector),
                 selector_mismatch: totals.drops.get(DropReason::SelectorMismatch),
-                xdp: None,
+                xdp: counters.xdp.map(|c| control::XdpTraffic {
+                    lan_packets: c.lan_packets,
+                    lan_bytes: c.lan_bytes,
+                    esp_packets: c.esp_packets,
+                    esp_bytes: c.esp_bytes,
+                }),
                 connection,
             });
         }
-        let mut dmz = Vec::new();
-        let mut lan = Vec::new();
-        if let Some(x) = &self.backend.xdp {
-            match x.dmz_counters() {
-                Ok(c) => dmz.extend(c.iter().map(|(k, v)| (k.to_string(), v))),
-                Err(e) => log::warn!("reading the DMZ counters: {e}"),
-            }
-            if let Ok(c) = x.steer_counters() {
-                dmz.extend(
-                    SteerCounter::ALL
-                        .iter()
-                        .map(|k| (format!("esp_{}", k.name()), c[*k as usize])),
-                );
-            }
-            if let Ok(c) = x.lan_counters() {
-                lan.extend(
-                    LanCounter::ALL
-                        .iter()
-                        .map(|k| (k.name().to_string(), c[*k as usize])),
-                );
-            }
-            for (i, t) in tunnels.iter_mut().enumerate() {
-                t.xdp = x
-                    .tunnel_counters(i as u32)
-                    .ok()
-                    .map(|c| control::XdpTraffic {
-                        lan_packets: c.lan_packets,
-                        lan_bytes: c.lan_bytes,
-                        esp_packets: c.esp_packets,
-                        esp_bytes: c.esp_bytes,
-                    });
-            }
-        }
-        let (unknown_spi, no_outbound_sa) = self.backend.sadb.orphans();
+        let mut socket_path = dp.socket_path;
+        socket_path.extend(
+            self.ike
+                .snapshot()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v)),
+        );
         DeviceStatus {
             version: env!("CARGO_PKG_VERSION").to_string(),
             public_address: self.cfg.device.public_address.to_string(),
-            datapath: match self.cfg.device.datapath {
-                DatapathMode::Xdp => "xdp + AF_XDP workers".into(),
-                DatapathMode::Tun => "sockets".into(),
-            },
+            datapath: dp.description.into(),
             started_utc: self.started_utc.clone(),
             tunnels,
-            dmz,
-            lan,
-            workers: self
-                .workers
-                .as_ref()
-                .map(Workers::snapshot)
-                .unwrap_or_default(),
-            socket_path: self
-                .slow
-                .snapshot()
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect(),
-            unknown_spi,
-            no_outbound_sa,
+            dmz: dp.dmz,
+            lan: dp.lan,
+            workers: dp.workers,
+            socket_path,
+            unknown_spi: dp.unknown_spi,
+            no_outbound_sa: dp.no_outbound_sa,
             // Filled off the IKE task (see `bgp_protocols`).
             bgp: None,
+            warnings: self.cfg.warnings.clone(),
         }
     }
 }
 
-/// Serves the control socket: each client's request goes to the main loop.
-async fn serve_control(listener: UnixListener, requests: mpsc::Sender<StatusReply>) {
+/// Serves the control socket: each client's request line (at most
+/// [`MAX_REQUEST`] octets, within 5 s) goes to the main loop, at most
+/// [`MAX_CLIENTS`] clients at once.
+async fn serve_control(listener: UnixListener, requests: mpsc::Sender<ControlRequest>) {
+    let clients = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     loop {
+        let Ok(permit) = clients.clone().acquire_owned().await else {
+            return;
+        };
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let requests = requests.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let (rd, mut wr) = stream.into_split();
             let mut line = String::new();
             let read = tokio::time::timeout(
                 Duration::from_secs(5),
-                BufReader::new(rd).read_line(&mut line),
+                BufReader::new(rd.take(MAX_REQUEST as u64 + 1)).read_line(&mut line),
             )
             .await;
-            if !matches!(read, Ok(Ok(_))) {
-                return;
-            }
-            let answer = if line.trim() == STATUS_REQUEST {
-                let (tx, rx) = oneshot::channel();
-                if requests.send(tx).await.is_err() {
-                    return;
-                }
-                match rx.await {
-                    Ok(st) => serde_json::to_string_pretty(&st).unwrap_or_default(),
-                    Err(_) => return,
-                }
-            } else {
-                format!(
-                    "{{\"error\": \"unknown request {:?}; the one request is {STATUS_REQUEST:?}\"}}",
-                    line.trim()
-                )
+            let answer = match read {
+                Ok(Ok(_)) if line.len() > MAX_REQUEST => answer_json(&Answer::error(format!(
+                    "request longer than {MAX_REQUEST} octets"
+                ))),
+                Ok(Ok(_)) => match Request::parse(&line) {
+                    Ok(r) => {
+                        let (tx, rx) = oneshot::channel();
+                        if requests.send((r, tx)).await.is_err() {
+                            return;
+                        }
+                        match rx.await {
+                            Ok(a) => a,
+                            Err(_) => return,
+                        }
+                    }
+                    Err(e) => answer_json(&Answer::error(e)),
+                },
+                _ => return,
             };
             let _ = wr.write_all(answer.as_bytes()).await;
             let _ = wr.shutdown().await;
         });
     }
+}
+
+fn answer_json(a: &Answer) -> String {
+    serde_json::to_string_pretty(a).unwrap_or_default()
+}
+
+/// The control socket, mode 0660, in `group` when one is configured.
+fn bind_control(path: &std::path::Path, group: Option<&str>) -> Result<UnixListener, DaemonError> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener =
+        UnixListener::bind(path).map_err(io_err(format!("binding {}", path.display())))?;
+    if let Some(g) = group {
+        let gid = group_id(g).ok_or_else(|| DaemonError::Io {
+            what: format!("control_group {g:?}"),
+            source: io::Error::new(io::ErrorKind::NotFound, "no such group"),
+        })?;
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .map_err(io_err(format!("giving {} to group {g}", path.display())))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(io_err(format!("chmod 0660 {}", path.display())))?;
+    Ok(listener)
+}
+
+/// The id of group `name`, from /etc/group.
+fn group_id(name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/group").ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then_some(())?;
+        f.nth(1)?.parse().ok()
+    })
 }
 
 /// How long `birdc` may take to answer for `xesp status`.
@@ -406,65 +553,19 @@ async fn recv_udp500(
 }
 
 /// Runs the daemon until SIGTERM or SIGINT; then deletes the IKE_SAs.
-pub fn run(cfg: Config) -> Result<(), DaemonError> {
+pub fn run(cfg: Config, config_path: PathBuf) -> Result<(), DaemonError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(io_err("starting the runtime"))?;
-    rt.block_on(run_async(cfg))
+    rt.block_on(run_async(cfg, config_path))
 }
 
-async fn run_async(cfg: Config) -> Result<(), DaemonError> {
+async fn run_async(cfg: Config, config_path: PathBuf) -> Result<(), DaemonError> {
     for w in &cfg.warnings {
         log::warn!("{w}");
     }
     let public = cfg.device.public_address;
-    let mut rtnl = Rtnl::open()?;
-    let mut tuns = Vec::new();
-    for t in &cfg.tunnels {
-        tuns.push(Arc::new(tunnel_device(
-            &mut rtnl,
-            &t.name,
-            t.address,
-            cfg.device.tunnel_mtu,
-        )?));
-        log::info!(
-            "{}: interface up with {}/32, peer {}",
-            t.name,
-            t.address,
-            t.peer.remote
-        );
-    }
-    let mut xdp = match cfg.device.datapath {
-        DatapathMode::Tun => None,
-        DatapathMode::Xdp => {
-            let mut x = XdpPrograms::load()?;
-            let mode = x.attach_dmz(&cfg.device.dmz_interface, XdpAttach::Auto)?;
-            for p in &cfg.dmz_allow {
-                x.allow(*p)?;
-            }
-            if cfg.dmz_pass_unclassified {
-                x.set_dmz_flags(xesp_common::dmz_flags::PASS_UNCLASSIFIED)?;
-                log::warn!(
-                    "{}: DMZ filter passes frames it cannot classify (dmz.pass_unclassified)",
-                    cfg.device.dmz_interface
-                );
-            }
-            log::info!(
-                "{}: DMZ filter attached ({mode:?} mode), {} allowed prefixes",
-                cfg.device.dmz_interface,
-                cfg.dmz_allow.len()
-            );
-            for lan in &cfg.device.lan_interfaces {
-                let mode = x.attach_lan(lan, XdpAttach::Auto)?;
-                log::info!("{lan}: LAN steering attached ({mode:?} mode)");
-            }
-            for (i, t) in cfg.tunnels.iter().enumerate() {
-                x.set_tunnel_ifindex(ifindex(&t.name), i as u32)?;
-            }
-            Some(x)
-        }
-    };
     let udp500 = tokio::net::UdpSocket::bind((public, 500))
         .await
         .map_err(io_err(format!("binding UDP {public}:500")))?;
@@ -473,62 +574,27 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
     let udp4500 = Arc::new(
         UdpSocket::bind((public, 4500)).map_err(io_err(format!("binding UDP {public}:4500")))?,
     );
-    let raw = Arc::new(raw_esp_socket(public).map_err(io_err("opening the raw ESP socket"))?);
-    let sadb = Arc::new(SaDb::new());
-    let slow = Arc::new(SlowCounters::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let path = Arc::new(SlowPath {
-        sadb: sadb.clone(),
-        tuns: tuns.clone(),
-        udp4500: udp4500.clone(),
-        raw_esp: raw,
-        mss_clamp: cfg.device.mss_clamp,
-        counters: slow.clone(),
-        stop: stop.clone(),
-    });
-    let workers = match &mut xdp {
-        None => None,
-        Some(x) => {
-            let lan_if = &cfg.device.lan_interfaces[0];
-            let queues = queue_count(&cfg.device.dmz_interface).min(queue_count(lan_if));
-            let w = Workers::start(
-                queues,
-                &cfg.device.dmz_interface,
-                lan_if,
-                path.clone(),
-                x,
-                stop.clone(),
-            )?;
-            log::info!(
-                "{queues} AF_XDP worker(s) on {} and {lan_if}",
-                cfg.device.dmz_interface
-            );
-            Some(w)
-        }
-    };
-    // IKE on UDP 4500 reaches the IKE task through a bounded queue, and only
+    // IKE on UDP 4500 reaches this task through a bounded queue, and only
     // from a configured peer: a flood from elsewhere costs a counter.
+    let ike = Arc::new(IkeCounters::default());
     let (ike_tx, mut ike_rx) = mpsc::channel::<(SocketAddr, Vec<u8>)>(IKE_QUEUE);
     let peers: Vec<IpAddr> = cfg.tunnels.iter().map(|t| t.peer.remote).collect();
-    let gate = slow.clone();
-    let threads = path
-        .start(move |from, data| {
+    let gate = ike.clone();
+    let datapath = mode::start(
+        &datapath_config(&cfg),
+        udp4500.clone(),
+        Box::new(move |from, data| {
             if !peers.contains(&from.ip()) {
-                gate.ike_not_peer.fetch_add(1, Ordering::Relaxed);
+                gate.not_peer.fetch_add(1, Ordering::Relaxed);
             } else if ike_tx.try_send((from, data.to_vec())).is_err() {
-                gate.ike_queue_full.fetch_add(1, Ordering::Relaxed);
+                gate.queue_full.fetch_add(1, Ordering::Relaxed);
             }
-        })
-        .map_err(io_err("starting the datapath threads"))?;
+        }),
+    )?;
 
     let sock_path: PathBuf = cfg.device.control_socket.clone();
-    if let Some(dir) = sock_path.parent() {
-        std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
-    }
-    let _ = std::fs::remove_file(&sock_path);
-    let listener = UnixListener::bind(&sock_path)
-        .map_err(io_err(format!("binding {}", sock_path.display())))?;
-    let (req_tx, mut req_rx) = mpsc::channel::<StatusReply>(16);
+    let listener = bind_control(&sock_path, cfg.device.control_group.as_deref())?;
+    let (req_tx, mut req_rx) = mpsc::channel::<ControlRequest>(MAX_CLIENTS);
     let control_task = tokio::spawn(serve_control(listener, req_tx));
 
     let now = Instant::now();
@@ -540,13 +606,13 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
         .collect();
     let mut d = Driver {
         conns,
-        backend: UserBackend::new(sadb, tuns, xdp),
+        datapath,
         udp500,
         udp4500,
-        slow,
-        workers,
+        ike,
         started_utc: control::utc_ago(0),
         cfg,
+        config_path,
     };
     log::info!(
         "xesp {} on {public}: {} tunnels, control socket {}",
@@ -556,8 +622,7 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
     );
     let mut term = signal(SignalKind::terminate()).map_err(io_err("SIGTERM handler"))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io_err("SIGINT handler"))?;
-    // Until `xesp reload` exists, SIGHUP must not end the daemon without
-    // its DELETEs (its default action): it is logged and ignored.
+    // SIGHUP reloads, as `xesp reload` does.
     let mut hup = signal(SignalKind::hangup()).map_err(io_err("SIGHUP handler"))?;
     let mut failed = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -571,7 +636,8 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
         tokio::select! {
             r = recv_udp500(&d.udp500, &mut buf) => match r {
                 Ok(r) => {
-                    rxq::note(&d.slow.udp500_buffer_drops, &r);
+                    rxq::note(&d.ike.udp500_buffer_drops, &r);
+                    d.ike.udp500_rx.fetch_add(1, Ordering::Relaxed);
                     if let Some(from) = r.from {
                         let data = buf[..r.len].to_vec();
                         d.datagram(500, from, &data);
@@ -583,30 +649,17 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
             _ = tokio::time::sleep_until(deadline.into()) => {}
             _ = tick.tick() => {
                 d.expiries();
-                if let (Some(w), Some(x)) = (&mut d.workers, &mut d.backend.xdp)
-                    && let Err(e) = w.watch(x, Instant::now())
-                {
+                if let Err(e) = d.datapath.tick(Instant::now()) {
                     log::error!("{e}");
-                    failed = Some(e);
+                    failed = Some(e.into());
                     break;
                 }
-                if let Some(x) = &mut d.backend.xdp {
-                    x.flush_logs();
-                }
             }
-            Some(reply) = req_rx.recv() => {
-                // BIRD is asked off this task: a hung BIRD must not stall
-                // retransmissions, DPD and rekeys.
-                let mut st = d.status();
-                let bird = d.cfg.device.bird_socket.clone();
-                tokio::spawn(async move {
-                    if let Some(s) = bird {
-                        st.bgp = Some(bgp_protocols(&s).await);
-                    }
-                    let _ = reply.send(st);
-                });
+            Some((request, reply)) = req_rx.recv() => d.answer(request, reply),
+            _ = hup.recv() => {
+                let a = d.reload();
+                log::info!("SIGHUP: {}", a.message);
             }
-            _ = hup.recv() => log::warn!("SIGHUP ignored: xesp has no reload yet; restart it to apply a changed configuration"),
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -621,10 +674,6 @@ async fn run_async(cfg: Config) -> Result<(), DaemonError> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     control_task.abort();
     let _ = std::fs::remove_file(&sock_path);
-    stop.store(true, Ordering::Relaxed);
-    let workers = d.workers.take().into_iter().flat_map(Workers::into_handles);
-    for t in threads.handles.into_iter().chain(workers) {
-        let _ = t.join();
-    }
+    d.datapath.stop();
     failed.map_or(Ok(()), Err)
 }

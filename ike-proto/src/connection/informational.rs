@@ -60,11 +60,16 @@ impl Connection {
         }
     }
 
-    /// Closes the connection for good (the daemon stops): every IKE_SA with
-    /// keys sends its DELETE now, even with an exchange of ours in flight
-    /// (that exchange is abandoned and the DELETE takes the next message
-    /// ID), and no further attempt is made.
+    /// Closes the connection (the daemon stops, or the operator takes the
+    /// tunnel down): every IKE_SA with keys sends its DELETE now, even with
+    /// an exchange of ours in flight (that exchange is abandoned and the
+    /// DELETE takes the next message ID); no further attempt is made and
+    /// the peer's IKE_SA_INIT is refused until [`Connection::open`].
     pub fn close(&mut self, now: Instant) {
+        if !self.closed {
+            self.out
+                .log(Level::Info, &self.cfg, "closed: deleting the IKE_SAs");
+        }
         self.closed = true;
         self.next_attempt = None;
         for i in self.sas.ids() {
@@ -93,6 +98,35 @@ impl Connection {
             self.sas[i].tasks.push_back(Task::DeleteIke);
             self.pump(i, now);
         }
+    }
+
+    /// Opens a closed connection again: a configured initiator starts an
+    /// IKE_SA now, a responder accepts the peer's again.
+    pub fn open(&mut self, now: Instant) {
+        if !self.closed {
+            return;
+        }
+        self.closed = false;
+        self.initiate_backoff = Duration::from_secs(1);
+        self.next_attempt = self.cfg.initiator.then_some(now);
+        self.out.log(Level::Info, &self.cfg, "opened");
+    }
+
+    /// Takes new settings (a reload): the IKE_SAs are deleted and, unless
+    /// the connection was closed, it is opened again with them. The
+    /// tunnel index must be the same.
+    pub fn reconfigure(&mut self, cfg: Arc<PeerConfig>, now: Instant) {
+        let was_closed = self.closed;
+        self.close(now);
+        self.cfg = cfg;
+        if !was_closed {
+            self.open(now);
+        }
+    }
+
+    /// Closed by [`Connection::close`] and not opened since.
+    pub fn is_closed(&self) -> bool {
+        self.closed
     }
 
     pub(super) fn informational_request(

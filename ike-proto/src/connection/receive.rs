@@ -38,6 +38,8 @@ impl Connection {
         if h.exchange == ExchangeType::IKE_SA_INIT {
             return if h.is_response() {
                 self.init_response(now, local_port, remote, data, &msg, backend)
+            } else if self.closed {
+                Err(Reject::Closed)
             } else {
                 self.init_request(now, local_port, remote, data, &msg)
             };
@@ -100,7 +102,7 @@ impl Connection {
         if sa.state == IkeState::InitDone && h.exchange != ExchangeType::IKE_AUTH {
             return Err(Reject::BeforeAuth(h.exchange));
         }
-        let inner = self.open(i, data, msg)?;
+        let inner = self.decrypt(i, data, msg)?;
         self.hear(i, now, local_port, remote, backend);
         let response = match h.exchange {
             ExchangeType::IKE_AUTH if self.sas[i].state == IkeState::InitDone => {
@@ -155,7 +157,7 @@ impl Connection {
                 want: o.message_id,
             });
         }
-        let inner = self.open(i, data, msg)?;
+        let inner = self.decrypt(i, data, msg)?;
         self.hear(i, now, local_port, remote, backend);
         let Some(o) = self.sas[i].outstanding.take() else {
             return Ok(());
@@ -193,7 +195,7 @@ impl Connection {
         Ok(())
     }
 
-    fn open(&mut self, i: SaId, data: &[u8], msg: &Message) -> Result<Vec<Payload>, Reject> {
+    fn decrypt(&mut self, i: SaId, data: &[u8], msg: &Message) -> Result<Vec<Payload>, Reject> {
         let Some(sk) = &self.sas[i].sk_in else {
             return Err(Reject::NoKeys);
         };

@@ -68,6 +68,8 @@ pub enum Reject {
     KeGroupMismatch,
     #[error("the IKE_SA has no keys")]
     NoKeys,
+    #[error("IKE_SA_INIT while the connection is closed (taken down by the operator)")]
+    Closed,
     #[error("half-open IKE_SAs at their limit ({0})")]
     HalfOpenLimit(usize),
 }

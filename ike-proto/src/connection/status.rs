@@ -90,6 +90,7 @@ impl Connection {
             tunnel: cfg.tunnel,
             peer: cfg.remote.to_string(),
             up: self.tunnel_up,
+            closed: self.closed,
             established_secs_ago: self
                 .last_established
                 .map(|t| now.saturating_duration_since(t).as_secs()),

@@ -1420,3 +1420,55 @@ fn an_ike_sa_rekey_refused_keeps_the_ike_sa_and_is_retried() {
     assert_ne!(spis_of(&p.a.conn).0, spi_i, "rekeyed on the retry");
     p.assert_one_child_pair();
 }
+
+#[test]
+fn a_closed_responder_refuses_the_peer_until_opened_again() {
+    // The operator takes the tunnel down on the device (A, responder here):
+    // the gateway (B) keeps trying and is refused; once opened, it gets in.
+    let mut p = gateway_initiates();
+    p.a.conn.close(p.now);
+    assert!(p.a.conn.is_closed());
+    p.run(Duration::from_secs(30));
+    assert!(!p.a.conn.is_up() && !p.b.conn.is_up());
+    assert!(Pair::inbound(&p.a).is_empty());
+    let refused = rejections(&p.a)
+        .iter()
+        .filter(|r| **r == Reject::Closed)
+        .count();
+    assert!(refused >= 2, "B tried again and was refused: {refused}");
+    p.a.conn.open(p.now);
+    assert!(!p.a.conn.is_closed());
+    p.run(Duration::from_secs(70));
+    assert!(p.up(), "B's next attempt got in");
+    p.assert_one_child_pair();
+}
+
+#[test]
+fn an_initiator_opened_again_initiates_at_once() {
+    let mut p = established();
+    p.a.conn.close(p.now);
+    p.run(Duration::from_secs(5));
+    assert!(!p.a.conn.is_up());
+    p.run(Duration::from_secs(60));
+    assert!(!p.a.conn.is_up(), "closed: no attempt");
+    p.a.conn.open(p.now);
+    p.run(Duration::from_secs(2));
+    assert!(p.up());
+    p.assert_one_child_pair();
+}
+
+#[test]
+fn a_reconfigured_connection_comes_back_with_its_new_settings() {
+    let mut p = established();
+    let before = Pair::inbound(&p.a);
+    let mut cfg = cfg_a();
+    cfg.replay_window = 128;
+    p.a.conn.reconfigure(Arc::new(cfg), p.now);
+    assert_eq!(p.a.conn.config().replay_window, 128);
+    p.run(Duration::from_secs(5));
+    assert!(p.up());
+    p.assert_one_child_pair();
+    assert_ne!(Pair::inbound(&p.a), before, "new CHILD_SAs");
+    let installed = p.a.backend.installed.last().unwrap();
+    assert_eq!(installed.replay_window, 128);
+}

@@ -298,6 +298,17 @@ impl Lab {
             .retain_mut(|d| d.is_running() || d.name() != name);
     }
 
+    /// Deletes on-prem's DMZ interface (both ends of its veth go), as an
+    /// operator or a driver reload would.
+    pub fn delete_dmz(&self) -> Result<()> {
+        self.ns.onprem.ip(&["link", "del", topology::ONPREM_DMZ_IF])
+    }
+
+    /// Builds on-prem's DMZ interface again, with `queues` queues.
+    pub fn recreate_dmz(&self, queues: u32) -> Result<()> {
+        topology::wire_dmz(&self.ns, queues)
+    }
+
     /// Pings the VNet's VM `count` times from LAN host address `src`.
     pub fn ping_vm(&self, src: std::net::Ipv4Addr, count: u32) -> Result<String> {
         let (src, dst, count) = (src.to_string(), topology::VM.to_string(), count.to_string());

@@ -20,7 +20,7 @@ use std::net::Ipv4Addr;
 
 use anyhow::{Context, Result};
 
-use crate::netns::{Netns, veth};
+use crate::netns::{Netns, veth, veth_queues};
 
 /// The article's example pre-shared key (it says: use a stronger one).
 pub const DEFAULT_PSK: &str = "secret*1234";
@@ -99,6 +99,29 @@ pub fn build(make: impl Fn(&str) -> Result<Netns>) -> Result<Namespaces> {
     Ok(ns)
 }
 
+/// The DMZ link between on-prem and the Microsoft-peering edge, with
+/// `queues` queues each way: built with the lab, and again by a test that
+/// deleted it.
+pub fn wire_dmz(ns: &Namespaces, queues: u32) -> Result<()> {
+    veth_queues(&ns.onprem, ONPREM_DMZ_IF, &ns.msee, "dmz-p", queues)?;
+    ns.onprem.ip(&[
+        "addr",
+        "add",
+        &format!("{ONPREM_PUBLIC}/24"),
+        "dev",
+        ONPREM_DMZ_IF,
+    ])?;
+    ns.onprem.ip(&[
+        "route",
+        "replace",
+        "203.0.113.0/24",
+        "via",
+        &MSEE_DMZ.to_string(),
+    ])?;
+    ns.msee
+        .ip(&["addr", "add", &format!("{MSEE_DMZ}/24"), "dev", "dmz-p"])
+}
+
 fn wire(ns: &Namespaces) -> Result<()> {
     for (_, n) in ns.all() {
         // Multi-hop BGP and replies arrive on other interfaces than they leave by.
@@ -153,28 +176,12 @@ fn wire(ns: &Namespaces) -> Result<()> {
     ])?;
     ns.onprem
         .ip(&["addr", "add", &format!("{ONPREM_LOOPBACK}/32"), "dev", "lo"])?;
-    veth(&ns.onprem, ONPREM_DMZ_IF, &ns.msee, "dmz-p")?;
-    ns.onprem.ip(&[
-        "addr",
-        "add",
-        &format!("{ONPREM_PUBLIC}/24"),
-        "dev",
-        ONPREM_DMZ_IF,
-    ])?;
-    ns.onprem.ip(&[
-        "route",
-        "add",
-        "203.0.113.0/24",
-        "via",
-        &MSEE_DMZ.to_string(),
-    ])?;
+    wire_dmz(ns, 1)?;
     ns.onprem.sysctl("net.ipv4.ip_forward=1")?;
     // maximum-paths: flows (not just address pairs) spread over the tunnels.
     ns.onprem.sysctl("net.ipv4.fib_multipath_hash_policy=1")?;
 
     // Microsoft-peering edge.
-    ns.msee
-        .ip(&["addr", "add", &format!("{MSEE_DMZ}/24"), "dev", "dmz-p"])?;
     ns.msee
         .ip(&["addr", "add", &format!("{OUTSIDER}/32"), "dev", "lo"])?;
     ns.msee.ip(&["link", "add", "br-az", "type", "bridge"])?;

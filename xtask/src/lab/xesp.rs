@@ -308,6 +308,33 @@ impl Xesp {
             .unwrap_or_else(|e| format!("(xesp status failed: {e:#})"))
     }
 
+    /// `xesp ARGS -s SOCKET` (a control command): its exit status, and
+    /// what it printed on standard output then standard error.
+    pub fn ctl(&self, args: &[&str]) -> Result<(bool, String)> {
+        let out = Command::new(binary()?)
+            .args(args)
+            .arg("-s")
+            .arg(self.socket())
+            .output()?;
+        Ok((
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ))
+    }
+
+    /// Changes the running daemon's xesp.toml (for `xesp reload`).
+    pub fn edit_conf(&self, f: impl FnOnce(&mut toml_edit::DocumentMut)) -> Result<()> {
+        let text = std::fs::read_to_string(self.conf())?;
+        let mut doc: toml_edit::DocumentMut = text.parse().context("the lab's xesp.toml")?;
+        f(&mut doc);
+        std::fs::write(self.conf(), doc.to_string())?;
+        Ok(())
+    }
+
     /// Tunnels whose outbound traffic has an SA.
     pub fn tunnels_up(&self) -> usize {
         self.status_json()

@@ -15,13 +15,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use datapath_user::{
+use crate::{
+    DatapathError,
     slowpath::SlowPath,
     worker::{Worker, WorkerCounters},
     xdp::XdpPrograms,
 };
-
-use super::DaemonError;
 
 /// Restarts of one queue's worker within [`RESTART_WINDOW`] before the
 /// daemon gives up.
@@ -40,12 +39,15 @@ struct Slot {
     recent: VecDeque<Instant>,
 }
 
+/// The workers of the current generation.
 pub struct Workers {
     pub counters: Arc<WorkerCounters>,
     slots: Vec<Slot>,
     dmz_if: String,
     lan_if: String,
     path: Arc<SlowPath>,
+    /// Stops this generation of workers (a new one is made when the
+    /// interfaces change under them).
     stop: Arc<AtomicBool>,
     /// Workers that ended and were started again.
     restarts: AtomicU64,
@@ -59,31 +61,50 @@ impl Workers {
         lan_if: &str,
         path: Arc<SlowPath>,
         xdp: &mut XdpPrograms,
-        stop: Arc<AtomicBool>,
-    ) -> Result<Self, DaemonError> {
+    ) -> Result<Self, DatapathError> {
         let mut w = Self {
             counters: Arc::new(WorkerCounters::default()),
-            slots: (0..queues)
-                .map(|queue| Slot {
-                    queue,
-                    handle: None,
-                    starts: 0,
-                    recent: VecDeque::new(),
-                })
-                .collect(),
+            slots: Vec::new(),
             dmz_if: dmz_if.to_string(),
             lan_if: lan_if.to_string(),
             path,
-            stop,
+            stop: Arc::new(AtomicBool::new(false)),
             restarts: AtomicU64::new(0),
         };
-        for i in 0..w.slots.len() {
-            w.spawn(i, xdp)?;
-        }
+        w.restart(queues, xdp)?;
         Ok(w)
     }
 
-    fn spawn(&mut self, i: usize, xdp: &mut XdpPrograms) -> Result<(), DaemonError> {
+    /// Stops the workers there are and starts one per queue, with fresh
+    /// sockets; the counters go on.
+    pub fn restart(&mut self, queues: u32, xdp: &mut XdpPrograms) -> Result<(), DatapathError> {
+        self.stop();
+        self.stop = Arc::new(AtomicBool::new(false));
+        self.slots = (0..queues)
+            .map(|queue| Slot {
+                queue,
+                handle: None,
+                starts: 0,
+                recent: VecDeque::new(),
+            })
+            .collect();
+        for i in 0..self.slots.len() {
+            self.spawn(i, xdp)?;
+        }
+        Ok(())
+    }
+
+    /// Stops every worker and waits for it.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for s in self.slots.drain(..) {
+            if let Some(h) = s.handle {
+                let _ = h.join();
+            }
+        }
+    }
+
+    fn spawn(&mut self, i: usize, xdp: &mut XdpPrograms) -> Result<(), DatapathError> {
         let q = self.slots[i].queue;
         let (worker, socks) = Worker::new(
             q,
@@ -113,7 +134,7 @@ impl Workers {
                 }
                 worker.run(stop)
             })
-            .map_err(|source| DaemonError::Io {
+            .map_err(|source| DatapathError::Io {
                 what: format!("starting the AF_XDP worker of queue {q}"),
                 source,
             })?;
@@ -123,7 +144,7 @@ impl Workers {
 
     /// Looks for workers that ended and starts them again; an error when
     /// one keeps dying or cannot be started.
-    pub fn watch(&mut self, xdp: &mut XdpPrograms, now: Instant) -> Result<(), DaemonError> {
+    pub fn watch(&mut self, xdp: &mut XdpPrograms, now: Instant) -> Result<(), DatapathError> {
         if self.stop.load(Ordering::Relaxed) {
             return Ok(());
         }
@@ -150,7 +171,7 @@ impl Workers {
             let recent = &mut self.slots[i].recent;
             recent.retain(|t| now.saturating_duration_since(*t) < RESTART_WINDOW);
             if recent.len() >= MAX_RESTARTS {
-                return Err(DaemonError::Workers(format!(
+                return Err(DatapathError::Workers(format!(
                     "the AF_XDP worker of queue {q} ended {} times within {} s ({why}); giving up",
                     MAX_RESTARTS + 1,
                     RESTART_WINDOW.as_secs()
@@ -184,11 +205,6 @@ impl Workers {
             self.restarts.load(Ordering::Relaxed),
         ));
         v
-    }
-
-    /// The threads, to join at exit.
-    pub fn into_handles(self) -> impl Iterator<Item = JoinHandle<()>> {
-        self.slots.into_iter().filter_map(|s| s.handle)
     }
 }
 

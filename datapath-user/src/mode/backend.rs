@@ -1,4 +1,4 @@
-//! The [`SaBackend`] of the user-space datapath: CHILD_SA directions become
+//! The [`SaBackend`] of the user-space datapaths: CHILD_SA directions become
 //! ESP SAs in the [`SaDb`] the packet paths read, and a tunnel's device has
 //! carrier exactly while the tunnel has an outbound SA (so the kernel FIB, and
 //! BGP next hops over it, follow the tunnel's state). With XDP, inbound SPIs
@@ -8,7 +8,7 @@
 //! Each SA takes the traffic selectors its CHILD_SA was negotiated with, so
 //! that the datapath enforces them (RFC 4301 §5.1, §5.2). Outbound SPIs are
 //! the peers' choice: they are kept per tunnel, so each connection reaches
-//! the datapath through its own [`TunnelBackend`], which knows its tunnel.
+//! the datapath through its own [`UserBackend`], which knows its tunnel.
 
 use std::{
     collections::HashSet,
@@ -17,44 +17,32 @@ use std::{
     time::Instant,
 };
 
-use datapath_user::{sadb::SaDb, tun::Tun, xdp::XdpPrograms};
-use ike_proto::random::{Random, SystemRandom};
+use ike_proto::{
+    backend::{BackendError, ChildSaSpec, Direction, SaBackend},
+    random::{Random, SystemRandom},
+    ts::TsRange,
+};
 use xesp_esp::{
     policy::{Selector, Selectors},
     sa::{InboundSa, NattPorts, OutboundSa, SaCounters},
 };
 
-use ike_proto::{
-    backend::{BackendError, ChildSaSpec, Direction, SaBackend},
-    ts::TsRange,
-};
+use crate::{sadb::SaDb, tun::Tun, xdp::XdpPrograms};
 
-/// SAs into the SA database, carrier onto the tunnel devices.
-pub struct UserBackend {
-    pub sadb: Arc<SaDb>,
-    /// Tunnel N's device is `tuns[N]`.
-    pub tuns: Vec<Arc<Tun>>,
-    /// The XDP programs (`xdp` datapath).
-    pub xdp: Option<XdpPrograms>,
+/// Inbound SPIs handed out and not installed yet, so that two exchanges in
+/// flight never get the same one.
+pub(crate) struct SpiAllocator {
     rng: SystemRandom,
-    /// Allocated inbound SPIs not installed yet.
     reserved: HashSet<u32>,
 }
 
-impl UserBackend {
-    pub fn new(sadb: Arc<SaDb>, tuns: Vec<Arc<Tun>>, xdp: Option<XdpPrograms>) -> Self {
+impl SpiAllocator {
+    pub fn new() -> Self {
         Self {
-            sadb,
-            tuns,
-            xdp,
             rng: SystemRandom::new(),
             reserved: HashSet::new(),
         }
     }
-}
-
-fn system(m: impl Into<String>) -> BackendError {
-    BackendError::System(m.into())
 }
 
 fn selector(t: &TsRange) -> Selector {
@@ -74,73 +62,44 @@ pub fn selectors(spec: &ChildSaSpec) -> Selectors {
     Selectors::new(&local, &remote)
 }
 
-impl UserBackend {
-    /// The backend as tunnel `tunnel`'s connection sees it.
-    pub fn tunnel(&mut self, tunnel: u32) -> TunnelBackend<'_> {
-        TunnelBackend {
-            inner: self,
-            tunnel,
-        }
-    }
+fn system(m: impl Into<String>) -> BackendError {
+    BackendError::System(m.into())
 }
 
-/// One tunnel's view of the [`UserBackend`]: the SPIs it names in
+/// One tunnel's view of the user-space datapath: the SPIs it names in
 /// `update`, `delete` and `counters` are that tunnel's.
-pub struct TunnelBackend<'a> {
-    inner: &'a mut UserBackend,
-    tunnel: u32,
+pub(crate) struct UserBackend<'a> {
+    pub tunnel: u32,
+    pub sadb: &'a SaDb,
+    /// Tunnel N's device is `tuns[N]`.
+    pub tuns: &'a [Arc<Tun>],
+    pub spis: &'a mut SpiAllocator,
+    /// The XDP programs (`xdp` datapath).
+    pub xdp: Option<&'a mut XdpPrograms>,
 }
 
-impl SaBackend for TunnelBackend<'_> {
-    fn allocate_spi(&mut self) -> Result<u32, BackendError> {
-        self.inner.allocate_spi()
-    }
-
-    fn install(&mut self, spec: &ChildSaSpec) -> Result<(), BackendError> {
-        if spec.tunnel != self.tunnel {
-            return Err(BackendError::NoTunnel(spec.tunnel));
-        }
-        self.inner.install(spec)
-    }
-
-    fn route(&mut self, tunnel: u32, spi: Option<u32>) -> Result<(), BackendError> {
-        if tunnel != self.tunnel {
-            return Err(BackendError::NoTunnel(tunnel));
-        }
-        self.inner.route(tunnel, spi)
-    }
-
-    fn update(
-        &mut self,
-        spi: u32,
-        direction: Direction,
-        local: SocketAddr,
-        remote: SocketAddr,
-    ) -> Result<(), BackendError> {
-        self.inner
-            .update(self.tunnel, spi, direction, local, remote)
-    }
-
-    fn delete(&mut self, spi: u32, direction: Direction) -> Result<(), BackendError> {
-        self.inner.delete(self.tunnel, spi, direction)
-    }
-
-    fn counters(&mut self, spi: u32, direction: Direction) -> Option<SaCounters> {
-        match direction {
-            Direction::Inbound => self.inner.sadb.inbound_counters(spi),
-            Direction::Outbound => self.inner.sadb.outbound_counters(self.tunnel, spi),
+impl UserBackend<'_> {
+    fn mine(&self, tunnel: u32) -> Result<(), BackendError> {
+        if tunnel == self.tunnel && (tunnel as usize) < self.tuns.len() {
+            Ok(())
+        } else {
+            Err(BackendError::NoTunnel(tunnel))
         }
     }
 }
 
-impl UserBackend {
+impl SaBackend for UserBackend<'_> {
     fn allocate_spi(&mut self) -> Result<u32, BackendError> {
         for _ in 0..64 {
             let mut b = [0u8; 4];
-            self.rng.fill(&mut b).map_err(|_| BackendError::Random)?;
+            self.spis
+                .rng
+                .fill(&mut b)
+                .map_err(|_| BackendError::Random)?;
             let spi = u32::from_be_bytes(b);
-            if spi >= 256 && !self.reserved.contains(&spi) && !self.sadb.contains_inbound(spi) {
-                self.reserved.insert(spi);
+            if spi >= 256 && !self.spis.reserved.contains(&spi) && !self.sadb.contains_inbound(spi)
+            {
+                self.spis.reserved.insert(spi);
                 return Ok(spi);
             }
         }
@@ -148,9 +107,7 @@ impl UserBackend {
     }
 
     fn install(&mut self, spec: &ChildSaSpec) -> Result<(), BackendError> {
-        if spec.tunnel as usize >= self.tuns.len() {
-            return Err(BackendError::NoTunnel(spec.tunnel));
-        }
+        self.mine(spec.tunnel)?;
         let Some(params) = spec.sa_params() else {
             return Err(BackendError::Unsupported {
                 spi: spec.spi,
@@ -168,7 +125,7 @@ impl UserBackend {
             Direction::Inbound => {
                 let sa = InboundSa::new(&params, Instant::now()).map_err(bad)?;
                 self.sadb.install_inbound(spec.tunnel, sa, selectors(spec));
-                self.reserved.remove(&spec.spi);
+                self.spis.reserved.remove(&spec.spi);
                 if let Some(x) = &mut self.xdp {
                     x.steer(spec.spi, spec.tunnel)
                         .map_err(|e| system(format!("steering SPI {:08x}: {e}", spec.spi)))?;
@@ -183,6 +140,7 @@ impl UserBackend {
     }
 
     fn route(&mut self, tunnel: u32, spi: Option<u32>) -> Result<(), BackendError> {
+        self.mine(tunnel)?;
         if !self.sadb.route(tunnel, spi) {
             return Err(BackendError::NoSuchSa {
                 spi: spi.unwrap_or(0),
@@ -193,16 +151,13 @@ impl UserBackend {
             x.set_tunnel_live(tunnel, spi.is_some())
                 .map_err(|e| system(format!("tunnel {tunnel}: {e}")))?;
         }
-        if let Some(t) = self.tuns.get(tunnel as usize) {
-            t.set_carrier(spi.is_some())
-                .map_err(|e| system(format!("{}: setting carrier: {e}", t.name())))?;
-        }
-        Ok(())
+        let t = &self.tuns[tunnel as usize];
+        t.set_carrier(spi.is_some())
+            .map_err(|e| system(format!("{}: setting carrier: {e}", t.name())))
     }
 
     fn update(
         &mut self,
-        tunnel: u32,
         spi: u32,
         direction: Direction,
         local: SocketAddr,
@@ -214,18 +169,18 @@ impl UserBackend {
                 reason: format!("IPv4 outer addresses only ({local} -> {remote})"),
             });
         };
-        let moved = self
-            .sadb
-            .update_endpoints(tunnel, spi, direction == Direction::Inbound, |t| {
-                xesp_esp::sa::Tunnel {
-                    local: local_ip,
-                    remote: remote_ip,
-                    natt: t.natt.map(|_| NattPorts {
-                        local: local.port(),
-                        remote: remote.port(),
-                    }),
-                }
-            });
+        let moved =
+            self.sadb
+                .update_endpoints(self.tunnel, spi, direction == Direction::Inbound, |t| {
+                    xesp_esp::sa::Tunnel {
+                        local: local_ip,
+                        remote: remote_ip,
+                        natt: t.natt.map(|_| NattPorts {
+                            local: local.port(),
+                            remote: remote.port(),
+                        }),
+                    }
+                });
         if moved {
             Ok(())
         } else {
@@ -233,18 +188,25 @@ impl UserBackend {
         }
     }
 
-    fn delete(&mut self, tunnel: u32, spi: u32, direction: Direction) -> Result<(), BackendError> {
+    fn delete(&mut self, spi: u32, direction: Direction) -> Result<(), BackendError> {
         match direction {
             Direction::Inbound => {
-                self.reserved.remove(&spi);
+                self.spis.reserved.remove(&spi);
                 self.sadb.delete_inbound(spi);
                 if let Some(x) = &mut self.xdp {
                     x.unsteer(spi)
                         .map_err(|e| system(format!("unsteering SPI {spi:08x}: {e}")))?;
                 }
             }
-            Direction::Outbound => self.sadb.delete_outbound(tunnel, spi),
+            Direction::Outbound => self.sadb.delete_outbound(self.tunnel, spi),
         }
         Ok(())
+    }
+
+    fn counters(&mut self, spi: u32, direction: Direction) -> Option<SaCounters> {
+        match direction {
+            Direction::Inbound => self.sadb.inbound_counters(spi),
+            Direction::Outbound => self.sadb.outbound_counters(self.tunnel, spi),
+        }
     }
 }

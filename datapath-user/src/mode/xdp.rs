@@ -1,0 +1,283 @@
+//! `datapath = "xdp"`: the socket datapath behind the XDP DMZ filter, with
+//! ESP and the LAN's tunnel traffic steered to AF_XDP workers (one per
+//! receive queue, supervised by [`Workers`]).
+//!
+//! The DMZ and LAN interfaces are watched: when one is deleted the workers
+//! stop (their sockets died with it) and the filter waits; when it is there
+//! again, re-created or with another queue count, the programs and workers
+//! are attached anew. Queue counts change without an rtnetlink event
+//! (`ethtool -L`), so the watch reads the interfaces' index and queues once
+//! a tick, two cheap system calls.
+
+use std::{net::UdpSocket, sync::Arc, time::Instant};
+
+use ike_proto::backend::SaBackend;
+use ipnet::IpNet;
+use xesp_common::{LanCounter, SteerCounter};
+
+use super::{
+    DatapathConfig, DatapathStatus, IkeSink, SaExpiry, sockets::SocketDatapath, workers::Workers,
+};
+use crate::{
+    DatapathError,
+    netlink::ifindex,
+    xdp::{XdpAttach, XdpPrograms},
+};
+
+/// Receive queues of `iface` (1 when sysfs does not say), at most MAX_QUEUES.
+fn queue_count(iface: &str) -> u32 {
+    let n = std::fs::read_dir(format!("/sys/class/net/{iface}/queues"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
+                .count() as u32
+        })
+        .unwrap_or(1);
+    n.clamp(1, xesp_common::MAX_QUEUES)
+}
+
+/// What the workers run on: an interface's index and receive queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Link {
+    ifindex: u32,
+    queues: u32,
+}
+
+impl Link {
+    /// Interface `name` now, if there is one.
+    fn of(name: &str) -> Option<Self> {
+        let ifindex = ifindex(name);
+        (ifindex != 0).then(|| Self {
+            ifindex,
+            queues: queue_count(name),
+        })
+    }
+}
+
+/// The DMZ and LAN interfaces, both there.
+type Links = (Link, Link);
+
+/// Attaches the DMZ filter and LAN steering to the interfaces of that name
+/// (again, after they changed).
+fn attach_links(x: &mut XdpPrograms, dmz: &str, lan: &str) -> Result<(), DatapathError> {
+    x.detach(dmz);
+    x.detach(lan);
+    let mode = x.attach_dmz(dmz, XdpAttach::Auto)?;
+    log::info!("{dmz}: DMZ filter attached ({mode:?} mode)");
+    let mode = x.attach_lan(lan, XdpAttach::Auto)?;
+    log::info!("{lan}: LAN steering attached ({mode:?} mode)");
+    Ok(())
+}
+
+/// Loads the programs and attaches them: the DMZ filter with its allowlist,
+/// LAN steering.
+fn attach(cfg: &DatapathConfig, lan_if: &str) -> Result<XdpPrograms, DatapathError> {
+    let mut x = XdpPrograms::load()?;
+    attach_links(&mut x, &cfg.dmz_interface, lan_if)?;
+    for p in &cfg.dmz_allow {
+        x.allow(*p)?;
+    }
+    if cfg.dmz_pass_unclassified {
+        x.set_dmz_flags(xesp_common::dmz_flags::PASS_UNCLASSIFIED)?;
+        log::warn!(
+            "{}: DMZ filter passes frames it cannot classify (dmz.pass_unclassified)",
+            cfg.dmz_interface
+        );
+    }
+    log::info!(
+        "{}: DMZ filter allows {} prefixes",
+        cfg.dmz_interface,
+        cfg.dmz_allow.len()
+    );
+    Ok(x)
+}
+
+/// The XDP datapath.
+pub struct XdpDatapath {
+    sockets: SocketDatapath,
+    xdp: XdpPrograms,
+    workers: Workers,
+    dmz_if: String,
+    lan_if: String,
+    /// The interfaces the programs and workers are attached to; `None`
+    /// while one of them is missing.
+    links: Option<Links>,
+    /// Times they were attached again after a change.
+    reattached: u64,
+    /// The DMZ filter's allowlist as installed.
+    allowed: Vec<IpNet>,
+}
+
+impl XdpDatapath {
+    pub fn start(
+        cfg: &DatapathConfig,
+        udp4500: Arc<UdpSocket>,
+        ike: IkeSink,
+    ) -> Result<Self, DatapathError> {
+        let Some(lan_if) = cfg.lan_interfaces.first() else {
+            return Err(DatapathError::Config(
+                "the xdp datapath needs a LAN interface (device.lan_interfaces)".into(),
+            ));
+        };
+        let (Some(dmz), Some(lan)) = (Link::of(&cfg.dmz_interface), Link::of(lan_if)) else {
+            return Err(DatapathError::Config(format!(
+                "the interfaces {} and {lan_if} must exist",
+                cfg.dmz_interface
+            )));
+        };
+        let mut xdp = attach(cfg, lan_if)?;
+        let sockets = SocketDatapath::start(cfg, udp4500, ike)?;
+        for (i, t) in cfg.tunnels.iter().enumerate() {
+            xdp.set_tunnel_ifindex(ifindex(&t.name), i as u32)?;
+        }
+        let queues = dmz.queues.min(lan.queues);
+        let workers = Workers::start(
+            queues,
+            &cfg.dmz_interface,
+            lan_if,
+            sockets.path.clone(),
+            &mut xdp,
+        );
+        let workers = match workers {
+            Ok(w) => w,
+            Err(e) => {
+                sockets.join();
+                return Err(e);
+            }
+        };
+        log::info!(
+            "{queues} AF_XDP worker(s) on {} and {lan_if}",
+            cfg.dmz_interface
+        );
+        Ok(Self {
+            sockets,
+            xdp,
+            workers,
+            dmz_if: cfg.dmz_interface.clone(),
+            lan_if: lan_if.clone(),
+            links: Some((dmz, lan)),
+            reattached: 0,
+            allowed: cfg.dmz_allow.clone(),
+        })
+    }
+
+    /// Follows the DMZ and LAN interfaces: stops the workers when one is
+    /// gone, attaches everything again when they are back or changed.
+    fn follow_links(&mut self) -> Result<(), DatapathError> {
+        let now = match (Link::of(&self.dmz_if), Link::of(&self.lan_if)) {
+            (Some(d), Some(l)) => Some((d, l)),
+            _ => None,
+        };
+        if now == self.links {
+            return Ok(());
+        }
+        self.workers.stop();
+        let Some((dmz, lan)) = now else {
+            log::warn!(
+                "{} or {} is gone: AF_XDP workers stopped until it is back",
+                self.dmz_if,
+                self.lan_if
+            );
+            self.links = None;
+            return Ok(());
+        };
+        attach_links(&mut self.xdp, &self.dmz_if, &self.lan_if)?;
+        let queues = dmz.queues.min(lan.queues);
+        self.workers.restart(queues, &mut self.xdp)?;
+        self.links = now;
+        self.reattached += 1;
+        log::warn!(
+            "{} (index {}) and {} (index {}) changed: programs and {queues} AF_XDP worker(s) attached again",
+            self.dmz_if,
+            dmz.ifindex,
+            self.lan_if,
+            lan.ifindex
+        );
+        Ok(())
+    }
+}
+
+impl super::Datapath for XdpDatapath {
+    fn tunnel(&mut self, tunnel: u32) -> Box<dyn SaBackend + '_> {
+        Box::new(self.sockets.backend(tunnel, Some(&mut self.xdp)))
+    }
+
+    fn expiries(&mut self, now: Instant) -> Vec<SaExpiry> {
+        self.sockets.expiries(now)
+    }
+
+    fn tick(&mut self, now: Instant) -> Result<(), DatapathError> {
+        self.xdp.flush_logs();
+        self.follow_links()?;
+        self.workers.watch(&mut self.xdp, now)
+    }
+
+    fn status(&self) -> DatapathStatus {
+        let mut st = self.sockets.status("xdp + AF_XDP workers");
+        match self.xdp.dmz_counters() {
+            Ok(c) => st.dmz.extend(c.iter().map(|(k, v)| (k.to_string(), v))),
+            Err(e) => log::warn!("reading the DMZ counters: {e}"),
+        }
+        if let Ok(c) = self.xdp.steer_counters() {
+            st.dmz.extend(
+                SteerCounter::ALL
+                    .iter()
+                    .map(|k| (format!("esp_{}", k.name()), c[*k as usize])),
+            );
+        }
+        if let Ok(c) = self.xdp.lan_counters() {
+            st.lan.extend(
+                LanCounter::ALL
+                    .iter()
+                    .map(|k| (k.name().to_string(), c[*k as usize])),
+            );
+        }
+        for (i, t) in st.tunnels.iter_mut().enumerate() {
+            t.xdp = self.xdp.tunnel_counters(i as u32).ok();
+        }
+        st.workers = self.workers.snapshot();
+        st.workers.extend([
+            ("links_missing".to_string(), u64::from(self.links.is_none())),
+            ("links_reattached".to_string(), self.reattached),
+        ]);
+        st
+    }
+
+    fn set_dmz(&mut self, allow: &[IpNet], pass_unclassified: bool) -> Result<(), DatapathError> {
+        // New prefixes first: nothing allowed before is dropped meanwhile.
+        for p in allow.iter().filter(|p| !self.allowed.contains(p)) {
+            self.xdp.allow(*p)?;
+        }
+        for p in self.allowed.iter().filter(|p| !allow.contains(p)) {
+            self.xdp.disallow(*p)?;
+        }
+        self.allowed = allow.to_vec();
+        let flags = if pass_unclassified {
+            xesp_common::dmz_flags::PASS_UNCLASSIFIED
+        } else {
+            0
+        };
+        self.xdp.set_dmz_flags(flags)?;
+        log::info!(
+            "{}: DMZ filter allows {} prefixes{}",
+            self.dmz_if,
+            allow.len(),
+            if pass_unclassified {
+                ", passes what it cannot classify"
+            } else {
+                ""
+            }
+        );
+        Ok(())
+    }
+
+    fn stop(self: Box<Self>) {
+        let Self {
+            sockets,
+            mut workers,
+            ..
+        } = *self;
+        workers.stop();
+        sockets.join();
+    }
+}

@@ -1,0 +1,187 @@
+//! Needs root: the operator's commands on a running xesp (reference lab,
+//! xdp datapath, strongSwan gateways).
+//!
+//! * `xesp reload` under ping: a wider DMZ allowlist applies at once (an
+//!   outsider's packets now pass the filter), a device setting that needs
+//!   a restart is named, and the tunnels keep their SAs: no ping is lost.
+//! * `xesp tunnel down` deletes the tunnel's SAs at the gateway and keeps it
+//!   down; `xesp tunnel up` brings it back; `xesp tunnel rekey` makes a new
+//!   CHILD_SA; `xesp sa list` shows them; a wrong name is an error.
+
+#![allow(clippy::unwrap_used)] // a test: a failed step is a failed test
+
+use std::time::Duration;
+
+use serde_json::Value;
+use xtask::{
+    lab::{
+        Lab, LabConfig, OnpremMode,
+        topology::{LAN_HOSTS, ONPREM_PUBLIC, OUTSIDER, VM, vnet_routes},
+    },
+    netns::wait_until,
+};
+
+fn status(lab: &Lab) -> Value {
+    lab.xesp.as_ref().unwrap().0.status_json().unwrap()
+}
+
+fn dmz(st: &Value, name: &str) -> u64 {
+    st["dmz"]
+        .as_array()
+        .and_then(|l| l.iter().find(|p| p[0] == name))
+        .and_then(|p| p[1].as_u64())
+        .unwrap_or_else(|| panic!("no DMZ counter {name}"))
+}
+
+/// Tunnel `i`'s CHILD_SA inbound SPIs.
+fn child_spis(st: &Value, i: usize) -> Vec<String> {
+    st["tunnels"][i]["connection"]["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["spi_in"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn ctl(lab: &Lab, args: &[&str]) -> (bool, String) {
+    lab.xesp.as_ref().unwrap().0.ctl(args).unwrap()
+}
+
+fn ping_outsider(lab: &Lab) {
+    let _ = lab.ns.msee.exec(
+        "ping",
+        &[
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "-I",
+            &OUTSIDER.to_string(),
+            &ONPREM_PUBLIC.to_string(),
+        ],
+    );
+}
+
+#[test]
+fn root_control_reload_under_ping_and_tunnel_commands() {
+    let lab = Lab::up(LabConfig {
+        onprem: OnpremMode::Xesp,
+        ..LabConfig::default()
+    })
+    .unwrap();
+    lab.wait_ready(Duration::from_secs(60)).unwrap();
+    let x = &lab.xesp.as_ref().unwrap().0;
+    let st = status(&lab);
+    let spis = [child_spis(&st, 0), child_spis(&st, 1)];
+
+    // The outsider is dropped by the DMZ filter.
+    let before = dmz(&status(&lab), "drop_not_allowed");
+    ping_outsider(&lab);
+    assert!(dmz(&status(&lab), "drop_not_allowed") >= before + 3);
+
+    // Reload under ping: the outsider's prefix allowed, the MTU changed.
+    let reloaded = std::thread::scope(|s| {
+        let pings = s.spawn(|| {
+            lab.ns.lan.exec(
+                "ping",
+                &[
+                    "-c",
+                    "100",
+                    "-i",
+                    "0.05",
+                    "-W",
+                    "2",
+                    "-I",
+                    &LAN_HOSTS[0].to_string(),
+                    &VM.to_string(),
+                ],
+            )
+        });
+        x.edit_conf(|doc| {
+            doc["dmz"]["allow"]
+                .as_array_mut()
+                .unwrap()
+                .push("198.51.100.0/24");
+            doc["device"]["tunnel_mtu"] = toml_edit::value(1300);
+        })
+        .unwrap();
+        let answer = ctl(&lab, &["reload"]);
+        (answer, pings.join().unwrap())
+    });
+    let ((ok, answer), pings) = reloaded;
+    assert!(ok, "{answer}");
+    assert!(answer.contains("dmz:"), "{answer}");
+    assert!(
+        answer.contains("not applied: device.tunnel_mtu changed"),
+        "{answer}"
+    );
+    let pings = pings.unwrap_or_else(|e| panic!("pings during the reload: {e:#}"));
+    assert!(
+        pings.contains("100 packets transmitted, 100 received"),
+        "{pings}"
+    );
+    let st = status(&lab);
+    assert_eq!([child_spis(&st, 0), child_spis(&st, 1)], spis, "SAs kept");
+    // Now the outsider passes the filter (counted as allowed).
+    let (allowed, dropped) = (dmz(&st, "allowed"), dmz(&st, "drop_not_allowed"));
+    ping_outsider(&lab);
+    let st = status(&lab);
+    assert_eq!(dmz(&st, "drop_not_allowed"), dropped);
+    assert!(dmz(&st, "allowed") >= allowed + 3);
+
+    // A wrong name is an error naming the tunnels.
+    let (ok, out) = ctl(&lab, &["tunnel", "down", "Tunnel9"]);
+    assert!(!ok && out.contains("Tunnel0, Tunnel1"), "{out}");
+
+    // Down: the gateway's IKE_SA goes and stays gone.
+    let (ok, out) = ctl(&lab, &["tunnel", "down", "Tunnel1"]);
+    assert!(ok, "{out}");
+    let gw = &lab.gateways[1].charon;
+    assert!(
+        wait_until(Duration::from_secs(10), || gw.established_ike_sas() == 0),
+        "{}",
+        gw.list_sas()
+    );
+    let st = status(&lab);
+    assert_eq!(st["tunnels"][1]["up"], false);
+    assert_eq!(st["tunnels"][1]["connection"]["closed"], true);
+    let (_, list) = ctl(&lab, &["sa", "list"]);
+    assert!(
+        list.contains("Tunnel1: no IKE_SA") || list.contains("down by the operator"),
+        "{list}"
+    );
+    // Tunnel0 carries the LAN meanwhile, once the Azure fabric stops
+    // sending the replies to the instance without a tunnel.
+    vnet_routes(&lab.ns.vnet, &[0]).unwrap();
+    let out = lab.ping_vm(LAN_HOSTS[0], 3).unwrap();
+    assert!(out.contains(" 3 received"), "{out}");
+
+    // Up: back.
+    let (ok, out) = ctl(&lab, &["tunnel", "up", "Tunnel1"]);
+    assert!(ok, "{out}");
+    assert!(
+        wait_until(Duration::from_secs(30), || status(&lab)["tunnels"][1]["up"]
+            == true),
+        "{}",
+        lab.status()
+    );
+    vnet_routes(&lab.ns.vnet, &[0, 1]).unwrap();
+
+    // Rekey: a new CHILD_SA on Tunnel0.
+    let (ok, out) = ctl(&lab, &["tunnel", "rekey", "Tunnel0"]);
+    assert!(ok, "{out}");
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let now = child_spis(&status(&lab), 0);
+            now.len() == 1 && now != spis[0]
+        }),
+        "{:?} -> {:?}",
+        spis[0],
+        child_spis(&status(&lab), 0)
+    );
+    let (ok, list) = ctl(&lab, &["sa", "list"]);
+    assert!(ok && list.contains("Tunnel0: IKE_SA ESTABLISHED"), "{list}");
+    assert!(list.contains("CHILD_SA"), "{list}");
+}
