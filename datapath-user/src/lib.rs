@@ -10,6 +10,7 @@ pub mod slowpath;
 pub mod tun;
 pub mod worker;
 pub mod xdp;
+pub mod xfrm;
 pub mod xsk;
 
 use aya::{Ebpf, maps::MapError, programs::ProgramError};

@@ -102,6 +102,8 @@ struct DeviceFile {
     control_socket: PathBuf,
     #[serde(default)]
     control_group: Option<String>,
+    #[serde(default)]
+    metrics_listen: Option<String>,
     #[serde(default = "default_mss")]
     mss_clamp: i64,
     #[serde(default = "default_mtu")]
@@ -184,6 +186,8 @@ pub struct Device {
     pub control_socket: PathBuf,
     /// The control socket's group (mode 0660); `None`: root's.
     pub control_group: Option<String>,
+    /// Where Prometheus scrapes `/metrics` (off when `None`).
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub mss_clamp: u16,
     pub tunnel_mtu: u16,
     pub bird_socket: Option<PathBuf>,
@@ -321,6 +325,19 @@ impl Config {
             datapath: f.device.datapath,
             control_socket: f.device.control_socket,
             control_group: f.device.control_group,
+            metrics_listen: f
+                .device
+                .metrics_listen
+                .as_deref()
+                .map(|a| {
+                    a.trim().parse().map_err(|_| {
+                        field(
+                            "device.metrics_listen",
+                            format!("{a:?} is not an address and port like 127.0.0.1:9962"),
+                        )
+                    })
+                })
+                .transpose()?,
             mss_clamp,
             tunnel_mtu,
             bird_socket: f.device.bird_socket,

@@ -228,12 +228,16 @@ pub fn utc(secs: u64) -> String {
     )
 }
 
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// The UTC time `ago` seconds before now.
 pub fn utc_ago(ago: u64) -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    utc(now.saturating_sub(ago))
+    utc(unix_now().saturating_sub(ago))
 }
 
 fn duration(secs: u64) -> String {

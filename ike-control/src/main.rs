@@ -9,7 +9,7 @@ use ike_control::{
     bgp_config,
     config::{Config, ConfigError, DatapathMode},
     control::{self, Answer, RekeyWhat, Request},
-    daemon, service,
+    daemon, logging, service,
 };
 
 /// The on-premises end of a site-to-site IPsec VPN to an active-active Azure
@@ -32,11 +32,16 @@ Examples:
   xesp tunnel rekey Tunnel1 --ike        rekey the IKE_SA (default: the CHILD_SA)
   xesp reload                            apply a changed xesp.toml (also SIGHUP)
 
-Logs go to standard error; RUST_LOG=debug shows every IKE exchange.
+Logs go to standard error (or the journal under systemd, or JSON with
+--log-format json); RUST_LOG=debug shows every IKE exchange.
 The pre-shared key is never logged or shown.")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format: auto (the journal under systemd, text otherwise), text,
+    /// json (one object per line) or journald.
+    #[arg(long, global = true, default_value = "auto")]
+    log_format: logging::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -226,8 +231,8 @@ fn load(path: &std::path::Path) -> Result<Config, String> {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
+    logging::init(cli.log_format);
     let result = match cli.command {
         Command::Check { config } => load(&config).map(|c| {
             for w in &c.warnings {

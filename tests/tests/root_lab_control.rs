@@ -47,6 +47,78 @@ fn ctl(lab: &Lab, args: &[&str]) -> (bool, String) {
     lab.xesp.as_ref().unwrap().0.ctl(args).unwrap()
 }
 
+/// `GET /metrics` from inside the on-prem namespace.
+fn scrape(lab: &Lab) -> String {
+    use std::io::{Read, Write};
+    lab.ns
+        .onprem
+        .enter(|| {
+            let mut s = std::net::TcpStream::connect(xtask::lab::xesp::METRICS).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: xesp\r\n\r\n")
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        })
+        .unwrap()
+}
+
+/// The value of the metric line that starts with `series` (name and labels).
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+/// A Prometheus scrape agrees with `xesp status --json` taken just before
+/// and just after it (counters only grow in between).
+fn metrics_agree_with_status(lab: &Lab) {
+    let before = status(lab);
+    let text = scrape(lab);
+    let after = status(lab);
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    assert!(text.contains("application/openmetrics-text"), "{text}");
+    assert!(text.trim_end().ends_with("# EOF"), "{text}");
+    let within = |series: &str, get: &dyn Fn(&Value) -> u64| {
+        let m = metric(&text, series);
+        let (a, b) = (get(&before), get(&after));
+        assert!(a <= m && m <= b, "{series} {m}, status {a} then {b}");
+    };
+    for i in 0..2 {
+        let t = &before["tunnels"][i];
+        let labels = format!(
+            "tunnel=\"{}\",peer=\"{}\"",
+            t["name"].as_str().unwrap(),
+            t["remote"].as_str().unwrap()
+        );
+        assert_eq!(
+            metric(&text, &format!("xesp_tunnel_up{{{labels}}}")),
+            u64::from(t["up"] == true)
+        );
+        for (dir, field) in [("in", "packets_in"), ("out", "packets_out")] {
+            within(
+                &format!("xesp_child_sa_packets_total{{{labels},direction=\"{dir}\"}}"),
+                &|st| st["tunnels"][i]["totals"][field].as_u64().unwrap(),
+            );
+        }
+        within(
+            &format!("xesp_ike_sas_established_total{{{labels}}}"),
+            &|st| {
+                st["tunnels"][i]["connection"]["stats"]["ike_sas_established"]
+                    .as_u64()
+                    .unwrap()
+            },
+        );
+    }
+    for class in ["drop_not_allowed", "natt_esp"] {
+        within(
+            &format!("xesp_dmz_packets_total{{class=\"{class}\"}}"),
+            &|st| dmz(st, class),
+        );
+    }
+}
+
 fn ping_outsider(lab: &Lab) {
     let _ = lab.ns.msee.exec(
         "ping",
@@ -75,6 +147,8 @@ fn root_control_reload_under_ping_and_tunnel_commands() {
     let x = &lab.xesp.as_ref().unwrap().0;
     let st = status(&lab);
     let spis = [child_spis(&st, 0), child_spis(&st, 1)];
+
+    metrics_agree_with_status(&lab);
 
     // The outsider is dropped by the DMZ filter.
     let before = dmz(&status(&lab), "drop_not_allowed");

@@ -7,3 +7,4 @@ pub mod netns;
 pub mod package;
 pub mod setup;
 pub mod test;
+pub mod vm;

@@ -29,6 +29,11 @@ enum Cmd {
         #[command(subcommand)]
         action: Option<LabAction>,
     },
+    /// Run a command as root under Debian's 6.1 kernel in QEMU (kernel ESP and
+    /// XFRM, which this machine's kernel lacks): the host's / read-only, the
+    /// command's exit status as this command's, e.g.
+    /// `cargo xtask vm -- ip xfrm state`.
+    Vm(xtask::vm::VmArgs),
 }
 
 #[derive(Subcommand)]
@@ -49,6 +54,10 @@ fn main() -> Result<()> {
         Cmd::Test(args) => xtask::test::run(&args)?,
         Cmd::Bench(args) => xtask::bench::run(&args)?,
         Cmd::Package(args) => xtask::package::run(&args)?,
+        Cmd::Vm(args) => {
+            let status = xtask::vm::cli(&args)?;
+            std::process::exit(status);
+        }
         Cmd::Lab { action } => match action {
             None => {
                 xtask::lab::cli_up()?;

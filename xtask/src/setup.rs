@@ -7,6 +7,11 @@
 //! * bpf-linker, built against the libLLVM that Debian's rustc itself links
 //!   (its major version is read from `/usr/bin/rustc -vV`, never pinned);
 //! * cargo-fuzz, which runs the fuzz targets (with rustup's nightly);
+//! * for the test VM ([`crate::vm`]): QEMU (`qemu-system-x86`, from
+//!   `<codename>-backports` when the preinstalled `qemu-utils` comes from
+//!   there, since the release's own QEMU `Breaks` it; never removing a
+//!   package), and Debian's kernel, busybox and kmod unpacked under
+//!   `target/vm/` with the initramfs built from them;
 //! * cargo-deb and what packaging needs ([`crate::package::ensure_tools`]).
 
 use std::{
@@ -38,6 +43,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "tcpdump",
     "ethtool",
     "procps",
+    // The test VM's kernel is taken out of its xz-compressed bzImage.
+    "xz-utils",
     // Build scripts of C-using crates (ring).
     "gcc",
     "libc6-dev",
@@ -66,6 +73,9 @@ pub fn run(quiet: bool) -> Result<Toolchain> {
     let bpf_linker = bpf_linker(llvm_major, quiet)?;
     cargo_fuzz(quiet)?;
     crate::package::ensure_tools(quiet)?;
+    qemu(quiet)?;
+    let assets = crate::vm::image::ensure(quiet)?;
+    crate::vm::initramfs::ensure(&assets, quiet)?;
     Ok(Toolchain {
         bpf_linker,
         llvm_major,
@@ -78,6 +88,8 @@ pub fn is_complete() -> bool {
         && debian_llvm_major().is_ok()
         && installed_bpf_linker().is_some()
         && installed_cargo_fuzz()
+        && crate::vm::qemu::find_qemu().is_some()
+        && crate::vm::image::Assets::present().is_some()
         && crate::package::tools_present()
 }
 
@@ -155,6 +167,217 @@ fn apt(quiet: bool) -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
     Ok(())
+}
+
+/// The QEMU package the test VM boots with.
+pub const QEMU_PACKAGE: &str = "qemu-system-x86";
+
+/// Installs QEMU if `qemu-system-x86_64` is missing. When the installed
+/// `qemu-utils` comes from backports (`~bpo`), the release's own
+/// `qemu-system-x86` declares `Breaks` against it, so QEMU comes from
+/// `<codename>-backports` too (its apt source added if none names it, on the
+/// mirror the release's own source uses). `--no-remove`: apt aborts rather
+/// than remove an installed package.
+fn qemu(quiet: bool) -> Result<()> {
+    if let Some(path) = crate::vm::qemu::find_qemu() {
+        if !quiet {
+            println!("[setup] qemu: present at {}", path.display());
+        }
+        return Ok(());
+    }
+    require_root("install QEMU")?;
+    let mut install = Command::new("apt-get");
+    install
+        .args(["install", "-y", "--no-install-recommends", "--no-remove"])
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    let utils = installed_version("qemu-utils");
+    if let Some(version) = utils.as_deref().filter(|v| v.contains("~bpo")) {
+        let codename = os_codename()?;
+        let suite = format!("{codename}-backports");
+        let sources = read_apt_sources();
+        if has_suite(&sources, &suite) {
+            println!("[setup] qemu: qemu-utils {version} is from {suite}; its apt source is there");
+        } else {
+            let (uri, signed_by) = release_source(&sources, &codename).with_context(|| {
+                format!(
+                    "no apt source for {codename} in /etc/apt/sources.list* to take the mirror from"
+                )
+            })?;
+            let file = format!("/etc/apt/sources.list.d/xesp-{suite}.sources");
+            println!("[setup] qemu: qemu-utils {version} is from {suite}: adding {file} ({uri})");
+            std::fs::write(&file, backports_source(&uri, &suite, signed_by.as_deref()))
+                .with_context(|| format!("writing {file}"))?;
+        }
+        run_cmd(
+            Command::new("apt-get")
+                .arg("update")
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+        install.args(["-t", &suite]);
+    } else {
+        run_cmd(
+            Command::new("apt-get")
+                .arg("update")
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    println!("[setup] qemu: installing {QEMU_PACKAGE}");
+    run_cmd(install.arg(QEMU_PACKAGE))?;
+    crate::vm::qemu::find_qemu().map(|_| ()).with_context(|| {
+        format!(
+            "{QEMU_PACKAGE} is installed but there is no {}",
+            crate::vm::qemu::QEMU
+        )
+    })
+}
+
+/// The installed version of a Debian package, if it is installed.
+fn installed_version(package: &str) -> Option<String> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}|${Version}", package])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (status, version) = text.split_once('|')?;
+    status
+        .contains("install ok installed")
+        .then(|| version.trim().to_string())
+}
+
+/// `VERSION_CODENAME` of /etc/os-release (`bookworm`).
+fn os_codename() -> Result<String> {
+    let text = std::fs::read_to_string("/etc/os-release").context("reading /etc/os-release")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME="))
+        .map(|v| v.trim().trim_matches('"').to_string())
+        .filter(|v| !v.is_empty())
+        .context("/etc/os-release has no VERSION_CODENAME")
+}
+
+/// One apt source: its URIs, suites, and `Signed-By` (one-line sources as well as deb822).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AptSource {
+    pub uris: Vec<String>,
+    pub suites: Vec<String>,
+    pub signed_by: Option<String>,
+}
+
+/// The binary (`deb`) sources apt reads: /etc/apt/sources.list and the
+/// `.list` and `.sources` files beside it (others apt ignores, and so do we).
+fn read_apt_sources() -> Vec<AptSource> {
+    let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
+    if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        let mut more: Vec<PathBuf> = dir.flatten().map(|e| e.path()).collect();
+        more.sort();
+        files.extend(more);
+    }
+    let mut sources = Vec::new();
+    for f in files {
+        let Ok(text) = std::fs::read_to_string(&f) else {
+            continue;
+        };
+        match f.extension().and_then(|e| e.to_str()) {
+            Some("sources") => sources.extend(parse_deb822_sources(&text)),
+            Some("list") => sources.extend(parse_one_line_sources(&text)),
+            _ => {}
+        }
+    }
+    sources
+}
+
+/// deb822 stanzas (`Types: deb`, `URIs:`, `Suites:`, `Signed-By:`), skipping
+/// `Enabled: no` and non-`deb` ones.
+pub fn parse_deb822_sources(text: &str) -> Vec<AptSource> {
+    let mut out = Vec::new();
+    for stanza in text.split("\n\n") {
+        let mut fields = std::collections::BTreeMap::new();
+        for line in stanza.lines() {
+            if line.starts_with('#') || line.starts_with(char::is_whitespace) {
+                continue;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                fields.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+            }
+        }
+        let words = |k: &str| -> Vec<String> {
+            fields
+                .get(k)
+                .map(|v| v.split_whitespace().map(str::to_string).collect())
+                .unwrap_or_default()
+        };
+        if !words("types").iter().any(|t| t == "deb")
+            || fields
+                .get("enabled")
+                .is_some_and(|v| v.eq_ignore_ascii_case("no"))
+        {
+            continue;
+        }
+        out.push(AptSource {
+            uris: words("uris"),
+            suites: words("suites"),
+            signed_by: fields.get("signed-by").filter(|v| !v.is_empty()).cloned(),
+        });
+    }
+    out
+}
+
+/// `deb [signed-by=...] URI SUITE COMPONENT...` lines.
+pub fn parse_one_line_sources(text: &str) -> Vec<AptSource> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        let Some(rest) = line
+            .strip_prefix("deb ")
+            .or_else(|| line.strip_prefix("deb\t"))
+        else {
+            continue;
+        };
+        let mut rest = rest.trim();
+        let mut signed_by = None;
+        if let Some(opts) = rest.strip_prefix('[') {
+            let Some((opts, after)) = opts.split_once(']') else {
+                continue;
+            };
+            signed_by = opts
+                .split_whitespace()
+                .find_map(|o| o.strip_prefix("signed-by="))
+                .map(str::to_string);
+            rest = after.trim();
+        }
+        let mut words = rest.split_whitespace();
+        if let (Some(uri), Some(suite)) = (words.next(), words.next()) {
+            out.push(AptSource {
+                uris: vec![uri.to_string()],
+                suites: vec![suite.to_string()],
+                signed_by,
+            });
+        }
+    }
+    out
+}
+
+fn has_suite(sources: &[AptSource], suite: &str) -> bool {
+    sources.iter().any(|s| s.suites.iter().any(|x| x == suite))
+}
+
+/// The mirror (and key) of the release's own source (`Suites: bookworm`).
+pub fn release_source(sources: &[AptSource], codename: &str) -> Option<(String, Option<String>)> {
+    sources
+        .iter()
+        .filter(|s| s.suites.iter().any(|x| x == codename))
+        .find_map(|s| Some((s.uris.first()?.clone(), s.signed_by.clone())))
+}
+
+/// The deb822 source for `suite` on `uri`.
+pub fn backports_source(uri: &str, suite: &str, signed_by: Option<&str>) -> String {
+    let mut s = format!(
+        "# Added by xesp's `cargo xtask setup`: QEMU for the test VM comes from here.\n\
+         Types: deb\nURIs: {uri}\nSuites: {suite}\nComponents: main\n"
+    );
+    if let Some(k) = signed_by {
+        s += &format!("Signed-By: {k}\n");
+    }
+    s
 }
 
 /// The LLVM major version Debian's rustc was built against (`LLVM version: 22.1.x`).
@@ -318,6 +541,47 @@ pub fn project_root() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_backports_source_reuses_the_release_mirror() {
+        let deb822 = "Types: deb\n# a comment\nURIs: http://mirror.example/debian\n\
+Suites: bookworm bookworm-updates\nComponents: main\nSigned-By: /usr/share/keyrings/k.gpg\n\n\
+Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\nComponents: main\n\n\
+Types: deb-src\nURIs: http://src.example/debian\nSuites: bookworm\nComponents: main\n";
+        let sources = parse_deb822_sources(deb822);
+        assert_eq!(sources.len(), 2);
+        assert_eq!(
+            release_source(&sources, "bookworm"),
+            Some((
+                "http://mirror.example/debian".to_string(),
+                Some("/usr/share/keyrings/k.gpg".to_string())
+            ))
+        );
+        assert!(!has_suite(&sources, "bookworm-backports"));
+        let one = "# old style\ndeb [arch=amd64 signed-by=/k.gpg] http://m.example/debian bookworm main\n\
+deb-src http://m.example/debian bookworm main\ndeb http://m.example/debian bookworm-backports main\n";
+        let sources = parse_one_line_sources(one);
+        assert_eq!(sources.len(), 2);
+        assert_eq!(
+            release_source(&sources, "bookworm"),
+            Some((
+                "http://m.example/debian".to_string(),
+                Some("/k.gpg".to_string())
+            ))
+        );
+        assert!(has_suite(&sources, "bookworm-backports"));
+        let disabled = "Enabled: no\nTypes: deb\nURIs: http://x.example/\nSuites: bookworm\n";
+        assert!(parse_deb822_sources(disabled).is_empty());
+        let text = backports_source(
+            "http://mirror.example/debian",
+            "bookworm-backports",
+            Some("/k.gpg"),
+        );
+        let back = parse_deb822_sources(&text);
+        assert_eq!(back[0].suites, ["bookworm-backports"]);
+        assert_eq!(back[0].uris, ["http://mirror.example/debian"]);
+        assert_eq!(back[0].signed_by.as_deref(), Some("/k.gpg"));
+    }
 
     #[test]
     fn a_command_past_its_limit_is_killed_with_its_children() {

@@ -36,6 +36,7 @@ const PLAIN_KEYS: &[&str] = &[
     "datapath",
     "control_socket",
     "control_group",
+    "metrics_listen",
     "mss_clamp",
     "tunnel_mtu",
     "bird_socket",

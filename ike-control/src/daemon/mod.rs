@@ -155,19 +155,26 @@ impl Driver {
                     log::warn!("{}: sending to {}: {e}", self.cfg.tunnels[i].name, t.remote);
                 }
             }
+            let (name, peer) = (
+                self.cfg.tunnels[i].name.as_str(),
+                self.cfg.tunnels[i].peer.remote,
+            );
             while let Some(e) = self.conns[i].poll_event() {
-                let name = &self.cfg.tunnels[i].name;
                 match e {
                     Event::Log { level, message } => match level {
-                        Level::Debug => log::debug!("{name}: {message}"),
-                        Level::Info => log::info!("{name}: {message}"),
-                        Level::Warn => log::warn!("{name}: {message}"),
-                        Level::Error => log::error!("{name}: {message}"),
+                        Level::Debug => tracing::debug!(tunnel = name, %peer, "{name}: {message}"),
+                        Level::Info => tracing::info!(tunnel = name, %peer, "{name}: {message}"),
+                        Level::Warn => tracing::warn!(tunnel = name, %peer, "{name}: {message}"),
+                        Level::Error => tracing::error!(tunnel = name, %peer, "{name}: {message}"),
                     },
-                    Event::TunnelUp { .. } => log::info!("{name}: tunnel up"),
-                    Event::TunnelDown { reason, .. } => log::warn!("{name}: tunnel down: {reason}"),
+                    Event::TunnelUp { .. } => {
+                        tracing::info!(tunnel = name, %peer, "{name}: tunnel up")
+                    }
+                    Event::TunnelDown { reason, .. } => {
+                        tracing::warn!(tunnel = name, %peer, %reason, "{name}: tunnel down: {reason}")
+                    }
                     Event::Rejected { from, reason } => {
-                        log::debug!("{name}: dropped a message from {from}: {reason}")
+                        tracing::debug!(tunnel = name, %from, %reason, "{name}: dropped a message from {from}: {reason}")
                     }
                 }
             }
@@ -509,6 +516,73 @@ fn group_id(name: &str) -> Option<u32> {
     })
 }
 
+/// Longest HTTP request head the metrics endpoint reads.
+const MAX_HTTP_REQUEST: usize = 4096;
+
+/// Serves `GET /metrics` (OpenMetrics text) from the main loop's status,
+/// one small request per connection, at most [`MAX_CLIENTS`] at once.
+async fn serve_metrics(listener: tokio::net::TcpListener, requests: mpsc::Sender<ControlRequest>) {
+    let clients = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
+    loop {
+        let Ok(permit) = clients.clone().acquire_owned().await else {
+            return;
+        };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let requests = requests.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let (rd, mut wr) = stream.into_split();
+            let mut head = String::new();
+            let mut rd = BufReader::new(rd.take(MAX_HTTP_REQUEST as u64));
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                // The request line, then headers up to the empty line.
+                loop {
+                    let mut line = String::new();
+                    match rd.read_line(&mut line).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(_) if line.trim().is_empty() => return true,
+                        Ok(_) => head.push_str(&line),
+                    }
+                }
+            })
+            .await;
+            if !matches!(read, Ok(true)) {
+                return;
+            }
+            let target = head.split_whitespace().take(2).collect::<Vec<_>>();
+            let (code, kind, body) = if target == ["GET", "/metrics"] {
+                let (tx, rx) = oneshot::channel();
+                if requests.send((Request::Status, tx)).await.is_err() {
+                    return;
+                }
+                let Ok(json) = rx.await else { return };
+                match serde_json::from_str::<DeviceStatus>(&json) {
+                    Ok(st) => (
+                        "200 OK",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        crate::metrics::render(&st, control::unix_now()),
+                    ),
+                    Err(e) => ("500 Internal Server Error", "text/plain", format!("{e}\n")),
+                }
+            } else {
+                (
+                    "404 Not Found",
+                    "text/plain",
+                    "only GET /metrics is served\n".into(),
+                )
+            };
+            let answer = format!(
+                "HTTP/1.1 {code}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = wr.write_all(answer.as_bytes()).await;
+            let _ = wr.shutdown().await;
+        });
+    }
+}
+
 /// How long `birdc` may take to answer for `xesp status`.
 const BIRDC_TIMEOUT: Duration = Duration::from_millis(1500);
 
@@ -595,6 +669,16 @@ async fn run_async(cfg: Config, config_path: PathBuf) -> Result<(), DaemonError>
     let sock_path: PathBuf = cfg.device.control_socket.clone();
     let listener = bind_control(&sock_path, cfg.device.control_group.as_deref())?;
     let (req_tx, mut req_rx) = mpsc::channel::<ControlRequest>(MAX_CLIENTS);
+    let metrics_task = match cfg.device.metrics_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(io_err(format!("binding metrics_listen {addr}")))?;
+            log::info!("Prometheus metrics on http://{addr}/metrics");
+            Some(tokio::spawn(serve_metrics(l, req_tx.clone())))
+        }
+        None => None,
+    };
     let control_task = tokio::spawn(serve_control(listener, req_tx));
 
     let now = Instant::now();
@@ -673,6 +757,9 @@ async fn run_async(cfg: Config, config_path: PathBuf) -> Result<(), DaemonError>
     // Give the peers' DELETE answers a moment; they need no reply from us.
     tokio::time::sleep(Duration::from_millis(300)).await;
     control_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
     let _ = std::fs::remove_file(&sock_path);
     d.datapath.stop();
     failed.map_or(Ok(()), Err)

@@ -34,6 +34,7 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
         ("datapath", o.datapath == n.datapath),
         ("control_socket", o.control_socket == n.control_socket),
         ("control_group", o.control_group == n.control_group),
+        ("metrics_listen", o.metrics_listen == n.metrics_listen),
         ("mss_clamp", o.mss_clamp == n.mss_clamp),
         ("tunnel_mtu", o.tunnel_mtu == n.tunnel_mtu),
     ];

@@ -71,6 +71,12 @@ fn table<'a>(doc: &'a mut toml_edit::DocumentMut, name: &str) -> Result<&'a mut 
         .ok_or_else(|| anyhow!("the imported xesp.toml has no [{name}]"))
 }
 
+/// Where xesp serves Prometheus metrics, inside the on-prem namespace.
+pub const METRICS: std::net::SocketAddr = std::net::SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    9962,
+));
+
 /// The lab's settings over an imported xesp.toml (`text`): the datapath,
 /// the sockets, the DMZ allowlist, short BGP timers, then each line of the
 /// test's `[ike]` and `[[tunnel]]` settings replacing the imported value.
@@ -85,6 +91,8 @@ fn lab_settings(text: &str, s: &XespSettings, socket: &Path, bird_ctl: &Path) ->
         value(socket.display().to_string()),
     );
     set_by_lab(device, "bird_socket", value(bird_ctl.display().to_string()));
+    // On the on-prem namespace's own loopback: `Xesp::scrape` reads it.
+    set_by_lab(device, "metrics_listen", value(METRICS.to_string()));
     let mut allow = toml_edit::Array::new();
     allow.push(AZURE_PUBLIC_PREFIX);
     set_by_lab(table(&mut doc, "dmz")?, "allow", value(allow));
