@@ -8,7 +8,8 @@
 //! * [`metrics`]: Prometheus metrics from the status;
 //! * [`logging`]: text, journald or JSON logs through `tracing`;
 //! * [`azure`]: `xesp azure import|export|allowlist`;
-//! * [`bgp_config`]: `xesp bgp-config --bird`.
+//! * [`bgp_config`]: `xesp bgp-config --bird`;
+//! * [`service`]: the capability check at start, systemd notifications.
 
 pub mod azure;
 pub mod bgp_config;
@@ -17,3 +18,4 @@ pub mod control;
 pub mod daemon;
 pub mod logging;
 pub mod metrics;
+pub mod service;

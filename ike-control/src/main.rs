@@ -7,9 +7,9 @@ use clap::{Args, Parser, Subcommand};
 use ike_control::{
     azure::cmd::{AllowlistArgs, ExportArgs, ImportArgs, run_allowlist, run_export, run_import},
     bgp_config,
-    config::{Config, ConfigError},
+    config::{Config, ConfigError, DatapathMode},
     control::{self, Answer, RekeyWhat, Request},
-    daemon, logging,
+    daemon, logging, service,
 };
 
 /// The on-premises end of a site-to-site IPsec VPN to an active-active Azure
@@ -23,6 +23,7 @@ Examples:
   xesp check -c /etc/xesp/xesp.toml      check a configuration, show warnings
   xesp bgp-config --bird -c /etc/xesp/xesp.toml > /etc/bird/bird.conf
   xesp run -c /etc/xesp/xesp.toml        run the daemon (as root)
+  xesp check-caps --datapath xdp         has this process the capabilities xesp run needs?
   xesp status -c /etc/xesp/xesp.toml     tunnels, IKE_SAs, CHILD_SAs, counters
   xesp status --json -s /run/xesp/xesp.sock
   xesp sa list                           IKE_SAs and CHILD_SAs, one line each
@@ -50,6 +51,22 @@ enum Command {
         /// The configuration (see xesp.example.toml).
         #[arg(short, long, default_value = "/etc/xesp/xesp.toml")]
         config: PathBuf,
+    },
+    /// Check that this process has the capabilities `xesp run` needs for
+    /// the datapath (as root, or as the xesp service, it has): names each
+    /// one missing and what it is for.
+    CheckCaps {
+        /// Take the datapath from this configuration.
+        #[arg(
+            short,
+            long,
+            default_value = "/etc/xesp/xesp.toml",
+            conflicts_with = "datapath"
+        )]
+        config: PathBuf,
+        /// The datapath to check for (instead of --config).
+        #[arg(long, value_parser = ["xdp", "tun"])]
+        datapath: Option<String>,
     },
     /// Run the daemon: create the tunnel interfaces, negotiate the IKE_SAs
     /// and CHILD_SAs, carry the tunnels' traffic. Stops on SIGTERM or
@@ -234,9 +251,26 @@ fn main() -> ExitCode {
                 c.device.datapath
             );
         }),
-        Command::Run { config } => {
-            load(&config).and_then(|c| daemon::run(c, config.clone()).map_err(|e| e.to_string()))
+        Command::CheckCaps { config, datapath } => {
+            let mode = match datapath.as_deref() {
+                Some("tun") => Ok(DatapathMode::Tun),
+                Some(_) => Ok(DatapathMode::Xdp),
+                None => load(&config).map(|c| c.device.datapath),
+            };
+            mode.and_then(|mode| {
+                service::check_capabilities(mode).map_err(|e| e.to_string())?;
+                println!(
+                    "capabilities: OK for datapath = \"{}\"",
+                    format!("{mode:?}").to_lowercase()
+                );
+                Ok(())
+            })
         }
+        Command::Run { config } => load(&config).and_then(|c| {
+            // Name every missing capability now, not the first failing call.
+            service::check_capabilities(c.device.datapath).map_err(|e| e.to_string())?;
+            daemon::run(c, config.clone()).map_err(|e| e.to_string())
+        }),
         Command::Status { daemon, json } => daemon.socket().and_then(|s| {
             let st = control::query_status(&s).map_err(|e| e.to_string())?;
             if json {

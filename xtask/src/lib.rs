@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod lab;
 pub mod netns;
+pub mod package;
 pub mod setup;
 pub mod test;
 pub mod vm;

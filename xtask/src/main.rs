@@ -20,6 +20,9 @@ enum Cmd {
     /// crypto limit, in one run: a Markdown table on stdout, JSON and a chart
     /// in the report folder (needs root).
     Bench(xtask::bench::BenchArgs),
+    /// Build the Debian package (cargo-deb): xesp, its systemd unit, the
+    /// example configuration as /etc/xesp/xesp.toml, the system user.
+    Package(xtask::package::PackageArgs),
     /// The reference lab in network namespaces: without an action, bring it up
     /// (if it is not) and show its status.
     Lab {
@@ -50,6 +53,7 @@ fn main() -> Result<()> {
         }
         Cmd::Test(args) => xtask::test::run(&args)?,
         Cmd::Bench(args) => xtask::bench::run(&args)?,
+        Cmd::Package(args) => xtask::package::run(&args)?,
         Cmd::Vm(args) => {
             let status = xtask::vm::cli(&args)?;
             std::process::exit(status);

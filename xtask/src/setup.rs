@@ -11,7 +11,8 @@
 //!   `<codename>-backports` when the preinstalled `qemu-utils` comes from
 //!   there, since the release's own QEMU `Breaks` it; never removing a
 //!   package), and Debian's kernel, busybox and kmod unpacked under
-//!   `target/vm/` with the initramfs built from them.
+//!   `target/vm/` with the initramfs built from them;
+//! * cargo-deb and what packaging needs ([`crate::package::ensure_tools`]).
 
 use std::{
     env,
@@ -71,6 +72,7 @@ pub fn run(quiet: bool) -> Result<Toolchain> {
     let llvm_major = debian_llvm_major()?;
     let bpf_linker = bpf_linker(llvm_major, quiet)?;
     cargo_fuzz(quiet)?;
+    crate::package::ensure_tools(quiet)?;
     qemu(quiet)?;
     let assets = crate::vm::image::ensure(quiet)?;
     crate::vm::initramfs::ensure(&assets, quiet)?;
@@ -88,6 +90,7 @@ pub fn is_complete() -> bool {
         && installed_cargo_fuzz()
         && crate::vm::qemu::find_qemu().is_some()
         && crate::vm::image::Assets::present().is_some()
+        && crate::package::tools_present()
 }
 
 fn installed_cargo_fuzz() -> bool {
