@@ -65,7 +65,7 @@ enum Command {
         )]
         config: PathBuf,
         /// The datapath to check for (instead of --config).
-        #[arg(long, value_parser = ["xdp", "tun"])]
+        #[arg(long, value_parser = ["xdp", "tun", "xfrm"])]
         datapath: Option<String>,
     },
     /// Run the daemon: create the tunnel interfaces, negotiate the IKE_SAs
@@ -254,6 +254,7 @@ fn main() -> ExitCode {
         Command::CheckCaps { config, datapath } => {
             let mode = match datapath.as_deref() {
                 Some("tun") => Ok(DatapathMode::Tun),
+                Some("xfrm") => Ok(DatapathMode::Xfrm),
                 Some(_) => Ok(DatapathMode::Xdp),
                 None => load(&config).map(|c| c.device.datapath),
             };

@@ -141,19 +141,21 @@ pub fn needed(mode: DatapathMode, env: Environment) -> Vec<Need> {
             why: "bind IKE's UDP port 500",
         });
     }
-    if mode == DatapathMode::Xdp {
-        v[0].why = "create the tunnel interfaces (TUN), set their addresses, routes and \
-                    sysctls over rtnetlink, attach the XDP programs";
-        v[1].why = "open the raw ESP socket (IP protocol 50) and the AF_XDP sockets";
+    if matches!(mode, DatapathMode::Xdp | DatapathMode::Xfrm) {
+        v[0].why = "create the tunnel interfaces, set their addresses, routes and \
+                    sysctls over rtnetlink, attach the XDP programs, install XFRM SAs";
         v.push(Need {
             cap: Capability::Bpf,
-            why: "load the XDP programs and create their maps (datapath = \"xdp\" only)",
+            why: "load the XDP programs and create their maps (datapath = \"xdp\" and \"xfrm\")",
         });
         v.push(Need {
             cap: Capability::Perfmon,
             why: "load the XDP programs under the verifier's privileged rules \
-                  (without it some pointer operations are refused; datapath = \"xdp\" only)",
+                  (without it some pointer operations are refused; datapath = \"xdp\" and \"xfrm\")",
         });
+    }
+    if mode == DatapathMode::Xdp {
+        v[1].why = "open the raw ESP socket (IP protocol 50) and the AF_XDP sockets";
         if !env.memlock_unlimited {
             v.push(Need {
                 cap: Capability::IpcLock,
@@ -203,6 +205,7 @@ fn mode_name(mode: DatapathMode) -> &'static str {
     match mode {
         DatapathMode::Xdp => "xdp",
         DatapathMode::Tun => "tun",
+        DatapathMode::Xfrm => "xfrm",
     }
 }
 
@@ -420,12 +423,17 @@ mod tests {
     }
 
     #[test]
-    fn bpf_and_perfmon_only_for_xdp() {
+    fn bpf_and_perfmon_only_for_the_xdp_programs() {
         let e = eff(UNIT_NO_BPF);
         assert_eq!(missing(e, DatapathMode::Tun, UNIT_ENV), vec![]);
+        let x = missing(e, DatapathMode::Xfrm, UNIT_ENV);
+        assert_eq!(names(&x), ["CAP_BPF", "CAP_PERFMON"]);
         let m = missing(e, DatapathMode::Xdp, UNIT_ENV);
         assert_eq!(names(&m), ["CAP_BPF", "CAP_PERFMON"]);
-        assert!(m.iter().all(|n| n.why.contains("datapath = \"xdp\" only")));
+        assert!(
+            m.iter()
+                .all(|n| n.why.contains("datapath = \"xdp\" and \"xfrm\""))
+        );
         let text = MissingCapabilities {
             mode: DatapathMode::Xdp,
             missing: m,

@@ -4,8 +4,8 @@
 
 use std::{
     io,
-    os::fd::AsRawFd,
     net::UdpSocket,
+    os::fd::AsRawFd,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},

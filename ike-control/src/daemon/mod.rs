@@ -36,6 +36,7 @@ use xesp_esp::sa::{DropReason, Expiry};
 use crate::{
     config::{Config, DatapathMode},
     control::{self, Answer, DeviceStatus, MAX_REQUEST, RekeyWhat, Request, TunnelStatus},
+    service,
 };
 use ike_proto::{
     connection::{Connection, Event, Level},
@@ -713,6 +714,18 @@ async fn run_async(cfg: Config, config_path: PathBuf) -> Result<(), DaemonError>
     let mut int = signal(SignalKind::interrupt()).map_err(io_err("SIGINT handler"))?;
     // SIGHUP reloads, as `xesp reload` does.
     let mut hup = signal(SignalKind::hangup()).map_err(io_err("SIGHUP handler"))?;
+    // systemd (Type=notify): ready now that the datapath is attached and
+    // the control socket listens; the tunnels' states as STATUS=; WATCHDOG=1
+    // from this loop, every tick (at most half of any WatchdogSec= worth
+    // having). Nothing is sent without NOTIFY_SOCKET.
+    let notify = |r: io::Result<()>| {
+        if let Err(e) = r {
+            log::warn!("systemd notification: {e}");
+        }
+    };
+    notify(service::notify_ready());
+    let watchdog = service::watchdog_interval().is_some();
+    let mut shown_status = String::new();
     let mut failed = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut buf = vec![0u8; 65536];
@@ -737,6 +750,16 @@ async fn run_async(cfg: Config, config_path: PathBuf) -> Result<(), DaemonError>
             Some((from, data)) = ike_rx.recv() => d.datagram(4500, from, &data),
             _ = tokio::time::sleep_until(deadline.into()) => {}
             _ = tick.tick() => {
+                if watchdog {
+                    notify(service::notify_watchdog());
+                }
+                let line = service::status_line(
+                    d.cfg.tunnels.iter().zip(&d.conns).map(|(t, c)| (t.name.as_str(), c.is_up())),
+                );
+                if line != shown_status {
+                    notify(service::notify_status(&line));
+                    shown_status = line;
+                }
                 d.expiries();
                 if let Err(e) = d.datapath.tick(Instant::now()) {
                     log::error!("{e}");
@@ -753,6 +776,7 @@ async fn run_async(cfg: Config, config_path: PathBuf) -> Result<(), DaemonError>
             _ = int.recv() => break,
         }
     }
+    notify(service::notify_stopping());
     log::info!("stopping: deleting the IKE_SAs");
     let now = Instant::now();
     for c in &mut d.conns {
