@@ -376,15 +376,20 @@ mod tests {
             };
             let mut real = OutboundSa::new(&params, Instant::now()).expect("SA");
             let shape = Shape::new(0x1234_5678, tunnel, suite);
-            for len in [28, 64, 511, 512, 1400] {
+            for (n, len) in [28, 64, 511, 512, 1400].into_iter().enumerate() {
                 let p = inner_packet(len);
                 let mut a = vec![0u8; 2048];
                 a[256..256 + len].copy_from_slice(&p);
                 let mut b = a.clone();
                 let esp = real.encapsulate(&mut a, 256..256 + len).expect("ESP");
-                let null = wrap(&mut b, 256..256 + len, &shape, 1, 1).expect("wrapped");
+                let null = wrap(&mut b, 256..256 + len, &shape, 1, n as u16 + 1).expect("wrapped");
                 assert_eq!(null, esp, "{suite:?} {len}: the same octets as ESP");
-                assert_eq!(b[null.start..null.start + 20], a[esp.start..esp.start + 20]);
+                let h = IPV4_HLEN + UDP_HLEN + 4;
+                assert_eq!(
+                    b[null.start..null.start + h],
+                    a[esp.start..esp.start + h],
+                    "{len}: the same outer IPv4, UDP headers and SPI"
+                );
                 let outer = parse_outer(&b[null.clone()]).expect("valid outer header");
                 let Outer::Esp { spi, esp, .. } = outer else {
                     panic!("not ESP")
