@@ -356,10 +356,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             }
             let samples = az.request("counters")?;
             eprintln!(
-                "[bench] {} with {}: ESP samples checked by the peer: {}",
+                "[bench] {} with {}: ESP samples checked by the peer: {}{}",
                 kind.label(),
                 suite.label(),
-                samples["samples"]
+                samples["samples"],
+                if kind == DutKind::Null {
+                    " (all invalid, as they must be: the null forwarder encrypts nothing)"
+                } else {
+                    ""
+                }
             );
             d.stop(&topo);
             drop(az);
