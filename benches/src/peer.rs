@@ -257,12 +257,16 @@ impl Peer {
     /// `count` ESP packets for the device to decrypt, spread over the first
     /// `tunnels` tunnels, each holding an inner packet of `size` octets from
     /// the tunnel's half of the VNet to `lan_host`. One [`Prepared`] per tunnel.
+    /// With `null`, the inner packet, padding and trailer are left in the
+    /// clear (for the null forwarder): the same octets around them, the
+    /// same lengths.
     pub fn prepare_esp(
         &mut self,
         tunnels: usize,
         size: usize,
         count: u64,
         lan_host: Ipv4Addr,
+        null: bool,
     ) -> Result<Vec<Prepared>, String> {
         let tunnels = tunnels.clamp(1, self.legs.len());
         let per = count / tunnels as u64;
@@ -301,9 +305,13 @@ impl Peer {
                     size,
                     self.numbered,
                 );
+                let clear = null.then(|| buf[inner.clone()].to_vec());
                 let outer = sa
-                    .encapsulate(&mut buf, inner)
+                    .encapsulate(&mut buf, inner.clone())
                     .map_err(|e| format!("encapsulating: {e:?}"))?;
+                if let Some(clear) = clear {
+                    unseal(&mut buf, inner, &clear, outer.end - sa.suite().icv_len());
+                }
                 // The kernel writes the outer IPv4 and UDP headers: send the ESP.
                 let esp = buf[outer.start + traffic::IP_UDP_HLEN..outer.end].to_vec();
                 p.datagrams.push((esp, dut));
@@ -316,5 +324,37 @@ impl Peer {
     /// The UDP 4500 socket of tunnel `t`, which ESP to the device leaves from.
     pub fn esp_socket(&self, t: usize) -> Option<&UdpSocket> {
         self.legs.get(t).map(|l| &l.udp4500)
+    }
+}
+
+/// Puts the plaintext of an ESP packet back in the clear: the inner packet
+/// `clear` at `buf[inner]`, then the padding (1, 2, 3...) and the trailer
+/// up to `ct_end`, where the ICV begins (RFC 4303 §2.4-2.6).
+fn unseal(buf: &mut [u8], inner: std::ops::Range<usize>, clear: &[u8], ct_end: usize) {
+    let pad = ct_end - 2 - inner.end;
+    buf[inner.clone()].copy_from_slice(clear);
+    for (i, b) in buf[inner.end..inner.end + pad].iter_mut().enumerate() {
+        *b = (i + 1) as u8;
+    }
+    buf[ct_end - 2] = pad as u8;
+    buf[ct_end - 1] = xesp_esp::wire::IPPROTO_IPIP;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsealed_esp_holds_the_inner_packet_and_a_valid_trailer() {
+        let mut buf = vec![0xaau8; 64];
+        let clear = [0x45u8; 10];
+        unseal(&mut buf, 20..30, &clear, 34);
+        assert_eq!(&buf[20..30], &clear);
+        assert_eq!(
+            &buf[30..34],
+            &[1, 2, 2, 4],
+            "two octets of padding, pad length, IPIP"
+        );
+        assert_eq!(buf[34], 0xaa, "the ICV is left alone");
     }
 }

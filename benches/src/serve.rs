@@ -25,14 +25,18 @@ pub enum Request {
     /// Tunnels, SPIs, and the sink's SPIs brought up to date.
     Status,
     /// Build `count` packets of `size` over `tunnels` tunnels: ESP when this
-    /// end is the IKE peer, plaintext otherwise.
+    /// end is the IKE peer, plaintext otherwise; `mode` changes that.
     Prepare {
         tunnels: usize,
         size: usize,
         count: u64,
+        mode: Mode,
     },
-    /// Send what was prepared, one thread per tunnel.
-    Send,
+    /// Send what was prepared, one thread per tunnel, at `rate` packets/s
+    /// (all threads together) or as fast as they can.
+    Send {
+        rate: Option<u64>,
+    },
     /// The sink's counters and the checked samples.
     Counters,
     /// Raw AES-256-GCM cost for an inner packet of `size`.
@@ -41,6 +45,30 @@ pub enum Request {
         iterations: u32,
     },
     Quit,
+}
+
+/// What the IKE peer's end sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// ESP of the tunnels' SAs (plaintext on the LAN end).
+    Esp,
+    /// ESP's layout and lengths with the inner packet in the clear, for the
+    /// null forwarder (`datapath_user::null`).
+    Null,
+    /// The inner packets themselves, from the peer's addresses to the LAN
+    /// host, for the kernel forwarding baseline.
+    Plain,
+}
+
+impl Mode {
+    fn parse(w: Option<&&str>) -> Result<Self, String> {
+        match w.copied() {
+            None | Some("esp") => Ok(Self::Esp),
+            Some("null") => Ok(Self::Null),
+            Some("plain") => Ok(Self::Plain),
+            Some(o) => Err(format!("prepare: mode {o:?} is not esp, null or plain")),
+        }
+    }
 }
 
 /// An inner packet size a benchmark can send: room for the headers and the
@@ -64,8 +92,15 @@ impl Request {
                 tunnels: num(1, "tunnels")?.clamp(1, 2) as usize,
                 size: inner_size(num(2, "size")?),
                 count: num(3, "count")?,
+                mode: Mode::parse(w.get(4))?,
             }),
-            Some("send") => Ok(Self::Send),
+            Some("send") => Ok(Self::Send {
+                rate: if w.len() > 1 {
+                    Some(num(1, "rate")?).filter(|r| *r > 0)
+                } else {
+                    None
+                },
+            }),
             Some("counters") => Ok(Self::Counters),
             Some("raw") => Ok(Self::Raw {
                 size: inner_size(num(1, "size")?),
@@ -73,7 +108,7 @@ impl Request {
             }),
             Some("quit") => Ok(Self::Quit),
             Some(other) => Err(format!(
-                "unknown command {other:?} (status, prepare T S N, send, counters, raw S N, quit)"
+                "unknown command {other:?} (status, prepare T S N [esp|null|plain], send [RATE], counters, raw S N, quit)"
             )),
             None => Err("empty command".into()),
         }
@@ -95,8 +130,11 @@ struct End {
     xdp: XdpPrograms,
     peer: Option<Peer>,
     lan_host: Ipv4Addr,
-    /// Plaintext senders, one per tunnel (LAN side).
+    /// Plaintext senders, one per tunnel: from the LAN host (LAN side) or
+    /// from the tunnels' peer addresses (DMZ side).
     plain: Vec<UdpSocket>,
+    /// Whether what was prepared goes out of the plaintext sockets.
+    plain_prepared: bool,
     prepared: Vec<Prepared>,
     expected_spis: Vec<u32>,
 }
@@ -119,23 +157,40 @@ impl End {
             "up": up, "inbound_spi": i, "outbound_spi": o})).collect::<Vec<_>>()})
     }
 
-    fn prepare(&mut self, tunnels: usize, size: usize, count: u64) -> Result<Value, String> {
+    fn prepare(
+        &mut self,
+        tunnels: usize,
+        size: usize,
+        count: u64,
+        mode: Mode,
+    ) -> Result<Value, String> {
         let t0 = Instant::now();
-        self.prepared = match &mut self.peer {
-            Some(p) => p.prepare_esp(tunnels, size, count, self.lan_host)?,
-            None => (0..tunnels)
-                .map(|t| {
-                    let per = count / tunnels as u64;
-                    Prepared {
-                        datagrams: (0..per)
-                            .map(|n| {
-                                let flow = (n % u64::from(traffic::FLOWS)) as u8;
-                                let to =
-                                    SocketAddrV4::new(traffic::vnet_host(t, flow), bench::PORT);
-                                (traffic::payload(size, n), to)
-                            })
-                            .collect(),
-                    }
+        let per = count / tunnels as u64;
+        let lan_host = self.lan_host;
+        self.plain_prepared = self.peer.is_none() || mode == Mode::Plain;
+        self.prepared = match (&mut self.peer, mode) {
+            (Some(p), Mode::Esp | Mode::Null) => {
+                p.prepare_esp(tunnels, size, count, self.lan_host, mode == Mode::Null)?
+            }
+            (Some(_), Mode::Plain) => (0..tunnels)
+                .map(|_| Prepared {
+                    datagrams: (0..per)
+                        .map(|n| {
+                            let to = SocketAddrV4::new(lan_host, bench::PORT);
+                            (traffic::payload(size, n), to)
+                        })
+                        .collect(),
+                })
+                .collect(),
+            (None, _) => (0..tunnels)
+                .map(|t| Prepared {
+                    datagrams: (0..per)
+                        .map(|n| {
+                            let flow = (n % u64::from(traffic::FLOWS)) as u8;
+                            let to = SocketAddrV4::new(traffic::vnet_host(t, flow), bench::PORT);
+                            (traffic::payload(size, n), to)
+                        })
+                        .collect(),
                 })
                 .collect(),
         };
@@ -143,17 +198,18 @@ impl End {
         Ok(json!({"prepared": n, "seconds": t0.elapsed().as_secs_f64()}))
     }
 
-    fn send(&mut self) -> Result<Value, String> {
+    fn send(&mut self, rate: Option<u64>) -> Result<Value, String> {
         let mut jobs = Vec::new();
         for (t, p) in self.prepared.iter().enumerate() {
             let sock = match &self.peer {
-                Some(peer) => peer.esp_socket(t),
-                None => self.plain.get(t),
+                Some(peer) if !self.plain_prepared => peer.esp_socket(t),
+                _ => self.plain.get(t),
             }
             .ok_or_else(|| format!("no socket for tunnel {t}"))?;
             jobs.push((sock, p));
         }
-        let (sent, seconds) = traffic::send_parallel(&jobs).map_err(|e| e.to_string())?;
+        let (sent, seconds) =
+            traffic::send_parallel(&jobs, rate.map(|r| r as f64)).map_err(|e| e.to_string())?;
         self.prepared.clear();
         Ok(json!({"sent": sent, "seconds": seconds}))
     }
@@ -175,8 +231,9 @@ impl End {
                 tunnels,
                 size,
                 count,
-            } => self.prepare(tunnels, size, count),
-            Request::Send => self.send(),
+                mode,
+            } => self.prepare(tunnels, size, count, mode),
+            Request::Send { rate } => self.send(rate),
             Request::Counters => self.counters(),
             Request::Raw { size, iterations } => {
                 let (seal, open) = traffic::raw_aead_ns(size, iterations);
@@ -197,21 +254,20 @@ pub fn run(s: ServeSettings) -> Result<(), String> {
         Some(p) => Some(Peer::new(p).map_err(|e| e.to_string())?),
         None => None,
     };
-    let plain = if peer.is_none() {
-        (0..2)
-            .map(|_| {
-                UdpSocket::bind((s.lan_host, 0))
-                    .map_err(|e| format!("binding UDP on {}: {e}", s.lan_host))
-            })
-            .collect::<Result<Vec<_>, _>>()?
-    } else {
-        Vec::new()
+    let from: Vec<Ipv4Addr> = match &s.peer {
+        Some(p) => p.locals.clone(),
+        None => vec![s.lan_host; 2],
     };
+    let plain = from
+        .iter()
+        .map(|a| UdpSocket::bind((*a, 0)).map_err(|e| format!("binding UDP on {a}: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut end = End {
         xdp,
         peer,
         lan_host: s.lan_host,
         plain,
+        plain_prepared: true,
         prepared: Vec::new(),
         expected_spis: Vec::new(),
     };
@@ -303,15 +359,39 @@ mod tests {
             Ok(Request::Prepare {
                 tunnels: 2,
                 size: 1400,
-                count: 1000
+                count: 1000,
+                mode: Mode::Esp,
             })
         );
+        assert_eq!(
+            Request::parse("prepare 1 64 10 null"),
+            Ok(Request::Prepare {
+                tunnels: 1,
+                size: 64,
+                count: 10,
+                mode: Mode::Null,
+            })
+        );
+        assert!(
+            Request::parse("prepare 1 64 10 rot13")
+                .unwrap_err()
+                .contains("mode")
+        );
+        assert_eq!(Request::parse("send"), Ok(Request::Send { rate: None }));
+        assert_eq!(
+            Request::parse("send 250000"),
+            Ok(Request::Send {
+                rate: Some(250_000)
+            })
+        );
+        assert_eq!(Request::parse("send 0"), Ok(Request::Send { rate: None }));
         assert_eq!(
             Request::parse("prepare 9 1 5"),
             Ok(Request::Prepare {
                 tunnels: 2,
                 size: traffic::MIN_SIZE,
-                count: 5
+                count: 5,
+                mode: Mode::Esp,
             }),
             "clamped"
         );

@@ -104,11 +104,40 @@ pub struct Prepared {
     pub datagrams: Vec<(Vec<u8>, SocketAddrV4)>,
 }
 
-/// Sends every datagram once from `sock`, [`BATCH`] per system call.
-/// Returns how many the kernel took.
-pub fn send_all(sock: &UdpSocket, p: &Prepared) -> io::Result<u64> {
+/// When the `n`th datagram is due at `rate` datagrams per second (none:
+/// at once).
+pub fn due(start: Instant, n: u64, rate: Option<f64>) -> Instant {
+    match rate {
+        Some(r) if r > 0.0 => start + std::time::Duration::from_secs_f64(n as f64 / r),
+        _ => start,
+    }
+}
+
+/// Waits until `t`: sleeps while it is far, spins the last stretch (a
+/// sleep's timer slack would make the pace uneven).
+fn wait_until(t: Instant) {
+    loop {
+        let now = Instant::now();
+        if now >= t {
+            return;
+        }
+        let left = t - now;
+        if left > std::time::Duration::from_micros(300) {
+            std::thread::sleep(left - std::time::Duration::from_micros(200));
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// Sends every datagram once from `sock`, [`BATCH`] per system call, at
+/// `rate` datagrams per second if given (paced per batch), else as fast as
+/// the kernel takes them. Returns how many the kernel took.
+pub fn send_all(sock: &UdpSocket, p: &Prepared, rate: Option<f64>) -> io::Result<u64> {
     let mut sent = 0u64;
-    for chunk in p.datagrams.chunks(BATCH) {
+    let start = Instant::now();
+    for (i, chunk) in p.datagrams.chunks(BATCH).enumerate() {
+        wait_until(due(start, (i * BATCH) as u64, rate));
         let mut addrs: Vec<libc::sockaddr_in> = chunk.iter().map(|(_, a)| sockaddr(*a)).collect();
         let mut iovs: Vec<libc::iovec> = chunk
             .iter()
@@ -182,9 +211,14 @@ pub fn pin_to_cpu(cpu: usize) {
     }
 }
 
-/// Sends each thread's datagrams on its own CPU at the same time; returns
-/// (datagrams sent, seconds from the first to the last send).
-pub fn send_parallel(jobs: &[(&UdpSocket, &Prepared)]) -> io::Result<(u64, f64)> {
+/// Sends each thread's datagrams on its own CPU at the same time, each at
+/// its share of `rate` (datagrams per second, all threads together) if
+/// given; returns (datagrams sent, seconds from the first to the last send).
+pub fn send_parallel(
+    jobs: &[(&UdpSocket, &Prepared)],
+    rate: Option<f64>,
+) -> io::Result<(u64, f64)> {
+    let share = rate.map(|r| r / jobs.len().max(1) as f64);
     let start = Instant::now();
     let results: Vec<io::Result<u64>> = std::thread::scope(|s| {
         let handles: Vec<_> = jobs
@@ -193,7 +227,7 @@ pub fn send_parallel(jobs: &[(&UdpSocket, &Prepared)]) -> io::Result<(u64, f64)>
             .map(|(cpu, (sock, p))| {
                 s.spawn(move || {
                     pin_to_cpu(cpu);
-                    send_all(sock, p)
+                    send_all(sock, p, share)
                 })
             })
             .collect();
@@ -292,6 +326,32 @@ mod tests {
     }
 
     #[test]
+    fn pacing_spaces_batches_by_the_rate() {
+        let t0 = Instant::now();
+        assert_eq!(due(t0, 500, None), t0, "unpaced: at once");
+        assert_eq!(due(t0, 0, Some(1000.0)), t0);
+        assert_eq!(
+            due(t0, 500, Some(1000.0)) - t0,
+            std::time::Duration::from_millis(500)
+        );
+        // 5 batches at 6400/s: the last is due after 4 * 64 / 6400 s = 40 ms.
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = match rx.local_addr().unwrap() {
+            std::net::SocketAddr::V4(a) => a,
+            _ => unreachable!(),
+        };
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let p = Prepared {
+            datagrams: (0..5 * BATCH as u64)
+                .map(|n| (payload(64, n), to))
+                .collect(),
+        };
+        let t = Instant::now();
+        assert_eq!(send_all(&tx, &p, Some(6400.0)).unwrap(), 5 * BATCH as u64);
+        assert!(t.elapsed() >= std::time::Duration::from_millis(40));
+    }
+
+    #[test]
     fn sendmmsg_delivers_every_datagram_on_loopback() {
         let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
         let to = match rx.local_addr().unwrap() {
@@ -302,7 +362,7 @@ mod tests {
         let p = Prepared {
             datagrams: (0..150).map(|n| (payload(64, n), to)).collect(),
         };
-        assert_eq!(send_all(&tx, &p).unwrap(), 150);
+        assert_eq!(send_all(&tx, &p, None).unwrap(), 150);
         rx.set_read_timeout(Some(std::time::Duration::from_secs(2)))
             .unwrap();
         let mut buf = [0u8; 128];

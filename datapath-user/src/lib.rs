@@ -4,6 +4,8 @@ pub mod mode;
 pub mod mss;
 pub mod netlink;
 pub mod nexthop;
+#[cfg(feature = "null-forwarder")]
+pub mod null;
 pub mod rxq;
 pub mod sadb;
 pub mod slowpath;

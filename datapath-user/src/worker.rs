@@ -398,7 +398,7 @@ struct Ctx<'a> {
 
 /// The IP packet after the Ethernet header of `f`: `(ethertype, range)`,
 /// trimmed to the IP length (short frames carry padding).
-fn ip_of(f: &Frame<'_>) -> Option<(u16, Range<usize>)> {
+pub(crate) fn ip_of(f: &Frame<'_>) -> Option<(u16, Range<usize>)> {
     let p = f.packet();
     let ty = u16::from_be_bytes([*p.get(12)?, *p.get(13)?]);
     let ip = &p[ETH_HLEN..];
@@ -415,7 +415,7 @@ fn ip_of(f: &Frame<'_>) -> Option<(u16, Range<usize>)> {
 
 /// Lowers the TTL (IPv4, with the header checksum updated) or hop limit
 /// (IPv6) of the packet at `pkt`; false if it runs out.
-fn decrement_ttl(pkt: &mut [u8]) -> bool {
+pub(crate) fn decrement_ttl(pkt: &mut [u8]) -> bool {
     match pkt[0] >> 4 {
         4 => {
             let ttl = pkt[8];
@@ -439,7 +439,7 @@ fn decrement_ttl(pkt: &mut [u8]) -> bool {
     }
 }
 
-fn write_eth(buf: &mut [u8], at: usize, src: [u8; 6], dst: [u8; 6], ty: u16) {
+pub(crate) fn write_eth(buf: &mut [u8], at: usize, src: [u8; 6], dst: [u8; 6], ty: u16) {
     buf[at..at + 6].copy_from_slice(&dst);
     buf[at + 6..at + 12].copy_from_slice(&src);
     buf[at + 12..at + 14].copy_from_slice(&ty.to_be_bytes());
@@ -447,7 +447,10 @@ fn write_eth(buf: &mut [u8], at: usize, src: [u8; 6], dst: [u8; 6], ty: u16) {
 
 impl Ctx<'_> {
     /// ESP from the DMZ → the LAN (or the tunnel's device).
+    #[cfg_attr(feature = "null-forwarder", allow(unreachable_code))]
     fn decrypt_to_lan(&mut self, f: &mut Frame<'_>, lan_tx: SockId) -> Verdict {
+        #[cfg(feature = "null-forwarder")]
+        return crate::null::decrypt_to_lan(self.null_env(), f, lan_tx);
         let Some((ETH_P_IP, ip)) = ip_of(f) else {
             self.c.add(Counter::Malformed, 1);
             return Verdict::Drop;
@@ -497,7 +500,10 @@ impl Ctx<'_> {
     }
 
     /// A LAN packet routed into tunnel `self.tunnel` → ESP on the DMZ.
+    #[cfg_attr(feature = "null-forwarder", allow(unreachable_code))]
     fn encrypt_to_dmz(&mut self, f: &mut Frame<'_>, dmz_tx: SockId) -> Verdict {
+        #[cfg(feature = "null-forwarder")]
+        return crate::null::encrypt_to_dmz(self.null_env(), f, dmz_tx);
         let Some((_, inner)) = ip_of(f) else {
             self.c.add(Counter::Malformed, 1);
             return Verdict::Drop;
@@ -541,6 +547,22 @@ impl Ctx<'_> {
                 self.path.send_esp(t, &f.buf[outer]);
                 Verdict::Drop
             }
+        }
+    }
+}
+
+/// The benchmark's null forwarder (see `null.rs`): bench builds only.
+#[cfg(feature = "null-forwarder")]
+impl Ctx<'_> {
+    fn null_env(&mut self) -> crate::null::Env<'_> {
+        crate::null::Env {
+            hops: self.hops,
+            path: self.path,
+            c: self.c,
+            now: self.now,
+            tunnel: self.tunnel,
+            dmz_ifindex: self.dmz_ifindex,
+            lan_ifindex: self.lan_ifindex,
         }
     }
 }

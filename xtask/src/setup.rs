@@ -36,6 +36,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "libstrongswan-standard-plugins",
     // BGP on both sides of the tunnels.
     "bird2",
+    // The font of `cargo xtask bench`'s chart.
+    "fonts-dejavu-core",
     // Namespaces, veth, traffic and captures.
     "iproute2",
     "iputils-ping",

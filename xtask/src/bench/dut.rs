@@ -83,6 +83,8 @@ impl Topology {
         t.dut
             .ip(&["route", "add", "203.0.113.0/24", "via", "192.0.2.254"])?;
         t.az.ip(&["addr", "add", "192.0.2.254/24", "dev", "az0"])?;
+        // The kernel forwarding baseline sends plaintext to the LAN host.
+        t.az.ip(&["route", "add", "10.0.0.0/24", "via", "192.0.2.1"])?;
         for p in PEERS {
             t.az.ip(&["addr", "add", &format!("{p}/24"), "dev", "az0"])?;
         }
@@ -124,25 +126,73 @@ impl Topology {
 #[serde(rename_all = "lowercase")]
 pub enum DutKind {
     Xesp,
+    /// xesp built with the `null-forwarder` feature (bench only): the same
+    /// datapath with the ESP work replaced by adding and removing as many
+    /// octets (see datapath-user/src/null.rs).
+    #[serde(rename = "null-forwarder")]
+    Null,
+    /// The device namespace's kernel routing the inner packets: no IPsec,
+    /// no XDP.
+    #[serde(rename = "kernel-forwarding")]
+    Kernel,
     #[serde(rename = "strongswan")]
     StrongSwan,
 }
 
 impl DutKind {
-    pub const ALL: [DutKind; 2] = [DutKind::Xesp, DutKind::StrongSwan];
+    pub const ALL: [DutKind; 4] = [
+        DutKind::Xesp,
+        DutKind::Null,
+        DutKind::Kernel,
+        DutKind::StrongSwan,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
             Self::Xesp => "xesp",
+            Self::Null => "null-fwd",
+            Self::Kernel => "kernel-fwd",
             Self::StrongSwan => "strongSwan",
         }
     }
+
+    /// Whether it sets up tunnels with the benchmark's peer.
+    pub fn has_tunnels(self) -> bool {
+        self != Self::Kernel
+    }
+
+    /// Whether the transform matters (the kernel forwards plaintext).
+    pub fn has_suite(self) -> bool {
+        self != Self::Kernel
+    }
+
+    /// What the DMZ end sends it to decrypt: `prepare`'s mode.
+    pub fn dmz_mode(self) -> &'static str {
+        match self {
+            Self::Xesp | Self::StrongSwan => "esp",
+            Self::Null => "null",
+            Self::Kernel => "plain",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| {
+            k.label().eq_ignore_ascii_case(s)
+                || matches!(
+                    (k, s),
+                    (Self::Null, "null")
+                        | (Self::Kernel, "kernel")
+                        | (Self::StrongSwan, "strongswan")
+                )
+        })
+    }
 }
 
-/// A running device under test with two tunnels to the peer.
+/// A running device under test with two tunnels to the peer (the kernel
+/// forwarding baseline: no process, only a route).
 pub struct Dut {
     pub kind: DutKind,
-    daemon: Daemon,
+    daemon: Option<Daemon>,
     dir: PathBuf,
 }
 
@@ -154,24 +204,32 @@ impl Dut {
         topo: &Topology,
         suite: Suite,
         psk: &str,
-        xesp_bin: &Path,
+        bins: &super::ends::Binaries,
         dir: &Path,
     ) -> Result<Self> {
         let dir = dir.join(format!("{}-{}", kind.label(), suite.name()));
         fs::create_dir_all(&dir)?;
         let daemon = match kind {
-            DutKind::Xesp => start_xesp(topo, suite, psk, xesp_bin, &dir)?,
-            DutKind::StrongSwan => start_strongswan(topo, suite, psk, &dir)?,
+            DutKind::Xesp => Some(start_xesp(topo, suite, psk, &bins.xesp, &dir)?),
+            DutKind::Null => Some(start_xesp(topo, suite, psk, &bins.null, &dir)?),
+            DutKind::Kernel => None,
+            DutKind::StrongSwan => Some(start_strongswan(topo, suite, psk, &dir)?),
         };
         Ok(Self { kind, daemon, dir })
     }
 
-    pub fn pid(&self) -> u32 {
-        self.daemon.pid()
+    /// The device's process, if it has one.
+    pub fn pid(&self) -> Option<u32> {
+        self.daemon.as_ref().map(Daemon::pid)
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.daemon.is_running()
+        self.daemon.as_mut().is_none_or(Daemon::is_running)
+    }
+
+    /// xesp's control socket (xesp and the null forwarder).
+    pub fn control_socket(&self) -> Option<PathBuf> {
+        matches!(self.kind, DutKind::Xesp | DutKind::Null).then(|| self.dir.join("xesp.sock"))
     }
 
     /// Where its configuration and log are.
@@ -182,17 +240,26 @@ impl Dut {
     /// After the tunnels are up: xesp's routes into the tunnel interfaces
     /// (strongSwan installs its own from the traffic selectors).
     pub fn route(&self, topo: &Topology) -> Result<()> {
-        if self.kind == DutKind::Xesp {
-            for (t, dev) in ["Tunnel0", "Tunnel1"].iter().enumerate() {
-                topo.dut
-                    .ip(&["route", "replace", vnet_half(t), "dev", dev])?;
+        match self.kind {
+            DutKind::Xesp | DutKind::Null => {
+                for (t, dev) in ["Tunnel0", "Tunnel1"].iter().enumerate() {
+                    topo.dut
+                        .ip(&["route", "replace", vnet_half(t), "dev", dev])?;
+                }
             }
+            DutKind::Kernel => {
+                topo.dut
+                    .ip(&["route", "replace", "10.2.0.0/24", "via", "192.0.2.254"])?;
+            }
+            DutKind::StrongSwan => {}
         }
         Ok(())
     }
 
     pub fn stop(mut self, topo: &Topology) {
-        self.daemon.stop();
+        if let Some(d) = self.daemon.as_mut() {
+            d.stop();
+        }
         // Whatever it left behind must not steer the next device's traffic.
         let _ = topo.dut.ip(&["route", "flush", "10.2.0.0/24"]);
         for dev in ["Tunnel0", "Tunnel1", "ipsec0"] {

@@ -118,28 +118,74 @@ pub fn cpu_ns(pid: u32) -> u64 {
         .sum()
 }
 
-/// Builds the release binaries the benchmark runs: xesp and xesp-loadgen.
-pub fn build_release() -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+/// The release binaries the benchmark runs.
+pub struct Binaries {
+    pub xesp: std::path::PathBuf,
+    /// xesp with datapath-user's `null-forwarder` feature: the benchmark's
+    /// own build, copied aside; never installed or packaged.
+    pub null: std::path::PathBuf,
+    pub loadgen: std::path::PathBuf,
+}
+
+/// User-mode CPU time (ns) of every thread of `pid`, from
+/// /proc/PID/task/*/stat (utime, in clock ticks: coarse, 10 ms at 100 Hz).
+pub fn user_ns(pid: u32) -> u64 {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .unwrap_or(100)
+        .max(1);
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| fs::read_to_string(t.path().join("stat")).ok())
+        .filter_map(|s| utime_ticks(&s))
+        .sum::<u64>()
+        * (1_000_000_000 / hz)
+}
+
+/// The utime field (14th) of a /proc stat line; the command name in
+/// parentheses may hold spaces, so fields are counted after its `)`.
+fn utime_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(11)?.parse().ok()
+}
+
+/// Builds the release binaries: first the null forwarder (copied to
+/// `target/bench/xesp-null-forwarder`), then xesp and xesp-loadgen, so that
+/// `target/release/xesp` is always the gateway without the feature.
+pub fn build_release() -> Result<Binaries> {
     let root = crate::setup::project_root();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    crate::setup::run_cmd(Command::new(cargo).current_dir(&root).args([
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "ike-control",
-        "--bin",
-        "xesp",
-        "-p",
-        "xesp-benches",
-        "--bin",
-        "xesp-loadgen",
-    ]))
-    .context("building xesp and xesp-loadgen (release)")?;
-    Ok((
-        root.join("target/release/xesp"),
-        root.join("target/release/xesp-loadgen"),
-    ))
+    let build = |extra: &[&str]| {
+        let mut c = Command::new(&cargo);
+        c.current_dir(&root)
+            .args([
+                "build",
+                "--release",
+                "--locked",
+                "-p",
+                "ike-control",
+                "--bin",
+                "xesp",
+            ])
+            .args(extra);
+        crate::setup::run_cmd(&mut c)
+    };
+    build(&["--features", "datapath-user/null-forwarder"])
+        .context("building the null forwarder (release)")?;
+    let null = root.join("target/bench/xesp-null-forwarder");
+    fs::create_dir_all(root.join("target/bench"))?;
+    fs::copy(root.join("target/release/xesp"), &null)
+        .context("copying the null forwarder aside")?;
+    build(&["-p", "xesp-benches", "--bin", "xesp-loadgen"])
+        .context("building xesp and xesp-loadgen (release)")?;
+    Ok(Binaries {
+        xesp: root.join("target/release/xesp"),
+        null,
+        loadgen: root.join("target/release/xesp-loadgen"),
+    })
 }
 
 #[cfg(test)]
@@ -157,5 +203,13 @@ mod tests {
         std::hint::black_box(x);
         assert!(cpu_ns(me) > a && a > 0);
         assert_eq!(cpu_ns(u32::MAX), 0, "no such process");
+        assert_eq!(user_ns(u32::MAX), 0);
+    }
+
+    #[test]
+    fn utime_is_the_14th_field_even_with_spaces_in_the_name() {
+        let line = "1234 (xsk q0 (x)) S 1 2 3 4 5 6 7 8 9 10 4321 99 0 0 20 0";
+        assert_eq!(utime_ticks(line), Some(4321));
+        assert_eq!(utime_ticks("garbage"), None);
     }
 }

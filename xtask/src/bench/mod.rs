@@ -2,9 +2,17 @@
 //!
 //! Three namespaces (see [`dut`]): a LAN end and a DMZ end, both
 //! `xesp-loadgen serve` (generator, XDP sink, and on the DMZ side the IKE
-//! peer that knows every key), with the device under test between them:
-//! xesp's release build (XDP + AF_XDP workers) and strongSwan 5.9.8 with
-//! kernel-libipsec, one after the other, with the same packets.
+//! peer that knows every key), with the device under test between them,
+//! one after the other with the same packets: xesp's release build (XDP +
+//! AF_XDP workers); the null forwarder (the same build with the ESP work
+//! replaced by adding and removing as many octets, see
+//! datapath-user/src/null.rs), the ceiling of this machine's AF_XDP path;
+//! the kernel forwarding the inner packets (no IPsec, no XDP), the stack's
+//! ceiling; and strongSwan 5.9.8 with kernel-libipsec.
+//!
+//! xesp and the null forwarder are also measured with offered load paced
+//! at 50% to 200% of the flat-out rate (one tunnel): overload must be shed
+//! without the delivered rate falling.
 //!
 //! Each trial sends a fixed number of pre-built packets as fast as the
 //! generator can (batched `sendmmsg`, one thread per tunnel on its own CPU)
@@ -13,9 +21,10 @@
 //! loss, and the device's CPU time per delivered packet (its threads'
 //! schedstat; kernel work done in softirq on the sending CPU is not in it).
 
+mod chart;
+mod diag;
 mod dut;
 mod ends;
-mod png;
 mod report;
 
 use std::{
@@ -28,7 +37,7 @@ use serde::Serialize;
 
 use self::{
     dut::{DUT_PUBLIC, Dut, DutKind, LAN_HOST, PEERS, Topology},
-    ends::{End, cpu_ns},
+    ends::{End, cpu_ns, user_ns},
     report::Trial,
 };
 use crate::setup;
@@ -36,19 +45,32 @@ use crate::setup;
 /// Options of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// A short run (under 2 minutes once built): fewer packets, one repetition.
+    /// A short run (a few minutes once built): fewer packets, one repetition.
     #[arg(long)]
     pub quick: bool,
     /// Packets per trial [default: 300000, or 60000 with --quick].
     #[arg(long)]
     pub packets: Option<u64>,
-    /// Repetitions of each trial, the median kept [default: 3, or 1 with --quick].
+    /// Repetitions of each trial; min / median / max reported [default: 3, or 1 with --quick].
     #[arg(long)]
     pub repeat: Option<u32>,
     /// Report folder [default: target/bench/<UTC time>].
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Devices to measure, comma-separated: xesp, null, kernel, strongswan [default: all].
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Vec<String>,
+    /// Only the cases whose name contains this (names look like
+    /// gcm256/decrypt/1400/1t).
+    #[arg(long)]
+    pub filter: Option<String>,
+    /// Skip the overload steps (50% to 200% of the peak offered).
+    #[arg(long)]
+    pub no_overload: bool,
 }
+
+/// Offered load of the overload steps, in percent of the measured peak.
+pub const OVERLOAD_STEPS: [u32; 4] = [50, 100, 150, 200];
 
 /// The ESP transforms measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -96,6 +118,29 @@ pub enum Direction {
 pub const SIZES: [usize; 3] = [64, 512, 1400];
 pub const TUNNELS: [usize; 2] = [1, 2];
 
+/// The name `--filter` matches: gcm256/decrypt/1400/1t.
+pub fn case_name(suite: Suite, dir: Direction, size: usize, tunnels: usize) -> String {
+    let d = match dir {
+        Direction::Encrypt => "encrypt",
+        Direction::Decrypt => "decrypt",
+    };
+    format!("{}/{d}/{size}/{tunnels}t", suite.name())
+}
+
+fn selected_kinds(args: &BenchArgs) -> Result<Vec<DutKind>> {
+    if args.devices.is_empty() {
+        return Ok(DutKind::ALL.to_vec());
+    }
+    args.devices
+        .iter()
+        .map(|d| {
+            DutKind::parse(d.trim()).with_context(|| {
+                format!("--devices: {d:?} is not one of xesp, null, kernel, strongswan")
+            })
+        })
+        .collect()
+}
+
 /// Runs the benchmark and writes the report.
 pub fn run(args: &BenchArgs) -> Result<()> {
     setup::require_root("run the benchmark (namespaces, XDP)")?;
@@ -106,13 +151,19 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .unwrap_or(if args.quick { 60_000 } else { 300_000 })
         .max(1000);
     let repeat = args.repeat.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
+    let kinds = selected_kinds(args)?;
+    let wanted = |suite, dir, size, tunnels| {
+        args.filter
+            .as_deref()
+            .is_none_or(|f| case_name(suite, dir, size, tunnels).contains(f))
+    };
     let out = match &args.out {
         Some(o) => o.clone(),
         None => setup::project_root().join("target/bench").join(utc_stamp()),
     };
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    eprintln!("[bench] building xesp and xesp-loadgen (release)");
-    let (xesp_bin, loadgen) = ends::build_release()?;
+    eprintln!("[bench] building xesp, the null forwarder and xesp-loadgen (release)");
+    let bins = ends::build_release()?;
     let built = started.elapsed();
     eprintln!(
         "[bench] {packets} packets per trial, {repeat} repetition(s); report in {}",
@@ -125,7 +176,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut lan = End::start(
         "LAN",
         &topo.lan,
-        &loadgen,
+        &bins.loadgen,
         &[
             "--sink-if".into(),
             "lanh0".into(),
@@ -144,20 +195,43 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             v["open_ns"].as_f64().unwrap_or(f64::NAN),
         ));
     }
-    let total = DutKind::ALL.len() * Suite::ALL.len() * 2 * SIZES.len() * TUNNELS.len();
     let mut trials = Vec::new();
+    let mut overload = Vec::new();
     let mut k = 0;
-    for kind in DutKind::ALL {
-        for suite in Suite::ALL {
+    for &kind in &kinds {
+        let suites: &[Suite] = if kind.has_suite() {
+            &Suite::ALL
+        } else {
+            &Suite::ALL[..1]
+        };
+        for &suite in suites {
+            let cases: Vec<(Direction, usize, usize)> = [Direction::Encrypt, Direction::Decrypt]
+                .into_iter()
+                .flat_map(|d| SIZES.into_iter().map(move |s| (d, s)))
+                .flat_map(|(d, s)| TUNNELS.into_iter().map(move |t| (d, s, t)))
+                .filter(|&(d, s, t)| wanted(suite, d, s, t))
+                .collect();
+            if cases.is_empty() {
+                continue;
+            }
             eprintln!(
-                "[bench] {} with {}: starting, tunnels coming up",
+                "[bench] {} with {}: starting{}",
                 kind.label(),
-                suite.label()
+                if kind.has_suite() {
+                    suite.label()
+                } else {
+                    "no IPsec"
+                },
+                if kind.has_tunnels() {
+                    ", tunnels coming up"
+                } else {
+                    ""
+                }
             );
             let mut az = End::start(
                 "DMZ",
                 &topo.az,
-                &loadgen,
+                &bins.loadgen,
                 &[
                     "--sink-if".into(),
                     "az0".into(),
@@ -174,66 +248,138 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 ],
                 &out.join(format!("loadgen-az-{}-{}.log", kind.label(), suite.name())),
             )?;
-            let mut d = Dut::start(kind, &topo, suite, &psk, &xesp_bin, &out)?;
-            wait_tunnels(&mut az, &mut d)?;
+            let mut d = Dut::start(kind, &topo, suite, &psk, &bins, &out)?;
+            if kind.has_tunnels() {
+                wait_tunnels(&mut az, &mut d)?;
+            }
             d.route(&topo)?;
             // Warm up both directions (caches, neighbour entries, first frames).
             for dir in [Direction::Encrypt, Direction::Decrypt] {
                 let (gen_end, sink_end) = ends_for(dir, &mut lan, &mut az);
-                trial(gen_end, sink_end, &d, dir, 64, 2, 2000)?;
+                trial(
+                    gen_end,
+                    sink_end,
+                    (&topo, &d, &bins.xesp),
+                    dir,
+                    64,
+                    2,
+                    2000,
+                    None,
+                )?;
             }
-            for dir in [Direction::Encrypt, Direction::Decrypt] {
-                for size in SIZES {
-                    for tunnels in TUNNELS {
-                        k += 1;
-                        let mut reps = Vec::new();
-                        for _ in 0..repeat {
-                            let (gen_end, sink_end) = ends_for(dir, &mut lan, &mut az);
-                            reps.push(trial(gen_end, sink_end, &d, dir, size, tunnels, packets)?);
-                        }
-                        reps.sort_by(|a, b| a.pps.total_cmp(&b.pps));
-                        let m = reps.swap_remove(reps.len() / 2);
-                        let (seal, open) = raw
-                            .iter()
-                            .find(|r| r.0 == size)
-                            .map_or((f64::NAN, f64::NAN), |r| (r.1, r.2));
-                        let t = Trial::new(
-                            kind,
-                            suite,
+            for (dir, size, tunnels) in cases {
+                k += 1;
+                let mut reps = Vec::new();
+                for _ in 0..repeat {
+                    let (gen_end, sink_end) = ends_for(dir, &mut lan, &mut az);
+                    let m = trial(
+                        gen_end,
+                        sink_end,
+                        (&topo, &d, &bins.xesp),
+                        dir,
+                        size,
+                        tunnels,
+                        packets,
+                        None,
+                    )?;
+                    eprintln!("[bench      counted] {}", diag::drops_line(&m.counters));
+                    reps.push(m);
+                }
+                let (seal, open) = raw
+                    .iter()
+                    .find(|r| r.0 == size)
+                    .map_or((f64::NAN, f64::NAN), |r| (r.1, r.2));
+                let t = Trial::new(
+                    kind,
+                    suite,
+                    dir,
+                    size,
+                    tunnels,
+                    reps,
+                    match dir {
+                        Direction::Encrypt => seal,
+                        Direction::Decrypt => open,
+                    },
+                );
+                eprintln!("[bench {k:>3}] {}", t.progress_line());
+                let peak = t.pps.max;
+                trials.push(t);
+                // Offered load stepped around the peak just measured.
+                if !args.no_overload
+                    && matches!(kind, DutKind::Xesp | DutKind::Null)
+                    && tunnels == 1
+                    && peak > 0.0
+                {
+                    let mut steps = Vec::new();
+                    for pct in OVERLOAD_STEPS {
+                        let rate = peak * f64::from(pct) / 100.0;
+                        let (gen_end, sink_end) = ends_for(dir, &mut lan, &mut az);
+                        let m = trial(
+                            gen_end,
+                            sink_end,
+                            (&topo, &d, &bins.xesp),
                             dir,
                             size,
                             tunnels,
-                            m,
-                            match dir {
-                                Direction::Encrypt => seal,
-                                Direction::Decrypt => open,
-                            },
+                            packets,
+                            Some(rate),
+                        )?;
+                        eprintln!(
+                            "[bench      overload {pct:>3}%] offered {:>9.0} (asked {rate:.0}) delivered {:>9.0} pkt/s, loss {:.1}%",
+                            m.offered_pps,
+                            m.pps,
+                            100.0 * (1.0 - m.delivered as f64 / m.sent.max(1) as f64)
                         );
-                        eprintln!("[bench {k:>2}/{total}] {}", t.progress_line());
-                        trials.push(t);
-                        if !d.is_running() {
-                            bail!(
-                                "{} stopped during the run; see {}",
-                                kind.label(),
-                                d.dir().display()
-                            );
-                        }
+                        eprintln!("[bench      counted] {}", diag::drops_line(&m.counters));
+                        steps.push(report::Step {
+                            percent: pct,
+                            asked_pps: rate,
+                            m,
+                        });
                     }
+                    overload.push(report::Overload {
+                        dut: kind,
+                        suite,
+                        direction: dir,
+                        size,
+                        flat_out_pps: peak,
+                        steps,
+                    });
+                }
+                if !d.is_running() {
+                    bail!(
+                        "{} stopped during the run; see {}",
+                        kind.label(),
+                        d.dir().display()
+                    );
                 }
             }
             let samples = az.request("counters")?;
             eprintln!(
-                "[bench] {} with {}: ESP samples checked by the peer: {}",
+                "[bench] {} with {}: ESP samples checked by the peer: {}{}",
                 kind.label(),
                 suite.label(),
-                samples["samples"]
+                samples["samples"],
+                if kind == DutKind::Null {
+                    " (all invalid, as they must be: the null forwarder encrypts nothing)"
+                } else {
+                    ""
+                }
             );
             d.stop(&topo);
             drop(az);
         }
     }
     drop(lan);
-    let r = report::Report::new(trials, raw, packets, repeat, built, started.elapsed());
+    let r = report::Report::new(
+        trials,
+        overload,
+        raw,
+        packets,
+        repeat,
+        built,
+        started.elapsed(),
+    );
     println!("{}", r.markdown());
     r.write(&out)?;
     eprintln!(
@@ -279,7 +425,7 @@ fn wait_tunnels(az: &mut End, d: &mut Dut) -> Result<()> {
 }
 
 /// What one trial measured.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Measured {
     pub sent: u64,
     pub delivered: u64,
@@ -290,14 +436,23 @@ pub struct Measured {
     /// How fast the generator offered them.
     pub offered_pps: f64,
     pub pps: f64,
-    pub cpu_ns: u64,
+    /// The device's threads' CPU time (none for kernel forwarding).
+    pub cpu_ns: Option<u64>,
+    /// Of that, in user mode (clock ticks: coarse).
+    pub user_ns: Option<u64>,
     pub per_tunnel: [u64; 2],
+    /// The counters that grew during the trial (see [`diag`]).
+    pub counters: diag::Counters,
 }
 
-fn sink_counts(sink: &mut End, dir: Direction) -> Result<(u64, u64, [u64; 2])> {
+fn sink_counts(sink: &mut End, dir: Direction, kind: DutKind) -> Result<(u64, u64, [u64; 2])> {
     let v = sink.request("counters")?;
     let c = |n: &str| v["sink"][n].as_u64().unwrap_or(0);
     Ok(match dir {
+        // The kernel forwards the inner packets as they are.
+        Direction::Encrypt if kind == DutKind::Kernel => {
+            (c("plain_valid"), c("plain_invalid"), [0, 0])
+        }
         Direction::Encrypt => {
             let t = [c("esp_tunnel0"), c("esp_tunnel1")];
             (t[0] + t[1], c("esp_unknown_spi"), t)
@@ -306,28 +461,43 @@ fn sink_counts(sink: &mut End, dir: Direction) -> Result<(u64, u64, [u64; 2])> {
     })
 }
 
-/// One trial: prepare, send while watching the sink, wait until it is quiet.
+/// One trial: prepare, send (at `rate` packets/s, or flat out) while
+/// watching the sink, wait until it is quiet.
+#[allow(clippy::too_many_arguments)]
 fn trial(
     gen_end: &mut End,
     sink: &mut End,
-    d: &Dut,
+    (topo, d, xesp): (&Topology, &Dut, &std::path::Path),
     dir: Direction,
     size: usize,
     tunnels: usize,
     packets: u64,
+    rate: Option<f64>,
 ) -> Result<Measured> {
-    gen_end.request(&format!("prepare {tunnels} {size} {packets}"))?;
-    let (d0, b0, t0) = sink_counts(sink, dir)?;
-    let cpu0 = cpu_ns(d.pid());
+    gen_end.request(&format!(
+        "prepare {tunnels} {size} {packets} {}",
+        d.kind.dmz_mode()
+    ))?;
+    let kind = d.kind;
+    let (d0, b0, t0) = sink_counts(sink, dir, kind)?;
+    let cpu_of = || d.pid().map(cpu_ns);
+    let user_of = || d.pid().map(user_ns);
+    let diag0 = diag::snapshot(topo, d, xesp);
+    let cpu0 = cpu_of();
+    let user0 = user_of();
     let start = Instant::now();
+    let send = match rate {
+        Some(r) => format!("send {}", r.round().max(1.0) as u64),
+        None => "send".to_string(),
+    };
     let (sent_reply, timeline, (last, bad, per_tunnel)) = std::thread::scope(|s| {
-        let sender = s.spawn(|| gen_end.request("send"));
+        let sender = s.spawn(|| gen_end.request(&send));
         let mut last = (d0, b0, t0);
         let mut last_change = start;
         let mut timeline = vec![(Duration::ZERO, d0)];
         loop {
             std::thread::sleep(Duration::from_millis(5));
-            let now = sink_counts(sink, dir)?;
+            let now = sink_counts(sink, dir, kind)?;
             if now.0 != last.0 {
                 last = now;
                 last_change = Instant::now();
@@ -344,7 +514,9 @@ fn trial(
         Ok::<_, anyhow::Error>((reply, timeline, last))
     })?;
     let sent_reply = sent_reply?;
-    let cpu = cpu_ns(d.pid()).saturating_sub(cpu0);
+    let cpu = cpu_of().zip(cpu0).map(|(b, a)| b.saturating_sub(a));
+    let user = user_of().zip(user0).map(|(b, a)| b.saturating_sub(a));
+    let counters = diag::delta(&diag0, &diag::snapshot(topo, d, xesp));
     let sent = sent_reply["sent"].as_u64().unwrap_or(0);
     let send_secs = sent_reply["seconds"].as_f64().unwrap_or(f64::NAN);
     let delivered = last - d0;
@@ -361,7 +533,9 @@ fn trial(
             0.0
         },
         cpu_ns: cpu,
+        user_ns: user,
         per_tunnel: [per_tunnel[0] - t0[0], per_tunnel[1] - t0[1]],
+        counters,
     })
 }
 
