@@ -103,7 +103,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
     run_cmd_within(
         Command::new(&cargo)
             .current_dir(&root)
-            .args(["test", "--locked", "--"])
+            .args(["test", "--locked", "--no-fail-fast", "--"])
             .args(&args.cargo_test_args),
         Duration::from_secs(u64::from(args.timeout_mins) * 60),
     )

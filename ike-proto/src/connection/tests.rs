@@ -966,9 +966,11 @@ fn a_forged_retransmission_gets_no_cached_response() {
 #[test]
 fn a_deleted_tunnel_is_initiated_again_after_a_failed_auth_in_between() {
     let mut p = established();
-    // The peer deletes the IKE_SA (it stops), so A will try again in 1 s.
+    // The peer deletes the IKE_SA (it stops, and starts again at once), so
+    // A will try again in 1 s.
     p.b.conn.close(p.now);
     p.run(Duration::from_millis(100));
+    p.b.conn.open(p.now);
     assert!(!p.a.conn.is_up());
     // Within that second, someone at the peer's address with another key
     // starts an IKE_SA with A; its IKE_AUTH arrives after A's retry time.
