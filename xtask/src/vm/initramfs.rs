@@ -188,8 +188,20 @@ mkdir -p /host/dev/pts /host/dev/shm
 mount -t devpts devpts /host/dev/pts
 mount -t tmpfs -o mode=1777 shm /host/dev/shm
 mount -t bpf bpf /host/sys/fs/bpf 2>/dev/null
+# The guest's own /tmp and /var/tmp, with what the host has there (a
+# project cloned under /tmp, say) still seen, read-only, by name.
 for d in /tmp /var/tmp; do
+    mkdir -p "/hostdirs$d"
+    mount -o bind "/host$d" "/hostdirs$d" || fail "cannot keep the host's $d"
     mount -t tmpfs -o mode=1777 tmpfs "/host$d" || fail "cannot mount a tmpfs on $d"
+    for e in "/hostdirs$d"/* "/hostdirs$d"/.[!.]*; do
+        n="${{e##*/}}"
+        if [ -d "$e" ] && [ ! -L "$e" ]; then
+            mkdir -p "/host$d/$n" && mount -o bind "$e" "/host$d/$n"
+        elif [ -f "$e" ] && [ ! -L "$e" ]; then
+            : > "/host$d/$n" && mount -o bind "$e" "/host$d/$n"
+        fi
+    done
 done
 mount -t tmpfs -o mode=0755 tmpfs /host/run || fail "cannot mount a tmpfs on /run"
 [ -n "$WORK" ] || fail "no xesp.work= on the kernel command line"
@@ -489,5 +501,13 @@ kernel/net/ipv4/esp4.ko: kernel/net/xfrm/xfrm_algo.ko\n";
         assert!(s.contains("xesp.work=*) WORK=\"${w#xesp.work=}\""));
         assert!(s.contains("/lib/modules/6.1.0-57-amd64/$m"));
         assert!(s.contains("XESP_VM_STATUS $NONCE $rc"));
+        // A project under the host's /tmp stays visible under the guest's.
+        let keep = s.find("mount -o bind \"/host$d\" \"/hostdirs$d\"").unwrap();
+        let tmpfs = s
+            .find("mount -t tmpfs -o mode=1777 tmpfs \"/host$d\"")
+            .unwrap();
+        let work = s.find("mount -t 9p -o \"$O\" work").unwrap();
+        assert!(keep < tmpfs && tmpfs < work, "{s}");
+        assert!(s.contains("mount -o bind \"$e\" \"/host$d/$n\""));
     }
 }
