@@ -88,6 +88,31 @@ pub fn attach_dmz(ns: &Netns) -> XdpPrograms {
     .unwrap()
 }
 
+/// The UDP port of the inner packets [`inner_udp`] builds.
+pub const INNER_PORT: u16 = 9999;
+
+/// An IPv4 UDP packet `src` -> `dst`:[`INNER_PORT`] carrying `tag`, at
+/// offset 64 of a buffer with room for ESP around it; returns the buffer
+/// and the packet's range.
+pub fn inner_udp(src: [u8; 4], dst: [u8; 4], tag: u8) -> (Vec<u8>, std::ops::Range<usize>) {
+    let len = 20 + 8 + 4;
+    let mut buf = vec![0u8; 64 + len + 64];
+    let p = &mut buf[64..64 + len];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = xesp_esp::wire::IPPROTO_UDP;
+    p[12..16].copy_from_slice(&src);
+    p[16..20].copy_from_slice(&dst);
+    let c = xesp_esp::wire::checksum(&p[..20]);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p[20..22].copy_from_slice(&40000u16.to_be_bytes());
+    p[22..24].copy_from_slice(&INNER_PORT.to_be_bytes());
+    p[24..26].copy_from_slice(&12u16.to_be_bytes());
+    p[28..32].copy_from_slice(&[b'x', b'e', b's', tag]);
+    (buf, 64..64 + len)
+}
+
 /// The test data directory (`tests/data`).
 pub fn data_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("data")

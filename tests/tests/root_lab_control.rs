@@ -16,7 +16,7 @@ use serde_json::Value;
 use xtask::{
     lab::{
         Lab, LabConfig, OnpremMode,
-        topology::{LAN_HOSTS, ONPREM_PUBLIC, OUTSIDER, VM, vnet_routes},
+        topology::{LAN_HOSTS, VM, vnet_routes},
     },
     netns::wait_until,
 };
@@ -120,20 +120,7 @@ fn metrics_agree_with_status(lab: &Lab) {
 }
 
 fn ping_outsider(lab: &Lab) {
-    let _ = lab.ns.msee.exec(
-        "ping",
-        &[
-            "-c",
-            "3",
-            "-i",
-            "0.2",
-            "-W",
-            "1",
-            "-I",
-            &OUTSIDER.to_string(),
-            &ONPREM_PUBLIC.to_string(),
-        ],
-    );
+    let _ = lab.ping_public_from_outsider();
 }
 
 #[test]

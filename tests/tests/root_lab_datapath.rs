@@ -262,20 +262,7 @@ fn root_datapath_dmz_filter_drops_sources_outside_the_allowlist() {
     let lab = lab_up();
     // A source outside the allowlist never reaches the stack.
     let dropped = counter(&status(&lab)["dmz"], "drop_not_allowed");
-    let r = lab.ns.msee.exec(
-        "ping",
-        &[
-            "-c",
-            "3",
-            "-i",
-            "0.2",
-            "-W",
-            "1",
-            "-I",
-            &OUTSIDER.to_string(),
-            &ONPREM_PUBLIC.to_string(),
-        ],
-    );
+    let r = lab.ping_public_from_outsider();
     assert!(r.is_err(), "{OUTSIDER} got an answer from {ONPREM_PUBLIC}");
     assert!(counter(&status(&lab)["dmz"], "drop_not_allowed") >= dropped + 3);
 }

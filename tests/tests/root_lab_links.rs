@@ -84,20 +84,7 @@ fn root_links_a_recreated_dmz_interface_gets_the_filter_and_the_workers_back() {
 
     // The filter is on the new interface: an outsider is dropped there.
     let dropped = counter(&status(&lab)["dmz"], "drop_not_allowed");
-    let r = lab.ns.msee.exec(
-        "ping",
-        &[
-            "-c",
-            "3",
-            "-i",
-            "0.2",
-            "-W",
-            "1",
-            "-I",
-            &OUTSIDER.to_string(),
-            &ONPREM_PUBLIC.to_string(),
-        ],
-    );
+    let r = lab.ping_public_from_outsider();
     assert!(r.is_err(), "{OUTSIDER} got an answer from {ONPREM_PUBLIC}");
     assert!(counter(&status(&lab)["dmz"], "drop_not_allowed") >= dropped + 3);
 }

@@ -28,15 +28,13 @@ use xesp_esp::{
     alg::{AesKeyBits, Encr, Suite},
     policy::{Selector, Selectors},
     sa::{DropReason, InboundSa, Lifetime, NattPorts, OutboundSa, SaParams, Tunnel},
-    wire::IPPROTO_UDP,
 };
-use xesp_tests::{ALLOWED_SRC, DUT, pair};
+use xesp_tests::{ALLOWED_SRC, DUT, inner_udp as inner, pair};
 use xtask::netns::wait_until;
 
 /// The peer -> DUT SA, and the DUT -> peer SA.
 const SPI_IN: u32 = 0x5000;
 const SPI_OUT: u32 = 0x6000;
-const PORT: u16 = 9999;
 
 fn params(spi: u32, local: Ipv4Addr, remote: Ipv4Addr, keymat: &[u8]) -> SaParams<'_> {
     SaParams {
@@ -59,27 +57,6 @@ fn params(spi: u32, local: Ipv4Addr, remote: Ipv4Addr, keymat: &[u8]) -> SaParam
 
 fn net(a: [u8; 4], len: u8) -> Selector {
     Selector::prefix(Ipv4Addr::from(a), len)
-}
-
-/// An IPv4 UDP packet `src` -> `dst`:PORT carrying `tag`, at offset 64 of a
-/// buffer with room for ESP around it; returns the buffer and its range.
-fn inner(src: [u8; 4], dst: [u8; 4], tag: u8) -> (Vec<u8>, std::ops::Range<usize>) {
-    let len = 20 + 8 + 4;
-    let mut buf = vec![0u8; 64 + len + 64];
-    let p = &mut buf[64..64 + len];
-    p[0] = 0x45;
-    p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-    p[8] = 64;
-    p[9] = IPPROTO_UDP;
-    p[12..16].copy_from_slice(&src);
-    p[16..20].copy_from_slice(&dst);
-    let c = xesp_esp::wire::checksum(&p[..20]);
-    p[10..12].copy_from_slice(&c.to_be_bytes());
-    p[20..22].copy_from_slice(&40000u16.to_be_bytes());
-    p[22..24].copy_from_slice(&PORT.to_be_bytes());
-    p[24..26].copy_from_slice(&12u16.to_be_bytes());
-    p[28..32].copy_from_slice(&[b'x', b'e', b's', tag]);
-    (buf, 64..64 + len)
 }
 
 fn rx_packets(ns: &xtask::netns::Netns, dev: &str) -> u64 {

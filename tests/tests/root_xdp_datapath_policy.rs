@@ -23,14 +23,12 @@ use ike_proto::{
 use xesp_esp::{
     alg::{AesKeyBits, Encr, Suite},
     sa::{DropReason, Lifetime, NattPorts, OutboundSa, SaParams, Tunnel},
-    wire::IPPROTO_UDP,
 };
-use xesp_tests::{ALLOWED_PREFIX, ALLOWED_SRC, DUT, pair};
+use xesp_tests::{ALLOWED_PREFIX, ALLOWED_SRC, DUT, INNER_PORT as PORT, inner_udp as inner, pair};
 use xtask::netns::{Netns, veth, wait_until};
 
 const SPI_IN: u32 = 0x7000;
 const SPI_OUT: u32 = 0x7100;
-const PORT: u16 = 9999;
 const LAN_HOST: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
 
 fn suite() -> Suite {
@@ -54,27 +52,6 @@ fn spec(spi: u32, direction: Direction, keymat: &[u8]) -> ChildSaSpec {
         local_ts: vec![TsRange::prefix(Ipv4Addr::new(10, 0, 0, 0), 24)],
         remote_ts: vec![TsRange::prefix(Ipv4Addr::new(10, 2, 0, 0), 24)],
     }
-}
-
-/// An IPv4 UDP packet `src` -> `dst`:PORT carrying `tag`, at offset 64 of a
-/// buffer with room for ESP around it; returns the buffer and its range.
-fn inner(src: [u8; 4], dst: [u8; 4], tag: u8) -> (Vec<u8>, std::ops::Range<usize>) {
-    let len = 20 + 8 + 4;
-    let mut buf = vec![0u8; 64 + len + 64];
-    let p = &mut buf[64..64 + len];
-    p[0] = 0x45;
-    p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-    p[8] = 64;
-    p[9] = IPPROTO_UDP;
-    p[12..16].copy_from_slice(&src);
-    p[16..20].copy_from_slice(&dst);
-    let c = xesp_esp::wire::checksum(&p[..20]);
-    p[10..12].copy_from_slice(&c.to_be_bytes());
-    p[20..22].copy_from_slice(&40000u16.to_be_bytes());
-    p[22..24].copy_from_slice(&PORT.to_be_bytes());
-    p[24..26].copy_from_slice(&12u16.to_be_bytes());
-    p[28..32].copy_from_slice(&[b'x', b'e', b's', tag]);
-    (buf, 64..64 + len)
 }
 
 /// A counter of a status list.

@@ -309,6 +309,17 @@ impl Lab {
         topology::wire_dmz(&self.ns, queues)
     }
 
+    /// Three pings from outside the DMZ allowlist (the edge's 198.51.100.1)
+    /// to on-prem's public address: `Err` when none is answered.
+    pub fn ping_public_from_outsider(&self) -> Result<String> {
+        let (src, dst) = (
+            topology::OUTSIDER.to_string(),
+            topology::ONPREM_PUBLIC.to_string(),
+        );
+        let args = ["-c", "3", "-i", "0.2", "-W", "1", "-I", &src, &dst];
+        self.ns.msee.exec("ping", &args)
+    }
+
     /// Pings the VNet's VM `count` times from LAN host address `src`.
     pub fn ping_vm(&self, src: std::net::Ipv4Addr, count: u32) -> Result<String> {
         let (src, dst, count) = (src.to_string(), topology::VM.to_string(), count.to_string());
