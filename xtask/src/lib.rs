@@ -2,6 +2,7 @@
 //! (the reference lab, namespaces and process guards live here).
 
 pub mod bench;
+pub mod host;
 pub mod lab;
 pub mod netns;
 pub mod package;

@@ -22,7 +22,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::setup::{host_cargo, project_root, require_root, run_cmd};
+use crate::host::{cargo_home, host_cargo, project_root, require_root, run_cmd};
 
 /// The cargo-deb that builds the package, installed by `cargo xtask setup`.
 pub const CARGO_DEB_VERSION: &str = "3.8.0";
@@ -132,14 +132,6 @@ pub fn build(profile: Profile, build: bool, out: &Path) -> Result<PathBuf> {
         [one] => Ok(one.clone()),
         other => bail!("expected one .deb in {}, found {other:?}", out.display()),
     }
-}
-
-fn cargo_home() -> PathBuf {
-    std::env::var_os("CARGO_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cargo")
-        })
 }
 
 fn installed_cargo_deb() -> bool {

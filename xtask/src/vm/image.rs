@@ -28,7 +28,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::setup::{project_root, run_cmd};
+use crate::host::{project_root, run_cmd};
 
 /// The meta-package whose dependency names the current 6.1 kernel.
 pub const KERNEL_META: &str = "linux-image-amd64";
