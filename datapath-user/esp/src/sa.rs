@@ -767,11 +767,11 @@ impl OutboundSa {
         if encr.is_aead() {
             let (aad, aad_len) = esp_aad(self.spi, seq, self.esn);
             let aad = &aad[..aad_len];
-            let (head, rest) = buf.split_at_mut(ct_start);
-            let iv = &head[esp + 8..];
+            // The IV from the caller, not read back from `buf`: a load of
+            // octets just stored would wait for the store.
             if self
                 .cipher
-                .aead_seal(iv, aad, &mut rest[..ct_end - ct_start + icv])
+                .aead_seal(iv, aad, &mut buf[ct_start..ct_end + icv])
                 .is_err()
             {
                 return Err(self.unsent(DropReason::Malformed));
