@@ -382,6 +382,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     );
     println!("{}", r.markdown());
     r.write(&out)?;
+    chart::draw(&r.trials, &out.join("throughput.png"))?;
     eprintln!(
         "[bench] done in {:.0} s; {} and {} written",
         started.elapsed().as_secs_f64(),

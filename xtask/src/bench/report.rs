@@ -385,7 +385,6 @@ impl Report {
         std::fs::write(dir.join("report.json"), json)
             .with_context(|| format!("writing {}", dir.join("report.json").display()))?;
         std::fs::write(dir.join("report.md"), self.markdown())?;
-        super::chart::draw(&self.trials, &dir.join("throughput.png"))?;
         Ok(())
     }
 }
