@@ -194,9 +194,16 @@ fn gcm_nonce(salt: &[u8; 4], iv: &[u8]) -> Result<aead::Nonce, CryptoError> {
             want: 8,
         });
     }
+    // salt || iv (RFC 4106 §4), put together in registers: written as one
+    // 8-octet and one 4-octet store, the same widths the nonce is then read
+    // with, so the read never waits on stores it straddles.
+    let head = u64::from_le_bytes([
+        salt[0], salt[1], salt[2], salt[3], iv[0], iv[1], iv[2], iv[3],
+    ]);
+    let tail = u32::from_le_bytes([iv[4], iv[5], iv[6], iv[7]]);
     let mut n = [0u8; 12];
-    n[..4].copy_from_slice(salt);
-    n[4..].copy_from_slice(iv);
+    n[..8].copy_from_slice(&head.to_le_bytes());
+    n[8..].copy_from_slice(&tail.to_le_bytes());
     Ok(aead::Nonce::assume_unique_for_key(n))
 }
 
