@@ -53,7 +53,7 @@ use netlink_packet_xfrm::{
 use netlink_sys::protocols::NETLINK_XFRM;
 
 pub use events::{ExpireEvents, SaExpire};
-pub use link::{create_interface, delete_interface};
+pub use link::{create_interface, delete_interface, interface_counters};
 pub use natt::set_espinudp;
 pub use policy::{
     PolicyDir, PolicySelector, PolicyState, PolicyTemplate, PortMask, XfrmPolicy, range_prefixes,
