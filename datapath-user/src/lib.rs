@@ -4,6 +4,7 @@ pub mod mode;
 pub mod mss;
 pub mod netlink;
 pub mod nexthop;
+pub mod nft_mss;
 #[cfg(feature = "null-forwarder")]
 pub mod null;
 pub mod rxq;
@@ -58,6 +59,8 @@ pub enum DatapathError {
     Netlink(#[from] netlink::NetlinkError),
     #[error(transparent)]
     Xsk(#[from] xsk::XskError),
+    #[error("TCP MSS clamp: {0}")]
+    Nft(#[from] nft_mss::NftError),
     #[error("{0}")]
     Workers(String),
     #[error("{0}")]

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use datapath_user::sadb::TunnelTotals;
+use datapath_user::{mode::InterfaceCounters, sadb::TunnelTotals};
 use serde::{Deserialize, Serialize};
 
 use ike_proto::status::ConnStatus;
@@ -159,6 +159,11 @@ pub struct TunnelStatus {
     pub selector_mismatch: u64,
     /// What the XDP programs steered to this tunnel's AF_XDP sockets.
     pub xdp: Option<XdpTraffic>,
+    /// The tunnel interface's statistics as the kernel counts them
+    /// (`xfrm` datapath: the xfrm interface; rx is what came out of the
+    /// tunnel, tx what went into it).
+    #[serde(default)]
+    pub interface: Option<InterfaceCounters>,
     pub connection: ConnStatus,
 }
 
@@ -397,6 +402,21 @@ pub fn render(st: &DeviceStatus) -> String {
                 x.lan_packets, x.lan_bytes, x.esp_packets, x.esp_bytes
             );
         }
+        if let Some(i) = &t.interface {
+            let _ = writeln!(
+                o,
+                "  interface {}: rx {} pkts / {} bytes, {} errors, {} dropped; tx {} pkts / {} bytes, {} errors, {} dropped",
+                t.name,
+                i.rx_packets,
+                i.rx_bytes,
+                i.rx_errors,
+                i.rx_dropped,
+                i.tx_packets,
+                i.tx_bytes,
+                i.tx_errors,
+                i.tx_dropped
+            );
+        }
         let _ = writeln!(
             o,
             "  traffic selectors: {} out dropped (no CHILD_SA covers them: no_selector), {} in dropped (outside their CHILD_SA's: selector_mismatch)",
@@ -452,6 +472,54 @@ pub fn render(st: &DeviceStatus) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A status as the daemon sends it, with `interface` when given.
+    fn status(interface: serde_json::Value) -> DeviceStatus {
+        let mut tunnel = serde_json::json!({
+            "name": "Tunnel0", "address": "172.16.0.1", "remote": "203.0.113.11",
+            "bgp_peer": null, "up": true, "last_established_utc": null,
+            "totals": {"packets_in": 7, "bytes_in": 700, "packets_out": 9, "bytes_out": 900},
+            "drops": [], "xdp": null,
+            "connection": {
+                "name": "Tunnel0", "tunnel": 0, "peer": "203.0.113.11", "up": true,
+                "established_secs_ago": null, "ike": null, "children": [],
+                "stats": serde_json::to_value(ike_proto::status::ConnStats::default()).unwrap()
+            }
+        });
+        if !interface.is_null() {
+            tunnel["interface"] = interface;
+        }
+        serde_json::from_value(serde_json::json!({
+            "version": "0.1.0", "public_address": "192.0.2.1", "datapath": "xfrm (kernel ESP)",
+            "started_utc": "2026-12-01 00:00:00 UTC", "tunnels": [tunnel],
+            "dmz": [], "lan": [], "workers": [], "socket_path": [],
+            "unknown_spi": 0, "no_outbound_sa": 0, "bgp": null
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn interface_statistics_are_shown_when_the_datapath_gives_them() {
+        let st = status(serde_json::json!({
+            "rx_packets": 11, "rx_bytes": 1100, "rx_errors": 1, "rx_dropped": 2,
+            "tx_packets": 13, "tx_bytes": 1300, "tx_errors": 3, "tx_dropped": 4
+        }));
+        let text = render(&st);
+        assert!(
+            text.contains(
+                "  interface Tunnel0: rx 11 pkts / 1100 bytes, 1 errors, 2 dropped; tx 13 pkts / 1300 bytes, 3 errors, 4 dropped\n"
+            ),
+            "{text}"
+        );
+        // --json carries them under the tunnel, by name.
+        let json = serde_json::to_value(&st).unwrap();
+        assert_eq!(json["tunnels"][0]["interface"]["tx_dropped"], 4);
+        assert_eq!(json["tunnels"][0]["interface"]["rx_packets"], 11);
+        // An older daemon's answer (no field) and the user-space modes
+        // (null) show no interface line.
+        let text = render(&status(serde_json::Value::Null));
+        assert!(!text.contains("interface Tunnel0"), "{text}");
+    }
 
     #[test]
     fn requests_parse_and_print_back() {

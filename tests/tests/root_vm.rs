@@ -24,6 +24,11 @@ const PINGS: u64 = 5;
 const SUCCESS_STATUS: i32 = 23;
 const SPI_ONPREM_TO_AZURE: &str = "0xa0000001";
 const SPI_AZURE_TO_ONPREM: &str = "0xb0000001";
+/// onprem's (xfrm, nftables) MSS clamp, below what Tunnel0's MTU of 1400
+/// gives (1360); azure's (tun, user space) is above it, so a SYN arriving
+/// at azure with this MSS was clamped by onprem's nftables and nothing else.
+const MSS_ONPREM: u16 = 1200;
+const MSS_AZURE: u16 = 1460;
 
 /// One SA of `ip -s xfrm state`.
 #[derive(Debug)]
@@ -215,6 +220,39 @@ fn guest_udp_encap_holder() {
     .expect("holding a UDP_ENCAP socket on 4500");
 }
 
+/// The MSS option of the one SYN in `tcpdump -v` output
+/// (`options [mss 1200,sackOK,...]`).
+fn syn_mss(text: &str) -> Option<u16> {
+    let (_, rest) = text.split_once("options [mss ")?;
+    rest.split([',', ']']).next()?.parse().ok()
+}
+
+/// The packet counts of the rules of `nft list table`, in order.
+fn nft_counters(text: &str) -> Vec<u64> {
+    text.split("counter packets ")
+        .skip(1)
+        .filter_map(|s| s.split(' ').next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn tcpdump_and_nft_outputs_are_parsed() {
+    let syn = "IP (tos 0x0, ttl 64, id 1, offset 0, flags [DF], proto TCP (6), length 60)
+    10.0.0.1.40000 > 10.2.0.1.5201: Flags [S], cksum 0x1 (correct), seq 1, win 64240, options [mss 1200,sackOK,TS val 1 ecr 0,nop,wscale 7], length 0";
+    assert_eq!(syn_mss(syn), Some(1200));
+    assert_eq!(syn_mss("options [mss 536]"), Some(536));
+    assert_eq!(syn_mss("Flags [S], length 0"), None);
+    let nft = "table inet xesp {
+\tchain mss_clamp_in {
+\t\tiifname { \"Tunnel0\" } tcp flags & syn == syn tcp option maxseg size > 1200 counter packets 2 bytes 120 tcp option maxseg size set 1200
+\t}
+\tchain mss_clamp_out {
+\t\toifname { \"Tunnel0\" } tcp flags & syn == syn tcp option maxseg size > 1200 counter packets 0 bytes 0 tcp option maxseg size set 1200
+\t}
+}";
+    assert_eq!(nft_counters(nft), [2, 0]);
+}
+
 #[test]
 fn ip_xfrm_state_output_is_parsed() {
     let text = "src 192.0.2.1 dst 192.0.2.2
@@ -298,10 +336,12 @@ fn root_vm_xfrm_netlink_layer_against_the_kernel() -> Result<()> {
 /// against xesp's `tun` datapath (the user-space ESP core) in the VM:
 /// `tests/vm/xesp_xfrm.sh` brings the tunnel up, pings through it, rekeys
 /// the CHILD_SA and the IKE_SA under ping, stops xesp and kills it. Checked
-/// here: every echo request answered and counted by the kernel's SAs,
-/// nothing lost across the rekeys, nothing of xesp's left after a stop,
-/// and a restart after SIGKILL removing the dead run's SAs but not a
-/// foreign one.
+/// here: every echo request answered and counted by the kernel's SAs and by
+/// Tunnel0's statistics in `xesp status`, a TCP SYN reaching azure with
+/// onprem's nftables MSS clamp, nothing lost across the rekeys, nothing of
+/// xesp's left after a stop (nftables table included), and a restart after
+/// SIGKILL removing the dead run's SAs but not a foreign one and replacing
+/// its nftables table.
 #[test]
 fn root_vm_xesp_xfrm_against_xesp_user_space_esp() -> Result<()> {
     let root = xtask::setup::project_root();
@@ -315,9 +355,12 @@ fn root_vm_xesp_xfrm_against_xesp_user_space_esp() -> Result<()> {
     .env("XESP_BIN", xesp.display().to_string())
     .env("PINGS", PINGS.to_string())
     .env("SUCCESS_STATUS", SUCCESS_STATUS.to_string())
+    .env("MSS_ONPREM", MSS_ONPREM.to_string())
+    .env("MSS_AZURE", MSS_AZURE.to_string())
     .work_dir(&work)
     .cwd(&root)
-    .timeout(Duration::from_secs(400));
+    // 200 s measured on a machine other builds kept busy (boot 55 s).
+    .timeout(Duration::from_secs(600));
     let out = xtask::vm::run(&cmd)?;
     eprintln!(
         "[root_vm_xesp] boot {:.1} s, VM {:.1} s",
@@ -352,6 +395,45 @@ fn root_vm_xesp_xfrm_against_xesp_user_space_esp() -> Result<()> {
     for dir in ["dir out", "dir in", "dir fwd"] {
         assert!(policies.contains(dir), "{policies}");
     }
+    // Tunnel0's own statistics in `xesp status`: at least the echo
+    // requests sent (tx) and the replies (rx), 84 octets each.
+    let st: serde_json::Value = serde_json::from_str(&read("status-onprem.json")?)?;
+    let i = &st["tunnels"][0]["interface"];
+    for (field, at_least) in [
+        ("tx_packets", PINGS),
+        ("rx_packets", PINGS),
+        ("tx_bytes", PINGS * 84),
+        ("rx_bytes", PINGS * 84),
+    ] {
+        assert!(i[field].as_u64() >= Some(at_least), "{field}: {i:#}");
+    }
+    for field in ["rx_errors", "rx_dropped", "tx_errors", "tx_dropped"] {
+        assert!(i[field].is_u64(), "{field}: {i:#}");
+    }
+    let azure: serde_json::Value = serde_json::from_str(&read("status-azure.json")?)?;
+    assert!(azure["tunnels"][0]["interface"].is_null(), "{azure:#}");
+    let text = read("status-onprem.txt")?;
+    assert!(
+        text.contains(&format!(
+            "interface Tunnel0: rx {} pkts / {} bytes",
+            i["rx_packets"], i["rx_bytes"]
+        )),
+        "{text}"
+    );
+    // The MSS clamp: the table while running; the SYN azure received
+    // carries onprem's clamp; both chains rewrote a SYN (out) and a
+    // SYN-ACK (in).
+    let running = read("nft-running.txt")?;
+    assert!(
+        running.contains(&format!("tcp option maxseg size set {MSS_ONPREM}")),
+        "{running}"
+    );
+    let syn = read("syn-azure.txt")?;
+    assert_eq!(syn_mss(&syn), Some(MSS_ONPREM), "{syn}");
+    let tcp = read("nft-tcp.txt")?;
+    let counts = nft_counters(&tcp);
+    assert_eq!(counts.len(), 2, "{tcp}");
+    assert!(counts.iter().all(|&n| n >= 1), "{tcp}");
     let rekey = read("ping-rekey.txt")?;
     assert!(
         rekey.contains("60 packets transmitted, 60 received"),
@@ -380,5 +462,17 @@ fn root_vm_xesp_xfrm_against_xesp_user_space_esp() -> Result<()> {
     );
     let log = read("onprem.log")?;
     assert!(log.contains("a previous run left"), "{log}");
+    // The table: gone after a stop, left by a SIGKILL, replaced (one
+    // table, one rule per chain) by the next start, gone at the end.
+    assert_eq!(read("nft-stopped.txt")?.trim(), "");
+    assert_eq!(read("nft-crashed.txt")?.trim(), "table inet xesp");
+    assert_eq!(read("nft-restarted-tables.txt")?.trim(), "table inet xesp");
+    let restarted = read("nft-restarted.txt")?;
+    assert_eq!(
+        restarted.matches("tcp option maxseg size set").count(),
+        2,
+        "{restarted}"
+    );
+    assert_eq!(read("nft-final.txt")?.trim(), "");
     Ok(())
 }

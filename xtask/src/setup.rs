@@ -44,6 +44,8 @@ pub const APT_PACKAGES: &[&str] = &[
     "tcpdump",
     "ethtool",
     "procps",
+    // The xfrm datapath's TCP MSS clamp (nft -f), in the VM tests too.
+    "nftables",
     // The test VM's kernel is taken out of its xz-compressed bzImage.
     "xz-utils",
     // Build scripts of C-using crates (ring).

@@ -89,6 +89,24 @@ pub struct TunnelCounters {
     pub totals: TunnelTotals,
     /// What the XDP programs steered (`xdp` only).
     pub xdp: Option<TunnelTraffic>,
+    /// The tunnel interface's own statistics, as the kernel counts them
+    /// (`xfrm` only: there the kernel, not xesp, moves the packets).
+    pub interface: Option<InterfaceCounters>,
+}
+
+/// A network interface's statistics (rtnetlink's `IFLA_STATS64`, the
+/// numbers `ip -s link` shows): received (from the tunnel, decrypted) and
+/// transmitted (into the tunnel, before encryption).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InterfaceCounters {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub rx_errors: u64,
+    pub rx_dropped: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub tx_errors: u64,
+    pub tx_dropped: u64,
 }
 
 /// The datapath's counters for `xesp status`.

@@ -158,6 +158,7 @@ impl SocketDatapath {
                 .map(|t| TunnelCounters {
                     totals: self.sadb.tunnel_totals(t),
                     xdp: None,
+                    interface: None,
                 })
                 .collect(),
             socket_path: self

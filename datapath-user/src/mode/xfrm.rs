@@ -18,6 +18,12 @@
 //! Everything xesp installs carries its reqid range ([`xfrm::is_ours`]);
 //! start (after a crash) and stop remove exactly that, never the host's
 //! other SAs and policies.
+//!
+//! The TCP MSS clamp (`mss_clamp`) is the kernel's too: nftables rules in
+//! xesp's own table `inet xesp` ([`crate::nft_mss`], which says why
+//! nftables and not TC), defined at start (replacing a crashed run's) and
+//! deleted on stop. `xesp status` shows each xfrm interface's own
+//! statistics beside the SAs' counters.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -42,7 +48,7 @@ use super::{DatapathConfig, DatapathStatus, IkeSink, SaExpiry, TunnelCounters, i
 use crate::{
     DatapathError,
     netlink::{Rtnl, ifindex},
-    rxq,
+    nft_mss, rxq,
     sadb::TunnelTotals,
     xdp::XdpPrograms,
     xfrm::{self, ExpireEvents, SaId, Xfrm, XfrmError, XfrmSa, tunnel_policies},
@@ -113,6 +119,16 @@ impl XfrmDatapath {
                 flushed.policies
             );
         }
+        // The clamp matches interface names, so it goes in first: without
+        // nft the start fails before anything else is set up.
+        let names: Vec<&str> = cfg.tunnels.iter().map(|t| t.name.as_str()).collect();
+        nft_mss::install(&names, cfg.mss_clamp)?;
+        log::info!(
+            "TCP MSS clamped to {} on {} (nftables table {})",
+            cfg.mss_clamp,
+            names.join(", "),
+            nft_mss::TABLE
+        );
         let events = ExpireEvents::open().map_err(xfrm_error("subscribing to XFRM expires"))?;
         let dmz = xdp::dmz_filter_only(cfg)?;
         let link = ifindex(&cfg.dmz_interface);
@@ -448,7 +464,14 @@ impl super::Datapath for XfrmDatapath {
         }
         st.tunnels = totals
             .into_iter()
-            .map(|totals| TunnelCounters { totals, xdp: None })
+            .zip(&self.tunnels)
+            .map(|(totals, t)| TunnelCounters {
+                totals,
+                xdp: None,
+                interface: xfrm::interface_counters(t.ifindex)
+                    .inspect_err(|e| log::warn!("{}: statistics: {e}", t.name))
+                    .ok(),
+            })
             .collect();
         xdp::dmz_status(&self.dmz, &mut st);
         st
@@ -471,6 +494,10 @@ impl super::Datapath for XfrmDatapath {
             if let Err(e) = xfrm::delete_interface(t.ifindex) {
                 log::warn!("{}: deleting the interface: {e}", t.name);
             }
+        }
+        match nft_mss::remove() {
+            Ok(()) => log::info!("removed the MSS clamp (nftables table {})", nft_mss::TABLE),
+            Err(e) => log::error!("removing the MSS clamp: {e}"),
         }
     }
 }

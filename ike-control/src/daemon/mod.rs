@@ -406,6 +406,7 @@ impl Driver {
                     esp_packets: c.esp_packets,
                     esp_bytes: c.esp_bytes,
                 }),
+                interface: counters.interface,
                 connection,
             });
         }
