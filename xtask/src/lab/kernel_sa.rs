@@ -1,6 +1,7 @@
 //! The kernel's ESP SAs of a namespace, as `ip -s xfrm state` prints them:
 //! what the lab's kernel-backend gateways (and xesp's `xfrm` datapath)
-//! installed, with the kernel's own counters.
+//! installed, with the kernel's own counters. The keys iproute2 prints
+//! never leave this module: each is replaced by `[key]` and its length.
 
 use std::net::Ipv4Addr;
 
@@ -18,8 +19,23 @@ pub struct KernelSa {
     /// Packets and bytes the kernel counted (`lifetime current:`).
     pub packets: u64,
     pub bytes: u64,
-    /// The SA's whole text, for algorithm, mode, encapsulation and if_id.
+    /// The SA's whole text, keys redacted, for algorithm, mode,
+    /// encapsulation and if_id.
     pub text: String,
+}
+
+/// The algorithm lines of `ip xfrm state`, whose third word is a key.
+const KEYED: [&str; 4] = ["aead", "enc", "auth", "auth-trunc"];
+
+/// One algorithm of an SA: its line `KIND NAME 0xKEY [BITS]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Algorithm {
+    /// The kernel's name, e.g. `rfc4106(gcm(aes))`.
+    pub name: String,
+    /// Key length in bits (for AEAD, with the salt: 288 for AES-256-GCM).
+    pub key_bits: usize,
+    /// The ICV length (`aead`) or the truncation (`auth-trunc`), in bits.
+    pub bits: Option<u32>,
 }
 
 impl KernelSa {
@@ -27,6 +43,58 @@ impl KernelSa {
     pub fn encapsulated(&self) -> bool {
         self.text.contains("encap type espinudp")
     }
+
+    /// The algorithm of `kind` (`aead`, `enc`, `auth-trunc`, `auth`), from
+    /// its redacted line `KIND NAME [key] (N bits) [BITS]`.
+    pub fn algorithm(&self, kind: &str) -> Option<Algorithm> {
+        self.text.lines().find_map(|l| {
+            let mut w = l.split_whitespace();
+            if w.next()? != kind {
+                return None;
+            }
+            let name = w.next()?.to_string();
+            if w.next()? != "[key]" {
+                return None;
+            }
+            let key_bits = w.next()?.strip_prefix('(')?.parse().ok()?;
+            if w.next()? != "bits)" {
+                return None;
+            }
+            let bits = match w.next() {
+                Some(b) => Some(b.parse().ok()?),
+                None => None,
+            };
+            Some(Algorithm {
+                name,
+                key_bits,
+                bits,
+            })
+        })
+    }
+}
+
+/// `line` with its key (if it is an algorithm line) replaced by `[key]`
+/// and its length: `ip -s` states it as `(N bits)`, plain `ip` does not.
+fn redact(line: &str) -> String {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let Some(hex) = words
+        .get(2)
+        .filter(|_| KEYED.contains(&words[0]))
+        .and_then(|w| w.strip_prefix("0x"))
+    else {
+        return line.to_string();
+    };
+    let indent = &line[..line.len() - line.trim_start().len()];
+    let mut out = format!("{indent}{} {} [key]", words[0], words[1]);
+    let rest = &words[3..];
+    if !rest.first().is_some_and(|w| w.starts_with('(')) {
+        out.push_str(&format!(" ({} bits)", hex.len() * 4));
+    }
+    for w in rest {
+        out.push(' ');
+        out.push_str(w);
+    }
+    out
 }
 
 /// The ESP SAs in `ns`, with their counters.
@@ -47,11 +115,11 @@ pub fn parse(text: &str) -> Result<Vec<KernelSa>> {
             blocks.push(String::new());
         }
         if let Some(b) = blocks.last_mut() {
-            b.push_str(line);
+            b.push_str(&redact(line));
             b.push('\n');
         }
     }
-    blocks.into_iter().map(|text| parse_one(text)).collect()
+    blocks.into_iter().map(parse_one).collect()
 }
 
 fn parse_one(text: String) -> Result<KernelSa> {
@@ -101,11 +169,13 @@ fn parse_one(text: String) -> Result<KernelSa> {
 mod tests {
     use super::*;
 
-    /// As iproute2 6.1 prints a kernel-netlink CHILD_SA's two SAs.
+    /// As iproute2 6.1 prints a kernel-netlink CHILD_SA's two SAs (the
+    /// first as `ip -s` printed it in the test VM, the second without `-s`).
     const STATE: &str = "src 203.0.113.11 dst 192.0.2.1
 \tproto esp spi 0xc1a2b3c4(3248665540) reqid 1(0x00000001) mode tunnel
 \treplay-window 0 seq 0x00000000 flag af-unspec (0x00100000)
-\taead rfc4106(gcm(aes)) 0x0102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f2021222324 128
+\taead rfc4106(gcm(aes)) 0x0102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f2021222324 (288 bits) 128
+\tanti-replay context: seq 0x0, oseq 0x13, bitmap 0x00000000
 \tlifetime config:
 \t  limit: soft (INF)(bytes), hard (INF)(bytes)
 \tlifetime current:
@@ -136,7 +206,33 @@ src 192.0.2.1 dst 203.0.113.11
         assert_eq!(sas[1].spi, "0x00c0ffee");
         assert_eq!((sas[1].packets, sas[1].bytes), (0, 0));
         assert!(sas[1].encapsulated() && sas[1].text.contains("hmac(sha1)"));
+        let gcm = sas[0].algorithm("aead").unwrap();
+        assert_eq!(
+            (gcm.name.as_str(), gcm.key_bits, gcm.bits),
+            ("rfc4106(gcm(aes))", 288, Some(128))
+        );
+        assert!(sas[0].algorithm("enc").is_none());
+        let enc = sas[1].algorithm("enc").unwrap();
+        assert_eq!(
+            (enc.name.as_str(), enc.key_bits, enc.bits),
+            ("cbc(aes)", 256, None)
+        );
+        let auth = sas[1].algorithm("auth-trunc").unwrap();
+        assert_eq!(
+            (auth.name.as_str(), auth.key_bits, auth.bits),
+            ("hmac(sha1)", 160, Some(96))
+        );
         assert!(parse("").unwrap().is_empty());
+        // No key survives, in either form.
+        for sa in &sas {
+            assert!(!sa.text.contains("0x0102030405"), "{}", sa.text);
+        }
+        assert!(
+            sas[0]
+                .text
+                .contains("\taead rfc4106(gcm(aes)) [key] (288 bits) 128\n\tanti-replay")
+        );
+        assert!(sas[1].text.contains("\tenc cbc(aes) [key] (256 bits)\n"));
     }
 
     #[test]

@@ -123,6 +123,12 @@ pub struct Lab {
 
 static LABS: AtomicU32 = AtomicU32::new(0);
 
+/// How long a daemon may take to open its control socket (or charon to
+/// create its TUN). Generous: under QEMU's TCG on a busy machine, xesp's
+/// start (the eBPF verifier, a debug build) took over 10 s. The wait ends
+/// at once when the daemon exits instead.
+pub const DAEMON_START: Duration = Duration::from_secs(60);
+
 fn say(quiet: bool, what: &str) {
     if !quiet {
         eprintln!("[lab] {what}");
@@ -219,7 +225,7 @@ impl Lab {
             gw.bird
                 .write_conf(&bird::standin_conf(&gw.bird, "ipsec0"))?;
             // BIRD needs ipsec0, which libipsec creates at start-up.
-            if !wait_until(Duration::from_secs(10), || {
+            if !wait_until(DAEMON_START, || {
                 lab.ns.onprem.ip(&["link", "show", "ipsec0"]).is_ok()
             }) {
                 bail!(
@@ -457,9 +463,11 @@ impl Lab {
         let mut out = status_of(&self.dir, &self.ns.onprem, self.config.onprem);
         if self.config.gateway_backend == EspBackend::Kernel {
             for (i, gw) in self.ns.azgw.iter().enumerate() {
-                let sas = gw
-                    .exec("ip", &["-s", "xfrm", "state"])
-                    .unwrap_or_else(|e| format!("{e:#}"));
+                // Keys redacted.
+                let sas = kernel_sa::list(gw).map_or_else(
+                    |e| format!("{e:#}"),
+                    |sas| sas.iter().map(|sa| sa.text.as_str()).collect(),
+                );
                 section(&mut out, &format!("azgw{}: ip -s xfrm state", i + 1), &sas);
             }
         }

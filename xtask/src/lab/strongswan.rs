@@ -12,7 +12,6 @@ use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
@@ -124,7 +123,7 @@ impl Charon {
             .stdout(stdout)
             .stderr(stderr);
         let mut d = Daemon::spawn(&format!("charon in {}", ns.name()), &mut cmd)?;
-        if !wait_until(Duration::from_secs(10), || {
+        if !wait_until(super::DAEMON_START, || {
             self.vici().exists() || !d.is_running()
         }) || !self.vici().exists()
         {

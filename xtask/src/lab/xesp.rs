@@ -7,7 +7,6 @@ use std::{
     path::{Path, PathBuf},
     process::Command,
     sync::OnceLock,
-    time::Duration,
 };
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -298,7 +297,7 @@ impl Xesp {
             .stdout(log.try_clone()?)
             .stderr(log);
         let mut d = Daemon::spawn(&format!("xesp in {}", ns.name()), &mut cmd)?;
-        if !wait_until(Duration::from_secs(10), || {
+        if !wait_until(super::DAEMON_START, || {
             self.socket().exists() || !d.is_running()
         }) || !self.socket().exists()
         {
