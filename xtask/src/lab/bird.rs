@@ -7,7 +7,6 @@ use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::Duration,
 };
 
 use anyhow::{Result, bail};
@@ -63,7 +62,7 @@ impl Bird {
             .stdout(stdout)
             .stderr(stderr);
         let mut d = Daemon::spawn(&format!("bird in {}", ns.name()), &mut cmd)?;
-        if !wait_until(Duration::from_secs(10), || {
+        if !wait_until(super::DAEMON_START, || {
             self.ctl().exists() || !d.is_running()
         }) || !self.ctl().exists()
         {

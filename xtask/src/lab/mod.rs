@@ -4,11 +4,18 @@
 //! `onprem` namespace: xesp with BIRD beside it (the product), a strongSwan
 //! stand-in (the lab proving itself), or nothing (the caller starts its own).
 //!
+//! The gateways' ESP is strongSwan's kernel-libipsec by default (this
+//! machine's kernel has no ESP); [`LabConfig::gateway_backend`] puts it in
+//! the kernel instead (xfrm interfaces, for a kernel with ESP such as the
+//! test VM's). Its files go under `target/lab/`, or under `$XESP_LAB_DIR`
+//! (a writable place where the project is read-only, as in the VM).
+//!
 //! A [`Lab`] tears everything down when dropped, also when a test panics.
 //! `cargo xtask lab up` keeps one running and records it in a state file, so
 //! that `status` and `down` find it again.
 
 pub mod bird;
+pub mod kernel_sa;
 pub mod strongswan;
 pub mod topology;
 pub mod xesp;
@@ -25,8 +32,8 @@ use serde::{Deserialize, Serialize};
 
 use self::{
     bird::Bird,
-    strongswan::Charon,
-    topology::{GW_BGP, GW_PUBLIC, Namespaces, ONPREM_PUBLIC},
+    strongswan::{Charon, EspBackend},
+    topology::{GW_BGP, GW_IF_ID, GW_PUBLIC, Namespaces, ONPREM_PUBLIC},
     xesp::{Xesp, XespSettings},
 };
 use crate::{
@@ -68,6 +75,9 @@ pub struct LabConfig {
     pub gateway_children: [Vec<(String, String)>; 2],
     /// Environment variables for xesp (e.g. `XESP_FAULT_INJECT` in tests).
     pub xesp_env: Vec<(String, String)>,
+    /// Where the gateways' ESP runs: libipsec (a TUN `ipsec0`), or the
+    /// kernel (an xfrm interface `ipsec0`, CHILD_SAs bound to it by if_id).
+    pub gateway_backend: EspBackend,
 }
 
 impl Default for LabConfig {
@@ -84,6 +94,7 @@ impl Default for LabConfig {
             gateway_child_lifetimes: "rekey_time = 27000s".to_string(),
             gateway_children: [Vec::new(), Vec::new()],
             xesp_env: Vec::new(),
+            gateway_backend: EspBackend::Libipsec,
         }
     }
 }
@@ -112,6 +123,12 @@ pub struct Lab {
 
 static LABS: AtomicU32 = AtomicU32::new(0);
 
+/// How long a daemon may take to open its control socket (or charon to
+/// create its TUN). Generous: under QEMU's TCG on a busy machine, xesp's
+/// start (the eBPF verifier, a debug build) took over 10 s. The wait ends
+/// at once when the daemon exits instead.
+pub const DAEMON_START: Duration = Duration::from_secs(60);
+
 fn say(quiet: bool, what: &str) {
     if !quiet {
         eprintln!("[lab] {what}");
@@ -119,10 +136,11 @@ fn say(quiet: bool, what: &str) {
 }
 
 impl Lab {
-    /// Builds a lab whose namespaces are removed when it is dropped. Needs root.
+    /// Builds a lab whose namespaces are removed when it is dropped. Needs
+    /// root. Its files go to a fresh directory under [`labs_dir`].
     pub fn up(config: LabConfig) -> Result<Self> {
         let n = LABS.fetch_add(1, Ordering::Relaxed);
-        let dir = project_root().join(format!("target/lab/{}-{n}", std::process::id()));
+        let dir = labs_dir().join(format!("{}-{n}", std::process::id()));
         Self::build(config, dir, Netns::create, true)
     }
 
@@ -161,7 +179,12 @@ impl Lab {
                     GW_BGP[i]
                 ),
             );
-            gw.charon.write_conf(0, false)?;
+            let backend = lab.config.gateway_backend;
+            let if_id = (backend == EspBackend::Kernel).then_some(GW_IF_ID[i]);
+            if if_id.is_some() {
+                topology::gateway_xfrm_interface(&lab.ns, i)?;
+            }
+            gw.charon.write_conf_for(backend, 0, false)?;
             gw.charon.write_swanctl(&strongswan::gateway_swanctl(
                 GW_PUBLIC[i],
                 ONPREM_PUBLIC,
@@ -171,6 +194,7 @@ impl Lab {
                 lab.config.gateway_initiates,
                 &lab.config.gateway_child_lifetimes,
                 &lab.config.gateway_children[i],
+                if_id,
             ))?;
             let d = gw.charon.start(&lab.ns.azgw[i])?;
             lab.daemons.push(d);
@@ -201,7 +225,7 @@ impl Lab {
             gw.bird
                 .write_conf(&bird::standin_conf(&gw.bird, "ipsec0"))?;
             // BIRD needs ipsec0, which libipsec creates at start-up.
-            if !wait_until(Duration::from_secs(10), || {
+            if !wait_until(DAEMON_START, || {
                 lab.ns.onprem.ip(&["link", "show", "ipsec0"]).is_ok()
             }) {
                 bail!(
@@ -433,9 +457,21 @@ impl Lab {
         Ok(())
     }
 
-    /// Human status: SAs, BGP sessions and routes on every side.
+    /// Human status: SAs, BGP sessions and routes on every side (and the
+    /// gateways' kernel SAs with the kernel backend).
     pub fn status(&self) -> String {
-        status_of(&self.dir, &self.ns.onprem, self.config.onprem)
+        let mut out = status_of(&self.dir, &self.ns.onprem, self.config.onprem);
+        if self.config.gateway_backend == EspBackend::Kernel {
+            for (i, gw) in self.ns.azgw.iter().enumerate() {
+                // Keys redacted.
+                let sas = kernel_sa::list(gw).map_or_else(
+                    |e| format!("{e:#}"),
+                    |sas| sas.iter().map(|sa| sa.text.as_str()).collect(),
+                );
+                section(&mut out, &format!("azgw{}: ip -s xfrm state", i + 1), &sas);
+            }
+        }
+        out
     }
 
     /// Keeps the lab running after this process exits; returns its state.
@@ -540,8 +576,22 @@ struct State {
     pids: Vec<(String, u32)>,
 }
 
+/// The directory labs keep their files in: `$XESP_LAB_DIR` if set (the
+/// project is read-only in the test VM; daemons' control sockets need a
+/// local file system, not 9p), else `target/lab` of the project.
+pub fn labs_dir() -> PathBuf {
+    labs_dir_from(std::env::var_os("XESP_LAB_DIR"))
+}
+
+fn labs_dir_from(var: Option<std::ffi::OsString>) -> PathBuf {
+    match var {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => project_root().join("target/lab"),
+    }
+}
+
 fn state_file() -> PathBuf {
-    project_root().join("target/lab/state.json")
+    labs_dir().join("state.json")
 }
 
 fn load_state() -> Result<Option<State>> {
@@ -587,7 +637,7 @@ pub fn cli_up() -> Result<()> {
     }
     let started = Instant::now();
     let id = std::process::id();
-    let dir = project_root().join(format!("target/lab/up-{id}"));
+    let dir = labs_dir().join(format!("up-{id}"));
     // Persistent names: not matched by the sweep of dead test runs.
     let lab = Lab::build(
         LabConfig::default(),
@@ -668,4 +718,20 @@ pub fn cli_down() -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_labs_directory_is_the_environments_when_set() {
+        assert_eq!(
+            labs_dir_from(Some("/tmp/labs".into())),
+            PathBuf::from("/tmp/labs")
+        );
+        let default = project_root().join("target/lab");
+        assert_eq!(labs_dir_from(None), default);
+        assert_eq!(labs_dir_from(Some("".into())), default);
+    }
 }

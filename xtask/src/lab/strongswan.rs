@@ -1,6 +1,10 @@
-//! strongSwan 5.9.8 with kernel-libipsec (user-space ESP over a TUN device),
-//! one charon per namespace, each with its own configuration, vici socket and
-//! `/run` (its pid file path is fixed), driven through `swanctl`.
+//! strongSwan 5.9.8, one charon per namespace, each with its own
+//! configuration, vici socket and `/run` (its pid file path is fixed), driven
+//! through `swanctl`. Its ESP runs either in user space (kernel-libipsec over
+//! a TUN device, for kernels without ESP such as this machine's) or in the
+//! kernel (kernel-netlink: XFRM SAs and policies bound to an xfrm interface
+//! by `if_id`, as a route-based gateway does; needs a kernel with ESP, e.g.
+//! the test VM's).
 
 use std::{
     fmt::Write as _,
@@ -8,7 +12,6 @@ use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
@@ -16,6 +19,40 @@ use anyhow::{Context, Result, bail};
 use crate::netns::{Daemon, Netns, output, wait_until};
 
 pub const CHARON: &str = "/usr/lib/ipsec/charon";
+
+/// Where a charon's ESP runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EspBackend {
+    /// kernel-libipsec: user-space ESP over a TUN device `ipsec0` that
+    /// charon creates; always UDP-encapsulated (it fakes NAT detection).
+    #[default]
+    Libipsec,
+    /// kernel-netlink only: the kernel's ESP. The CHILD_SAs' SAs and
+    /// policies carry an `if_id` (swanctl's `if_id_in`/`if_id_out`), so only
+    /// traffic routed into the xfrm interface with that id is protected;
+    /// charon installs no routes (`install_routes = no`), the routes through
+    /// the interface are BIRD's. Plain ESP (IP protocol 50) unless a NAT is
+    /// detected (RFC 7296 §2.23).
+    Kernel,
+}
+
+impl EspBackend {
+    /// The plugins charon loads. The first ESP backend in the list wins, so
+    /// kernel-libipsec comes before kernel-netlink (which it still needs for
+    /// addresses and routes); the kernel backend has kernel-netlink alone.
+    pub fn plugins(self) -> &'static str {
+        match self {
+            Self::Libipsec => {
+                "random nonce openssl aes sha1 sha2 hmac gcm kdf pem pkcs1 x509 pubkey revocation \
+                 constraints kernel-libipsec kernel-netlink socket-default updown vici"
+            }
+            Self::Kernel => {
+                "random nonce openssl aes sha1 sha2 hmac gcm kdf pem pkcs1 x509 pubkey revocation \
+                 constraints kernel-netlink socket-default updown vici"
+            }
+        }
+    }
+}
 
 /// A charon's files: configuration, sockets, logs.
 #[derive(Debug, Clone)]
@@ -42,56 +79,27 @@ impl Charon {
         self.dir.join("charon.log")
     }
 
-    /// Writes strongswan.conf. `routing_table` 0 puts libipsec's routes in
-    /// the main table (the gateways: a 0.0.0.0/0 selector must not hide the
-    /// connected networks); `keylog` logs keys (for captures only).
+    /// Writes strongswan.conf for kernel-libipsec (see [`Self::write_conf_for`]).
     pub fn write_conf(&self, routing_table: u32, keylog: bool) -> Result<()> {
+        self.write_conf_for(EspBackend::Libipsec, routing_table, keylog)
+    }
+
+    /// Writes strongswan.conf for ESP in `backend`. `routing_table` 0 puts
+    /// libipsec's routes in the main table (the gateways: a 0.0.0.0/0
+    /// selector must not hide the connected networks); the kernel backend
+    /// installs no routes at all. `keylog` logs keys (for captures only).
+    pub fn write_conf_for(
+        &self,
+        backend: EspBackend,
+        routing_table: u32,
+        keylog: bool,
+    ) -> Result<()> {
         fs::create_dir_all(self.dir.join("swanctl"))?;
         fs::create_dir_all(self.dir.join("run"))?;
-        let d = self.dir.display();
-        let (ike, chd) = if keylog { (4, 4) } else { (2, 1) };
-        let conf = format!(
-            r#"# strongswan.conf of one lab namespace (selected with STRONGSWAN_CONF)
-charon {{
-    # kernel-libipsec must come before kernel-netlink: the first ESP backend wins.
-    load = random nonce openssl aes sha1 sha2 hmac gcm kdf pem pkcs1 x509 pubkey revocation constraints kernel-libipsec kernel-netlink socket-default updown vici
-    install_virtual_ip = no
-    routing_table = {routing_table}
-    retransmit_tries = 3
-    syslog {{
-        daemon {{
-            default = -1
-        }}
-    }}
-    filelog {{
-        lab {{
-            path = {d}/charon.log
-            time_format = %H:%M:%S
-            default = 1
-            ike = {ike}
-            chd = {chd}
-            cfg = 1
-            knl = 1
-            esp = 1
-            flush_line = yes
-            append = yes
-        }}
-    }}
-    plugins {{
-        vici {{
-            socket = unix://{d}/charon.vici
-        }}
-        kernel-libipsec {{
-            allow_peer_ts = no
-        }}
-    }}
-}}
-swanctl {{
-    socket = unix://{d}/charon.vici
-}}
-"#
-        );
-        fs::write(self.conf(), conf)?;
+        fs::write(
+            self.conf(),
+            strongswan_conf(&self.dir, backend, routing_table, keylog),
+        )?;
         Ok(())
     }
 
@@ -115,7 +123,7 @@ swanctl {{
             .stdout(stdout)
             .stderr(stderr);
         let mut d = Daemon::spawn(&format!("charon in {}", ns.name()), &mut cmd)?;
-        if !wait_until(Duration::from_secs(10), || {
+        if !wait_until(super::DAEMON_START, || {
             self.vici().exists() || !d.is_running()
         }) || !self.vici().exists()
         {
@@ -161,6 +169,64 @@ swanctl {{
     }
 }
 
+/// strongswan.conf of one charon whose files are in `dir`.
+fn strongswan_conf(dir: &Path, backend: EspBackend, routing_table: u32, keylog: bool) -> String {
+    let d = dir.display();
+    let (ike, chd) = if keylog { (4, 4) } else { (2, 1) };
+    let plugins = backend.plugins();
+    let (comment, routes, plugin_conf) = match backend {
+        EspBackend::Libipsec => (
+            "kernel-libipsec must come before kernel-netlink: the first ESP backend wins.",
+            format!("routing_table = {routing_table}"),
+            "\n        kernel-libipsec {\n            allow_peer_ts = no\n        }",
+        ),
+        EspBackend::Kernel => (
+            "kernel-netlink alone: ESP in the kernel (XFRM), bound to ipsec0 by if_id.",
+            // Route-based: the routes through the xfrm interface are BIRD's.
+            "install_routes = no".to_string(),
+            "",
+        ),
+    };
+    format!(
+        r#"# strongswan.conf of one lab namespace (selected with STRONGSWAN_CONF)
+charon {{
+    # {comment}
+    load = {plugins}
+    install_virtual_ip = no
+    {routes}
+    retransmit_tries = 3
+    syslog {{
+        daemon {{
+            default = -1
+        }}
+    }}
+    filelog {{
+        lab {{
+            path = {d}/charon.log
+            time_format = %H:%M:%S
+            default = 1
+            ike = {ike}
+            chd = {chd}
+            cfg = 1
+            knl = 1
+            esp = 1
+            flush_line = yes
+            append = yes
+        }}
+    }}
+    plugins {{
+        vici {{
+            socket = unix://{d}/charon.vici
+        }}{plugin_conf}
+    }}
+}}
+swanctl {{
+    socket = unix://{d}/charon.vici
+}}
+"#
+    )
+}
+
 /// The IKE and ESP proposals a gateway accepts: Azure's defaults first, then
 /// the article's Cisco-style ones and the elliptic-curve groups.
 pub const GATEWAY_IKE_PROPOSALS: &str = "aes256-sha256-modp2048,aes256-sha1-modp1024,aes128-sha1-modp1024,\
@@ -173,6 +239,8 @@ pub const GATEWAY_ESP_PROPOSALS: &str = "aes256gcm16,aes128gcm16,aes256-sha1,aes
 /// are the CHILD_SA's swanctl lifetime lines (`rekey_time = 27000s`, ...).
 /// `children` replaces that one CHILD_SA by several with narrowed selectors,
 /// `(local_ts, remote_ts)` each (what the gateway proposes when it initiates).
+/// `if_id` binds every CHILD_SA's SAs and policies to the xfrm interface
+/// with that id ([`EspBackend::Kernel`]; libipsec has no if_id).
 #[allow(clippy::too_many_arguments)]
 pub fn gateway_swanctl(
     me: Ipv4Addr,
@@ -183,7 +251,11 @@ pub fn gateway_swanctl(
     initiate: bool,
     child_lifetimes: &str,
     children: &[(String, String)],
+    if_id: Option<u32>,
 ) -> String {
+    let if_ids = if_id.map_or(String::new(), |id| {
+        format!("if_id_in = {id}\n                if_id_out = {id}\n                ")
+    });
     let start_action = if initiate { "start" } else { "none" };
     let any = [("0.0.0.0/0".to_string(), "0.0.0.0/0".to_string())];
     let children = if children.is_empty() {
@@ -204,7 +276,7 @@ pub fn gateway_swanctl(
                 local_ts = {local_ts}
                 remote_ts = {remote_ts}
                 esp_proposals = {esp}
-                {child_lifetimes}
+                {if_ids}{child_lifetimes}
                 start_action = {start_action}
                 dpd_action = clear
             }}
@@ -309,4 +381,80 @@ pub fn standin_swanctl(
     }
     s.push_str("}\n");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kernel_backend_loads_kernel_netlink_alone_and_installs_no_routes() {
+        let dir = Path::new("/lab/azgw1");
+        let k = strongswan_conf(dir, EspBackend::Kernel, 0, false);
+        let load = k.lines().find(|l| l.trim().starts_with("load =")).unwrap();
+        assert!(load.contains(" kernel-netlink "), "{load}");
+        assert!(!load.contains("libipsec"), "{load}");
+        assert!(k.contains("\n    install_routes = no\n"), "{k}");
+        assert!(
+            !k.contains("routing_table") && !k.contains("kernel-libipsec {"),
+            "{k}"
+        );
+        assert!(k.contains("socket = unix:///lab/azgw1/charon.vici"), "{k}");
+
+        // libipsec: as before, its plugin first.
+        let l = strongswan_conf(dir, EspBackend::Libipsec, 220, false);
+        let load = l.lines().find(|l| l.trim().starts_with("load =")).unwrap();
+        let (lib, net) = (
+            load.find("kernel-libipsec").unwrap(),
+            load.find("kernel-netlink").unwrap(),
+        );
+        assert!(lib < net, "{load}");
+        assert!(l.contains("\n    routing_table = 220\n"), "{l}");
+        assert!(
+            l.contains("allow_peer_ts = no") && !l.contains("install_routes"),
+            "{l}"
+        );
+    }
+
+    #[test]
+    fn a_kernel_gateways_children_carry_the_interfaces_if_id() {
+        let (me, peer) = (Ipv4Addr::new(203, 0, 113, 11), Ipv4Addr::new(192, 0, 2, 1));
+        let children = [
+            ("10.2.0.0/24".to_string(), "10.0.0.0/24".to_string()),
+            ("10.2.0.0/24".to_string(), "10.1.10.0/25".to_string()),
+        ];
+        let s = gateway_swanctl(
+            me,
+            peer,
+            "k",
+            "aes256-sha256-modp2048",
+            "aes256gcm16",
+            false,
+            "rekey_time = 27000s",
+            &children,
+            Some(11),
+        );
+        assert_eq!(s.matches("if_id_in = 11\n").count(), 2, "{s}");
+        assert_eq!(s.matches("if_id_out = 11\n").count(), 2, "{s}");
+        assert!(
+            s.contains("if_id_out = 11\n                rekey_time = 27000s\n"),
+            "{s}"
+        );
+        let none = gateway_swanctl(
+            me,
+            peer,
+            "k",
+            "a",
+            "e",
+            false,
+            "rekey_time = 27000s",
+            &[],
+            None,
+        );
+        assert!(!none.contains("if_id"), "{none}");
+        assert!(
+            none.contains("esp_proposals = e\n                rekey_time = 27000s\n"),
+            "{none}"
+        );
+    }
 }

@@ -59,6 +59,12 @@ pub const LAN_HOSTS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 0, 0, 10), Ipv4Addr::new
 pub const VNET: &str = "10.2.0.0/24";
 pub const VM: Ipv4Addr = Ipv4Addr::new(10, 2, 0, 4);
 
+/// The gateways' tunnel interface: libipsec's TUN, or an xfrm interface
+/// with the kernel backend (the same name, so BIRD's routes are the same).
+pub const GW_TUNNEL_IF: &str = "ipsec0";
+/// The `if_id` of each gateway's xfrm interface and CHILD_SAs (kernel backend).
+pub const GW_IF_ID: [u32; 2] = [11, 12];
+
 /// Interface names.
 pub const ONPREM_DMZ_IF: &str = "dmz0";
 pub const ONPREM_LAN_IF: &str = "lan0";
@@ -227,6 +233,34 @@ fn wire(ns: &Namespaces) -> Result<()> {
     // The VNet's system routes: on-prem through both instances (ECMP).
     ns.vnet.sysctl("net.ipv4.fib_multipath_hash_policy=1")?;
     vnet_routes(&ns.vnet, &[0, 1])
+}
+
+/// Gateway `i`'s xfrm interface ([`GW_TUNNEL_IF`], `if_id` [`GW_IF_ID`]`[i]`
+/// over `wan0`), for strongSwan's kernel backend. It stands where libipsec's
+/// TUN would: no address (BGP and the VNet's traffic leave from the
+/// gateway's VNet address), and the routes into it are BIRD's (the static
+/// route to on-prem's Loopback0 and what BGP learns), none of charon's.
+pub fn gateway_xfrm_interface(ns: &Namespaces, i: usize) -> Result<()> {
+    let gw = &ns.azgw[i];
+    let if_id = GW_IF_ID[i].to_string();
+    let add = [
+        "link",
+        "add",
+        GW_TUNNEL_IF,
+        "type",
+        "xfrm",
+        "dev",
+        "wan0",
+        "if_id",
+        &if_id,
+    ];
+    gw.ip(&add).with_context(|| {
+        format!(
+            "azgw{}: an xfrm interface (does this kernel have XFRM interfaces?)",
+            i + 1
+        )
+    })?;
+    gw.ip(&["link", "set", GW_TUNNEL_IF, "up"])
 }
 
 /// Points the VNet's routes to on-prem at the gateway instances `via`, as

@@ -7,7 +7,6 @@ use std::{
     path::{Path, PathBuf},
     process::Command,
     sync::OnceLock,
-    time::Duration,
 };
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -125,7 +124,9 @@ fn lab_settings(text: &str, s: &XespSettings, socket: &Path, bird_ctl: &Path) ->
     Ok(doc.to_string())
 }
 
-/// The xesp binary, built once per process (`XESP_BIN` overrides).
+/// The xesp binary, built once per process (`XESP_BIN` overrides). In the
+/// test VM (`XESP_VM` set) nothing is built, the project being read-only
+/// there: it is `XESP_BIN`, or the host's `target/debug/xesp`.
 pub fn binary() -> Result<PathBuf> {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -133,6 +134,17 @@ pub fn binary() -> Result<PathBuf> {
             return Ok(PathBuf::from(p));
         }
         let root = project_root();
+        if std::env::var_os("XESP_VM").is_some() {
+            let built = root.join("target/debug/xesp");
+            return if built.is_file() {
+                Ok(built)
+            } else {
+                Err(format!(
+                    "in the VM, xesp cannot be built: set XESP_BIN or build {} on the host first",
+                    built.display()
+                ))
+            };
+        }
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         output(Command::new(cargo).current_dir(&root).args([
             "build",
@@ -285,7 +297,7 @@ impl Xesp {
             .stdout(log.try_clone()?)
             .stderr(log);
         let mut d = Daemon::spawn(&format!("xesp in {}", ns.name()), &mut cmd)?;
-        if !wait_until(Duration::from_secs(10), || {
+        if !wait_until(super::DAEMON_START, || {
             self.socket().exists() || !d.is_running()
         }) || !self.socket().exists()
         {
