@@ -19,7 +19,9 @@
 //! VNet's route on on-prem over both (ECMP), pings from both LAN networks to
 //! the VNet's VM all answered, and UDP flows from 16 source ports spread
 //! over both tunnels, each gateway's inbound SA counting at least one flow
-//! and together at least every datagram sent.
+//! and together at least every datagram sent; then, under 60 echo requests,
+//! a CHILD_SA rekey and an IKE_SA rekey of each tunnel with none lost, and
+//! each gateway's kernel left with the new CHILD_SA's SAs only.
 //!
 //! The guest writes what it measured to `matrix.json` in the shared work
 //! directory; the host checks the guest test passed and that matrix.
@@ -55,6 +57,8 @@ const FLOWS: u16 = 16;
 const PER_FLOW: u64 = 40;
 /// The UDP port the flows go to on the VM (discard: nothing listens).
 const FLOW_PORT: u16 = 9;
+/// Echo requests sent (at 10 a second) while both tunnels rekey.
+const REKEY_PINGS: u32 = 60;
 
 /// Whether `sa` has exactly the suite's algorithms.
 fn has_suite(sa: &kernel_sa::KernelSa, suite: &Suite) -> bool {
@@ -169,6 +173,10 @@ fn root_vm_lab_xesp_xfrm_with_kernel_strongswan_gateways() -> Result<()> {
         assert_eq!(row["bgp_established"], json!([1, 1, 2]), "{row:#}");
         assert_eq!(row["ecmp_nexthops"], 2, "{row:#}");
         assert_eq!(row["pings_received"], 2 * PINGS, "{row:#}");
+        assert_eq!(row["rekey_pings_received"], REKEY_PINGS, "{row:#}");
+        assert_eq!(row["gateway_sas_replaced"], json!([true, true]), "{row:#}");
+        let rekeys: Vec<u64> = serde_json::from_value(row["rekeys"].clone())?;
+        assert!(rekeys.iter().all(|r| *r >= 2), "{row:#}");
         let flows: Vec<u64> = serde_json::from_value(row["gateway_in_packets_flows"].clone())?;
         assert!(flows.iter().all(|d| *d >= PER_FLOW), "{row:#}");
         assert!(
@@ -375,6 +383,7 @@ fn interop(suite: &Suite, results: &Path) -> Result<Value> {
             "{sent} datagrams in {FLOWS} flows: the gateways' inbound SAs counted {flows:?}"
         )));
     }
+    let rekeys = rekeys_under_ping(&lab, x).map_err(|e| fail(format!("{e:#}")))?;
     let xesp_children: Vec<Value> = tunnels
         .iter()
         .map(|t| t["connection"]["children"][0]["suite"].clone())
@@ -397,6 +406,10 @@ fn interop(suite: &Suite, results: &Path) -> Result<Value> {
         "gateway_out_packets_pings": ping_out,
         "datagrams_sent": sent,
         "gateway_in_packets_flows": flows,
+        "rekey_pings_sent": REKEY_PINGS,
+        "rekey_pings_received": rekeys.received,
+        "rekeys": rekeys.counted,
+        "gateway_sas_replaced": rekeys.replaced,
     }))
 }
 
@@ -443,4 +456,104 @@ fn udp_flows(lab: &Lab) -> Result<u64> {
         }
         Ok(sent)
     })?
+}
+
+/// What the rekeys under ping measured.
+struct Rekeys {
+    /// Echo replies of the [`REKEY_PINGS`] sent while both tunnels rekeyed.
+    received: u32,
+    /// Each tunnel's rekeys as xesp counts them (a CHILD_SA and an IKE_SA).
+    counted: [u64; 2],
+    /// Per gateway: its kernel holds two SAs again, none of them from
+    /// before the rekeys (the CHILD_SA's new SAs installed, the old deleted).
+    replaced: [bool; 2],
+}
+
+/// Under [`REKEY_PINGS`] echo requests from a LAN host to the VM, xesp
+/// rekeys each tunnel's CHILD_SA, then its IKE_SA (RFC 7296 §1.3.2, §1.3.3),
+/// with strongSwan's kernel backend on the other side: no echo request may
+/// be lost (make-before-break on both ends), and each gateway's kernel ends
+/// with the new CHILD_SA's two SAs only.
+fn rekeys_under_ping(lab: &Lab, x: &xtask::lab::xesp::Xesp) -> Result<Rekeys> {
+    let before: Vec<Vec<String>> = lab
+        .ns
+        .azgw
+        .iter()
+        .map(|gw| Ok(kernel_sa::list(gw)?.into_iter().map(|sa| sa.spi).collect()))
+        .collect::<Result<_>>()?;
+    let (src, dst, count) = (
+        LAN_HOSTS[0].to_string(),
+        VM.to_string(),
+        REKEY_PINGS.to_string(),
+    );
+    let ping = lab
+        .ns
+        .lan
+        .cmd("ping")
+        .args(["-c", &count, "-i", "0.1", "-W", "3", "-I", &src, &dst])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting ping")?;
+    let rekeyed = (|| -> Result<()> {
+        for tunnel in ["Tunnel0", "Tunnel1"] {
+            for extra in [&[][..], &["--ike"][..]] {
+                let mut args = vec!["tunnel", "rekey", tunnel];
+                args.extend_from_slice(extra);
+                let (ok, out) = x.ctl(&args)?;
+                ensure!(ok, "xesp {}: {out}", args.join(" "));
+            }
+        }
+        Ok(())
+    })();
+    let out = ping.wait_with_output().context("waiting for ping")?;
+    rekeyed?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let received = text
+        .lines()
+        .find_map(|l| {
+            l.split(", ")
+                .find_map(|p| p.strip_suffix(" received"))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .with_context(|| format!("no summary in ping's output: {text}"))?;
+    ensure!(
+        received == REKEY_PINGS,
+        "{received} of {REKEY_PINGS} echo requests answered during the rekeys:\n{text}"
+    );
+    // Both rekeys of each tunnel done (under TCG the IKE_SA's DH can
+    // outlast the pings).
+    let mut counted = [0u64; 2];
+    let done = wait_until(Duration::from_secs(90), || {
+        x.status_json().is_ok_and(|st| {
+            for (i, c) in counted.iter_mut().enumerate() {
+                *c = st["tunnels"][i]["connection"]["stats"]["rekeys"]
+                    .as_u64()
+                    .unwrap_or(0);
+            }
+            counted.iter().all(|c| *c >= 2)
+        })
+    });
+    ensure!(done, "rekeys counted {counted:?}, want 2 per tunnel");
+    let mut replaced = [false; 2];
+    for (i, gw) in lab.ns.azgw.iter().enumerate() {
+        let mut now = Vec::new();
+        replaced[i] = wait_until(Duration::from_secs(60), || {
+            kernel_sa::list(gw).is_ok_and(|sas| {
+                now = sas.into_iter().map(|sa| sa.spi).collect();
+                now.len() == 2 && now.iter().all(|spi| !before[i].contains(spi))
+            })
+        });
+        ensure!(
+            replaced[i],
+            "azgw{}: SAs {:?} before the rekeys, {now:?} after",
+            i + 1,
+            before[i]
+        );
+    }
+    Ok(Rekeys {
+        received,
+        counted,
+        replaced,
+    })
 }
