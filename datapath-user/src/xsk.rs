@@ -573,11 +573,7 @@ impl Port {
     }
 
     /// Hands the frame of a received descriptor to `f`.
-    fn handle(
-        &mut self,
-        desc: XdpDesc,
-        f: &mut impl FnMut(&mut Frame<'_>) -> Verdict,
-    ) -> Verdict {
+    fn handle(&mut self, desc: XdpDesc, f: &mut impl FnMut(&mut Frame<'_>) -> Verdict) -> Verdict {
         let fs = u64::from(self.config.frame_size);
         let base = desc.addr - desc.addr % fs;
         let offset = (desc.addr - base) as usize;

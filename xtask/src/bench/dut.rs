@@ -258,9 +258,7 @@ impl Dut {
 
     /// xesp's control socket (xesp and the null forwarder).
     pub fn control_socket(&self) -> Option<PathBuf> {
-        self.kind
-            .has_workers()
-            .then(|| self.dir.join("xesp.sock"))
+        self.kind.has_workers().then(|| self.dir.join("xesp.sock"))
     }
 
     /// Where its configuration and log are.

@@ -314,11 +314,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 let peak = t.pps.max;
                 trials.push(t);
                 // Offered load stepped around the peak just measured.
-                if !args.no_overload
-                    && kind.has_workers()
-                    && tunnels == 1
-                    && peak > 0.0
-                {
+                if !args.no_overload && kind.has_workers() && tunnels == 1 && peak > 0.0 {
                     let mut steps = Vec::new();
                     for pct in OVERLOAD_STEPS {
                         let rate = peak * f64::from(pct) / 100.0;
