@@ -623,6 +623,22 @@ mod tests {
     }
 
     #[test]
+    fn busy_polled_xesp_is_compared_with_the_busy_polled_null_forwarder() {
+        let mut t = vec![
+            trial(DutKind::XespBusyPoll, 1400, 1, 800.0, 600),
+            trial(DutKind::Null, 1400, 1, 1000.0, 300),
+            trial(DutKind::NullBusyPoll, 1400, 1, 400.0, 400),
+            trial(DutKind::StrongSwan, 1400, 1, 100.0, 5000),
+        ];
+        compare(&mut t);
+        let x = &t[0];
+        assert_eq!(x.vs_null, Some(2.0));
+        assert_eq!(x.marginal_cpu_ns, Some(200.0));
+        assert_eq!(x.vs_strongswan, None, "strongSwan is xesp's comparison");
+        assert_eq!(t[2].vs_null, None);
+    }
+
+    #[test]
     fn goals_say_met_and_not_met() {
         let mut t = vec![
             trial(DutKind::Xesp, 1400, 1, 950.0, 400),
