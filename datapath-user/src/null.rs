@@ -7,8 +7,9 @@
 //! setting, option or environment variable reaches it, and the daemon built
 //! without the feature has none of this code. In such a build every packet
 //! the AF_XDP workers take goes through the same XDP programs, sockets,
-//! rings, next-hop cache, TTL, MSS clamping and Ethernet rewrite as in
-//! xesp, but the ESP work is replaced by removing (inbound) or adding
+//! rings and worker loop as in xesp, and through the worker's own code for
+//! the rest (`worker::Ctx`: parsing, next-hop cache, TTL, MSS clamping,
+//! Ethernet rewrite, counters); only the ESP work is replaced by removing (inbound) or adding
 //! (outbound) the same number of header and trailer octets as ESP does: no
 //! cipher, no integrity check, no SA lookup per packet. What it delivers per
 //! second is the ceiling of this machine's AF_XDP path; xesp's distance to
@@ -22,7 +23,6 @@
 
 use std::{
     cell::RefCell,
-    net::Ipv4Addr,
     ops::Range,
     time::{Duration, Instant},
 };
@@ -32,20 +32,16 @@ use xesp_esp::{
     sa::Tunnel,
     wire::{
         ESP_HLEN, ESP_TRAILER, IPPROTO_ESP, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, IPV4_HLEN,
-        Outer, UDP_HLEN, parse_outer, write_ipv4,
+        UDP_HLEN, write_ipv4,
     },
 };
 
 use crate::{
-    mss::{Clamp, clamp_mss},
-    nexthop::{NextHop, NextHops},
     slowpath::SlowPath,
-    worker::{Counter, WorkerStats, decrement_ttl, ip_of, write_eth},
+    worker::{Counter, Ctx, ip_of},
     xsk::{Frame, SockId, Verdict},
 };
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
 const MAX_TUNNELS: usize = xesp_common::MAX_TUNNELS as usize;
 /// How long a tunnel's shape is used before its SAs are read again.
 const REFRESH: Duration = Duration::from_secs(1);
@@ -214,80 +210,37 @@ fn outbound_shape(path: &SlowPath, tunnel: usize, pkt: &[u8], now: Instant) -> O
     })
 }
 
-/// What a worker hands the null forwarder for one packet.
-pub struct Env<'a> {
-    pub hops: &'a mut NextHops,
-    pub path: &'a SlowPath,
-    pub c: &'a WorkerStats,
-    pub now: Instant,
-    pub tunnel: usize,
-    pub dmz_ifindex: u32,
-    pub lan_ifindex: u32,
-}
-
-/// `Worker`'s `decrypt_to_lan` without ESP: "ESP" from the DMZ → the LAN
-/// (the worker counted it as received).
-pub fn decrypt_to_lan(env: Env<'_>, f: &mut Frame<'_>, lan_tx: SockId) -> Verdict {
-    let Some((ETH_P_IP, ip)) = ip_of(f) else {
-        env.c.add(Counter::Malformed, 1);
+/// The worker's `decrypt_to_lan` without ESP: "ESP" from the DMZ → the
+/// LAN (the worker counted it as received), through the worker's own
+/// parsing and forwarding tail.
+pub(crate) fn decrypt_to_lan(ctx: &mut Ctx<'_>, f: &mut Frame<'_>, lan_tx: SockId) -> Verdict {
+    let Some((spi, esp)) = ctx.esp_of(f) else {
         return Verdict::Drop;
     };
-    let Ok(Outer::Esp { spi, esp, .. }) = parse_outer(&f.buf[ip.clone()]) else {
-        env.c.add(Counter::Malformed, 1);
+    let Some(shape) = inbound_shape(ctx.path, ctx.tunnel, spi, ctx.now) else {
         return Verdict::Drop;
     };
-    let Some(shape) = inbound_shape(env.path, env.tunnel, spi, env.now) else {
-        return Verdict::Drop;
-    };
-    let esp = ip.start + esp.start..ip.start + esp.end;
     let Some((inner, next_header)) = strip(f.buf, esp, &shape) else {
-        env.c.add(Counter::Malformed, 1);
+        ctx.c.add(Counter::Malformed, 1);
         return Verdict::Drop;
     };
-    if next_header == IPPROTO_IPIP && inner.len() >= IPV4_HLEN {
-        let p = &f.buf[inner.clone()];
-        let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
-        if let NextHop::Ether { ifindex, src, dst } = env.hops.resolve(dst, env.now)
-            && ifindex == env.lan_ifindex
-            && decrement_ttl(&mut f.buf[inner.clone()])
-        {
-            if let Clamp::Lowered(_) = clamp_mss(&mut f.buf[inner.clone()], env.path.mss_clamp) {
-                env.c.add(Counter::MssClamped, 1);
-            }
-            let Some(at) = inner.start.checked_sub(ETH_HLEN) else {
-                env.c.add(Counter::NoHeadroom, 1);
-                return Verdict::Drop;
-            };
-            write_eth(f.buf, at, src, dst, ETH_P_IP);
-            env.c.add(Counter::DecapForwarded, 1);
-            return Verdict::Transmit {
-                on: lan_tx,
-                offset: at as u32,
-                len: (inner.len() + ETH_HLEN) as u32,
-            };
-        }
-    }
-    env.c.add(Counter::DecapToStack, 1);
-    env.path.deliver_inner(env.tunnel, &mut f.buf[inner]);
-    Verdict::Drop
+    let tunnel = ctx.tunnel;
+    ctx.forward_inner(f, inner, next_header, tunnel, lan_tx)
 }
 
-/// `Worker`'s `encrypt_to_dmz` without ESP: a LAN packet → "ESP" on the DMZ
-/// (the worker counted it as received).
-pub fn encrypt_to_dmz(env: Env<'_>, f: &mut Frame<'_>, dmz_tx: SockId) -> Verdict {
+/// The worker's `encrypt_to_dmz` without ESP: a LAN packet → "ESP" on the
+/// DMZ (the worker counted it as received), through the worker's own
+/// forwarding tail.
+pub(crate) fn encrypt_to_dmz(ctx: &mut Ctx<'_>, f: &mut Frame<'_>, dmz_tx: SockId) -> Verdict {
     let Some((_, inner)) = ip_of(f) else {
-        env.c.add(Counter::Malformed, 1);
+        ctx.c.add(Counter::Malformed, 1);
         return Verdict::Drop;
     };
-    let Some(shape) = outbound_shape(env.path, env.tunnel, &f.buf[inner.clone()], env.now) else {
+    let Some(shape) = outbound_shape(ctx.path, ctx.tunnel, &f.buf[inner.clone()], ctx.now) else {
         return Verdict::Drop;
     };
-    if !decrement_ttl(&mut f.buf[inner.clone()]) {
-        env.c.add(Counter::TtlExpired, 1);
+    if !ctx.prepare_inner(f, inner.clone()) {
         return Verdict::Drop;
-    }
-    if let Clamp::Lowered(_) = clamp_mss(&mut f.buf[inner.clone()], env.path.mss_clamp) {
-        env.c.add(Counter::MssClamped, 1);
     }
     let (seq, ip_id) = STATE.with_borrow_mut(|st| {
         st.seq = st.seq.wrapping_add(1);
@@ -295,38 +248,20 @@ pub fn encrypt_to_dmz(env: Env<'_>, f: &mut Frame<'_>, dmz_tx: SockId) -> Verdic
         (st.seq, st.ip_id)
     });
     let Some(outer) = wrap(f.buf, inner, &shape, seq, ip_id) else {
-        env.c.add(Counter::Malformed, 1);
+        ctx.c.add(Counter::Malformed, 1);
         return Verdict::Drop;
     };
-    match env.hops.resolve(shape.tunnel.remote, env.now) {
-        NextHop::Ether { ifindex, src, dst } if ifindex == env.dmz_ifindex => {
-            let Some(at) = outer.start.checked_sub(ETH_HLEN) else {
-                env.c.add(Counter::NoHeadroom, 1);
-                return Verdict::Drop;
-            };
-            write_eth(f.buf, at, src, dst, ETH_P_IP);
-            env.c.add(Counter::EncapSent, 1);
-            Verdict::Transmit {
-                on: dmz_tx,
-                offset: at as u32,
-                len: (outer.len() + ETH_HLEN) as u32,
-            }
-        }
-        _ => {
-            env.c.add(Counter::EncapViaSocket, 1);
-            env.path.send_esp(shape.tunnel, &f.buf[outer]);
-            Verdict::Drop
-        }
-    }
+    ctx.send_outer(f, outer, shape.tunnel, dmz_tx)
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
+    use std::{net::Ipv4Addr, time::Instant};
 
     use xesp_esp::{
         alg::{AesKeyBits, Encr, Integ},
         sa::{InboundSa, Lifetime, NattPorts, OutboundSa, SaParams},
+        wire::{Outer, parse_outer},
     };
 
     use super::*;

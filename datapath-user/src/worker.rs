@@ -28,7 +28,10 @@ use std::{
     time::Instant,
 };
 
-use xesp_esp::wire::{Outer, parse_outer};
+use xesp_esp::{
+    sa::Tunnel,
+    wire::{Outer, parse_outer},
+};
 
 use crate::{
     mss::{Clamp, checksum_replace, clamp_mss},
@@ -36,7 +39,7 @@ use crate::{
     nexthop::{NextHop, NextHopStats, NextHops},
     sadb::SaView,
     slowpath::SlowPath,
-    xsk::{Frame, KernelDrops, Port, PortConfig, PortStats, SockId, Verdict, XskError},
+    xsk::{BusyPoll, Frame, KernelDrops, Port, PortConfig, PortStats, SockId, Verdict, XskError},
 };
 
 const ETH_HLEN: usize = 14;
@@ -45,6 +48,12 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const BATCH: u32 = 64;
 /// How often a worker reads the kernel's drop counters of its sockets.
 const DROPS_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+/// How long an idle worker sleeps in `poll()` (it wakes at once for
+/// packets), and how long while frames it sent are not yet completed:
+/// `poll()` does not watch the completion rings, and those frames are
+/// wanted back in the fill rings.
+const IDLE_WAIT_MS: i32 = 100;
+const IN_FLIGHT_WAIT_MS: i32 = 1;
 
 /// One counter of a worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,15 +99,17 @@ pub enum Counter {
     Batches,
     /// System calls: `poll()` waits for RX (made only after an idle round),
     /// `sendto()` kicks of a TX ring (in copy mode the kernel sends at most
-    /// 32 frames per kick), fill-ring wakeups, and `XDP_STATISTICS` reads.
+    /// 32 frames per kick), fill-ring wakeups, `XDP_STATISTICS` reads, and
+    /// busy polls of the RX queues (busy polling only).
     RxPolls,
     TxKicks,
     FillWakeups,
     StatsReads,
+    BusyPolls,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 22] = [
+    pub const ALL: [Counter; 23] = [
         Self::EspRx,
         Self::DecapForwarded,
         Self::DecapToStack,
@@ -121,6 +132,7 @@ impl Counter {
         Self::TxKicks,
         Self::FillWakeups,
         Self::StatsReads,
+        Self::BusyPolls,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -147,6 +159,7 @@ impl Counter {
             Self::TxKicks => "syscall_tx_kicks",
             Self::FillWakeups => "syscall_fill_wakeups",
             Self::StatsReads => "syscall_stats_reads",
+            Self::BusyPolls => "syscall_busy_polls",
         }
     }
 }
@@ -229,16 +242,19 @@ pub struct Worker {
     lan_ifindex: u32,
     path: Arc<SlowPath>,
     counters: Arc<WorkerStats>,
+    busy_poll: bool,
 }
 
 impl Worker {
-    /// Opens queue `queue`'s sockets on both interfaces, one per tunnel.
+    /// Opens queue `queue`'s sockets on both interfaces, one per tunnel,
+    /// with busy polling if `busy_poll` says so.
     pub fn new(
         queue: u32,
         dmz_if: &str,
         lan_if: &str,
         path: Arc<SlowPath>,
         counters: Arc<WorkerCounters>,
+        busy_poll: Option<BusyPoll>,
     ) -> Result<(Self, WorkerSockets), XskError> {
         let mut port = Port::new(PortConfig::default())?;
         let tunnels = path.tuns.len();
@@ -256,6 +272,9 @@ impl Worker {
             socks.lan[t] = port.fd(l);
             lan.push(l);
         }
+        if let Some(bp) = busy_poll {
+            port.set_busy_poll(bp)?;
+        }
         Ok((
             Self {
                 port,
@@ -265,17 +284,20 @@ impl Worker {
                 lan_ifindex: ifindex(lan_if),
                 path,
                 counters: counters.register(),
+                busy_poll: busy_poll.is_some(),
             },
             socks,
         ))
     }
 
     /// Runs until `stop` is set. Each round: refresh the SA view if the SA
-    /// database changed (one atomic load), take a batch from each RX ring
-    /// (no more than the TX ring it feeds can take), process it in place,
-    /// then submit each TX ring's batch with one kick (copy mode: one per 32
-    /// frames, the kernel's limit per `sendto()`), reap completions and
-    /// refill the fill rings in one go. `poll()` only after an idle round.
+    /// database changed (one atomic load), busy-poll the RX queues if that
+    /// is on, take a batch from each RX ring (no more than the TX ring it
+    /// feeds can take), process it in place and hand its frames' worth back
+    /// to the fill ring, then submit each TX ring's batch with one kick
+    /// (copy mode: one per 32 frames, the kernel's limit per `sendto()`),
+    /// reap completions and refill the fill rings. `poll()` only after an
+    /// idle round, for a millisecond while frames are still in flight.
     pub fn run(mut self, stop: Arc<AtomicBool>) {
         let mut hops = match NextHops::new() {
             Ok(h) => h,
@@ -296,9 +318,17 @@ impl Worker {
             // Sleep in poll() only when the last round found nothing to do.
             if !busy {
                 c.add(Counter::RxPolls, 1);
-                if let Err(e) = self.port.poll(100) {
+                let wait = if self.port.in_flight() > 0 {
+                    IN_FLIGHT_WAIT_MS
+                } else {
+                    IDLE_WAIT_MS
+                };
+                if let Err(e) = self.port.poll(wait) {
                     log::warn!("AF_XDP worker: poll: {e}");
                 }
+            }
+            if self.busy_poll {
+                self.port.busy_poll();
             }
             busy = false;
             let now = Instant::now();
@@ -340,6 +370,7 @@ impl Worker {
                 Counter::FillWakeups,
                 ps.fill_wakeups - port_seen.fill_wakeups,
             );
+            c.add(Counter::BusyPolls, ps.busy_polls - port_seen.busy_polls);
             port_seen = ps;
             // The kernel's drops cost a system call per socket: read them now and then.
             if now.duration_since(drops_read) >= DROPS_EVERY {
@@ -385,15 +416,17 @@ impl Worker {
     }
 }
 
-struct Ctx<'a> {
-    hops: &'a mut NextHops,
-    path: &'a SlowPath,
-    sas: &'a SaView,
-    c: &'a WorkerStats,
-    now: Instant,
-    tunnel: usize,
-    dmz_ifindex: u32,
-    lan_ifindex: u32,
+/// What a worker's packet handlers share; the null forwarder (bench
+/// builds) uses the same, with only the ESP work replaced.
+pub(crate) struct Ctx<'a> {
+    pub(crate) hops: &'a mut NextHops,
+    pub(crate) path: &'a SlowPath,
+    pub(crate) sas: &'a SaView,
+    pub(crate) c: &'a WorkerStats,
+    pub(crate) now: Instant,
+    pub(crate) tunnel: usize,
+    pub(crate) dmz_ifindex: u32,
+    pub(crate) lan_ifindex: u32,
 }
 
 /// The IP packet after the Ethernet header of `f`: `(ethertype, range)`,
@@ -447,16 +480,24 @@ pub(crate) fn write_eth(buf: &mut [u8], at: usize, src: [u8; 6], dst: [u8; 6], t
 
 impl Ctx<'_> {
     /// ESP from the DMZ → the LAN (or the tunnel's device).
-    #[cfg_attr(feature = "null-forwarder", allow(unreachable_code))]
     fn decrypt_to_lan(&mut self, f: &mut Frame<'_>, lan_tx: SockId) -> Verdict {
         #[cfg(feature = "null-forwarder")]
-        return crate::null::decrypt_to_lan(self.null_env(), f, lan_tx);
-        let Some((ETH_P_IP, ip)) = ip_of(f) else {
-            self.c.add(Counter::Malformed, 1);
-            return Verdict::Drop;
-        };
-        let Ok(Outer::Esp { spi, esp, .. }) = parse_outer(&f.buf[ip.clone()]) else {
-            self.c.add(Counter::Malformed, 1);
+        return crate::null::decrypt_to_lan(self, f, lan_tx);
+        #[cfg(not(feature = "null-forwarder"))]
+        self.decrypt_esp_to_lan(f, lan_tx)
+    }
+
+    /// A LAN packet routed into tunnel `self.tunnel` → ESP on the DMZ.
+    fn encrypt_to_dmz(&mut self, f: &mut Frame<'_>, dmz_tx: SockId) -> Verdict {
+        #[cfg(feature = "null-forwarder")]
+        return crate::null::encrypt_to_dmz(self, f, dmz_tx);
+        #[cfg(not(feature = "null-forwarder"))]
+        self.encrypt_esp_to_dmz(f, dmz_tx)
+    }
+
+    #[cfg_attr(feature = "null-forwarder", allow(dead_code))]
+    fn decrypt_esp_to_lan(&mut self, f: &mut Frame<'_>, lan_tx: SockId) -> Verdict {
+        let Some((spi, esp)) = self.esp_of(f) else {
             return Verdict::Drop;
         };
         // Unknown SPIs and failed checks (the selectors of RFC 4301 §5.2
@@ -464,13 +505,64 @@ impl Ctx<'_> {
         let Some(entry) = self.sas.inbound(&self.path.sadb, spi) else {
             return Verdict::Drop;
         };
-        let esp = ip.start + esp.start..ip.start + esp.end;
         let Ok(d) = entry.sa.decapsulate(f.buf, esp) else {
             return Verdict::Drop;
         };
-        let inner = d.inner;
-        let tunnel = entry.tunnel as usize;
-        if d.next_header == xesp_esp::wire::IPPROTO_IPIP {
+        self.forward_inner(f, d.inner, d.next_header, entry.tunnel as usize, lan_tx)
+    }
+
+    #[cfg_attr(feature = "null-forwarder", allow(dead_code))]
+    fn encrypt_esp_to_dmz(&mut self, f: &mut Frame<'_>, dmz_tx: SockId) -> Verdict {
+        let Some((_, inner)) = ip_of(f) else {
+            self.c.add(Counter::Malformed, 1);
+            return Verdict::Drop;
+        };
+        // RFC 4301 §5.1: the tunnel's SA whose selectors cover the packet.
+        // None (the tunnel just went down, or no selector covers it):
+        // counted by the SA database, per tunnel.
+        let Ok(entry) =
+            self.sas
+                .outbound_for(&self.path.sadb, self.tunnel as u32, &f.buf[inner.clone()])
+        else {
+            return Verdict::Drop;
+        };
+        if !self.prepare_inner(f, inner.clone()) {
+            return Verdict::Drop;
+        }
+        let Ok(outer) = entry.encapsulate(f.buf, inner) else {
+            return Verdict::Drop;
+        };
+        self.send_outer(f, outer, entry.endpoints, dmz_tx)
+    }
+
+    /// The SPI and the ESP (header to ICV) of an IPv4 ESP or ESP-in-UDP
+    /// frame, as ranges of `f.buf`; `None` (counted) for anything else.
+    pub(crate) fn esp_of(&self, f: &Frame<'_>) -> Option<(u32, Range<usize>)> {
+        let Some((ETH_P_IP, ip)) = ip_of(f) else {
+            self.c.add(Counter::Malformed, 1);
+            return None;
+        };
+        let Ok(Outer::Esp { spi, esp, .. }) = parse_outer(&f.buf[ip.clone()]) else {
+            self.c.add(Counter::Malformed, 1);
+            return None;
+        };
+        Some((spi, ip.start + esp.start..ip.start + esp.end))
+    }
+
+    /// The tail of decapsulation: the inner packet at `inner` (Next Header
+    /// `next_header`) of tunnel `tunnel` goes out on the LAN socket if it is
+    /// IPv4 whose FIB next hop is out of the LAN interface (TTL lowered, MSS
+    /// clamped, Ethernet header written in front); anything else into the
+    /// tunnel's TUN device.
+    pub(crate) fn forward_inner(
+        &mut self,
+        f: &mut Frame<'_>,
+        inner: Range<usize>,
+        next_header: u8,
+        tunnel: usize,
+        lan_tx: SockId,
+    ) -> Verdict {
+        if next_header == xesp_esp::wire::IPPROTO_IPIP && inner.len() >= 20 {
             let p = &f.buf[inner.clone()];
             let dst = Ipv4Addr::new(p[16], p[17], p[18], p[19]);
             if let NextHop::Ether { ifindex, src, dst } = self.hops.resolve(dst, self.now)
@@ -499,35 +591,30 @@ impl Ctx<'_> {
         Verdict::Drop
     }
 
-    /// A LAN packet routed into tunnel `self.tunnel` → ESP on the DMZ.
-    #[cfg_attr(feature = "null-forwarder", allow(unreachable_code))]
-    fn encrypt_to_dmz(&mut self, f: &mut Frame<'_>, dmz_tx: SockId) -> Verdict {
-        #[cfg(feature = "null-forwarder")]
-        return crate::null::encrypt_to_dmz(self.null_env(), f, dmz_tx);
-        let Some((_, inner)) = ip_of(f) else {
-            self.c.add(Counter::Malformed, 1);
-            return Verdict::Drop;
-        };
-        // RFC 4301 §5.1: the tunnel's SA whose selectors cover the packet.
-        // None (the tunnel just went down, or no selector covers it):
-        // counted by the SA database, per tunnel.
-        let Ok(entry) =
-            self.sas
-                .outbound_for(&self.path.sadb, self.tunnel as u32, &f.buf[inner.clone()])
-        else {
-            return Verdict::Drop;
-        };
+    /// Before encapsulation: the TTL lowered and the MSS clamped (counted);
+    /// false (counted) if the TTL runs out.
+    pub(crate) fn prepare_inner(&mut self, f: &mut Frame<'_>, inner: Range<usize>) -> bool {
         if !decrement_ttl(&mut f.buf[inner.clone()]) {
             self.c.add(Counter::TtlExpired, 1);
-            return Verdict::Drop;
+            return false;
         }
-        if let Clamp::Lowered(_) = clamp_mss(&mut f.buf[inner.clone()], self.path.mss_clamp) {
+        if let Clamp::Lowered(_) = clamp_mss(&mut f.buf[inner], self.path.mss_clamp) {
             self.c.add(Counter::MssClamped, 1);
         }
-        let Ok(outer) = entry.encapsulate(f.buf, inner) else {
-            return Verdict::Drop;
-        };
-        let t = entry.endpoints;
+        true
+    }
+
+    /// The tail of encapsulation: the outer packet at `outer` goes out on
+    /// the DMZ socket with an Ethernet header if the tunnel's remote end is
+    /// reached through the DMZ interface and its MAC is known; otherwise
+    /// through the socket datapath, which resolves it.
+    pub(crate) fn send_outer(
+        &mut self,
+        f: &mut Frame<'_>,
+        outer: Range<usize>,
+        t: Tunnel,
+        dmz_tx: SockId,
+    ) -> Verdict {
         match self.hops.resolve(t.remote, self.now) {
             NextHop::Ether { ifindex, src, dst } if ifindex == self.dmz_ifindex => {
                 let Some(at) = outer.start.checked_sub(ETH_HLEN) else {
@@ -547,22 +634,6 @@ impl Ctx<'_> {
                 self.path.send_esp(t, &f.buf[outer]);
                 Verdict::Drop
             }
-        }
-    }
-}
-
-/// The benchmark's null forwarder (see `null.rs`): bench builds only.
-#[cfg(feature = "null-forwarder")]
-impl Ctx<'_> {
-    fn null_env(&mut self) -> crate::null::Env<'_> {
-        crate::null::Env {
-            hops: self.hops,
-            path: self.path,
-            c: self.c,
-            now: self.now,
-            tunnel: self.tunnel,
-            dmz_ifindex: self.dmz_ifindex,
-            lan_ifindex: self.lan_ifindex,
         }
     }
 }

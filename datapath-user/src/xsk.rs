@@ -30,6 +30,15 @@ pub enum XskError {
     Umem(i32),
     #[error("interface name {0:?} is not valid")]
     BadName(String),
+    #[error(
+        "{env}={value:?}: expected off, <microseconds> or <microseconds>/<budget>, each 1 to 65535"
+    )]
+    BadBusyPoll { env: &'static str, value: String },
+    #[error("AF_XDP busy polling ({option}): {source}")]
+    BusyPoll {
+        option: &'static str,
+        source: io::Error,
+    },
 }
 
 /// Sizes of a port.
@@ -103,8 +112,12 @@ struct Queue {
     ifindex: u32,
     queue_id: u32,
     dq: DeviceQueue,
-    /// Frames currently in this queue's fill ring.
-    in_fill: u32,
+    /// Frames lent to the kernel on this queue: in its fill ring, or
+    /// received into an RX ring and not yet read. At most a ring's worth
+    /// (see [`Port::refill`]).
+    lent: u32,
+    /// Whether a socket receives on it (only those get frames to fill).
+    rx: bool,
 }
 
 struct Sock {
@@ -129,6 +142,9 @@ pub struct PortStats {
     /// (system calls).
     pub tx_kicks: u64,
     pub fill_wakeups: u64,
+    /// `recvfrom()` calls that let the kernel busy-poll the RX queues
+    /// (system calls; busy polling only, see [`Port::set_busy_poll`]).
+    pub busy_polls: u64,
 }
 
 /// What the kernel dropped on a port's sockets (`XDP_STATISTICS`), summed.
@@ -159,6 +175,50 @@ struct XdpStatistics {
 
 const SOL_XDP: libc::c_int = 283;
 const XDP_STATISTICS: libc::c_int = 7;
+// asm-generic/socket.h (x86, arm, and most others).
+const SO_BUSY_POLL: libc::c_int = 46;
+const SO_PREFER_BUSY_POLL: libc::c_int = 69;
+const SO_BUSY_POLL_BUDGET: libc::c_int = 70;
+
+/// Socket busy polling of a port's receive queues: the worker's own
+/// `recvfrom()` runs the queues' NAPI poll (XDP and the copy into the UMEM)
+/// instead of a softirq, and with `SO_PREFER_BUSY_POLL` the softirq leaves
+/// the queue to it while it keeps polling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BusyPoll {
+    /// `SO_BUSY_POLL`: how long one busy poll may spin, in microseconds.
+    pub usecs: u32,
+    /// `SO_BUSY_POLL_BUDGET`: packets per NAPI poll.
+    pub budget: u16,
+}
+
+impl BusyPoll {
+    /// The environment variable that turns it on for the daemon's workers
+    /// (see `mode::workers`).
+    pub const ENV: &'static str = "XESP_AF_XDP_BUSY_POLL";
+
+    /// `off`, `<microseconds>` (budget 64) or `<microseconds>/<budget>`.
+    pub fn parse(v: &str) -> Result<Option<Self>, XskError> {
+        let bad = || XskError::BadBusyPoll {
+            env: Self::ENV,
+            value: v.to_string(),
+        };
+        let v = v.trim();
+        if v == "off" {
+            return Ok(None);
+        }
+        let (us, budget) = v.split_once('/').unwrap_or((v, "64"));
+        let usecs: u16 = us.trim().parse().map_err(|_| bad())?;
+        let budget: u16 = budget.trim().parse().map_err(|_| bad())?;
+        if usecs == 0 || budget == 0 {
+            return Err(bad());
+        }
+        Ok(Some(Self {
+            usecs: u32::from(usecs),
+            budget,
+        }))
+    }
+}
 
 /// One UMEM with its device queues and sockets; owned by one thread.
 pub struct Port {
@@ -296,7 +356,8 @@ impl Port {
                     ifindex: info.ifindex(),
                     queue_id,
                     dq,
-                    in_fill: 0,
+                    lent: 0,
+                    rx: false,
                 });
                 (self.queues.len() - 1, user)
             }
@@ -316,6 +377,7 @@ impl Port {
             .map(|r| r.as_raw_fd())
             .or_else(|| tx.as_ref().map(|t| t.as_raw_fd()))
             .unwrap_or(-1);
+        self.queues[queue].rx |= rx.is_some();
         self.socks.push(Sock {
             queue,
             fd,
@@ -376,32 +438,72 @@ impl Port {
         self.free.len()
     }
 
-    /// Hands free frames to every device queue that has a receiving socket,
-    /// keeping a sixteenth of the UMEM back for packets built from scratch
-    /// ([`Port::transmit_new`]; forwarded packets reuse their frames).
+    /// Frames accounted for by the port: in its free list, lent to the
+    /// kernel for receiving, queued or in flight for transmission. Equals
+    /// [`PortConfig::frames`] whenever the kernel holds no frame of a
+    /// dropped packet (it never does when no RX ring overflows, which
+    /// [`Port::refill`] prevents).
+    pub fn frames_accounted(&self) -> u64 {
+        let lent: u64 = self.queues.iter().map(|q| u64::from(q.lent)).sum();
+        let batched: u64 = self.socks.iter().map(|s| s.tx_batch.len() as u64).sum();
+        self.free.len() as u64 + lent + batched + self.in_flight()
+    }
+
+    /// Frames handed to a TX ring whose completion has not been reaped yet.
+    pub fn in_flight(&self) -> u64 {
+        self.stats.tx - self.stats.completed
+    }
+
+    /// Gives every device queue that has a receiving socket a ring's worth
+    /// of frames, less those it holds already (in its fill ring, or in an RX
+    /// ring not read yet), keeping a sixteenth of the UMEM back for packets
+    /// built from scratch ([`Port::transmit_new`]; forwarded packets reuse
+    /// their frames). [`Port::recv`] calls it for its queue after every
+    /// batch, so what the worker reads is handed back at once.
+    ///
+    /// The cap is what sheds overload cheaply: when the worker falls behind,
+    /// received frames wait in the RX ring, the fill ring runs short, and
+    /// the kernel drops the next packets for want of a frame (`XDP_STATISTICS`
+    /// rx_dropped and fill_ring_empty) before it copies them. An RX ring
+    /// therefore never overflows, which would cost the copy of each packet
+    /// dropped.
     pub fn refill(&mut self) {
+        for qi in 0..self.queues.len() {
+            self.refill_queue(qi);
+        }
+    }
+
+    fn refill_queue(&mut self, qi: usize) {
         let reserve = (self.config.frames / 16) as usize;
-        let rx_queues: Vec<bool> = (0..self.queues.len())
-            .map(|qi| self.socks.iter().any(|s| s.queue == qi && s.rx.is_some()))
-            .collect();
-        for (qi, q) in self.queues.iter_mut().enumerate() {
-            if !rx_queues[qi] {
-                continue;
-            }
-            let want = self.config.ring_size.saturating_sub(q.in_fill);
+        let ring = self.config.ring_size;
+        let Some(q) = self.queues.get_mut(qi).filter(|q| q.rx) else {
+            return;
+        };
+        let before = q.lent;
+        // xdpilone reserves no more than its cached view of the ring shows
+        // free: ask again until all is in, or the ring seen afresh is full.
+        loop {
+            let want = ring.saturating_sub(q.lent);
             let can = self.free.len().saturating_sub(reserve).min(want as usize) as u32;
             if can == 0 {
-                continue;
+                break;
             }
             let mut w = q.dq.fill(can);
-            let n = w.insert(std::iter::from_fn(|| self.free.pop()).take(can as usize));
+            // Exactly as many frames as slots reserved: the writer takes one
+            // item more from an iterator than it has room for.
+            let start = self.free.len() - w.capacity() as usize;
+            let n = w.insert(self.free[start..].iter().copied());
             w.commit();
             drop(w);
-            q.in_fill += n;
-            if q.dq.needs_wakeup() {
-                q.dq.wake();
-                self.stats.fill_wakeups += 1;
+            self.free.drain(start..start + n as usize);
+            if n == 0 {
+                break;
             }
+            q.lent += n;
+        }
+        if q.lent != before && q.dq.needs_wakeup() {
+            q.dq.wake();
+            self.stats.fill_wakeups += 1;
         }
     }
 
@@ -409,12 +511,21 @@ impl Port {
     pub fn reap(&mut self) {
         let fs = u64::from(self.config.frame_size);
         for q in &mut self.queues {
-            let mut c = q.dq.complete(self.config.ring_size);
-            while let Some(addr) = c.read() {
-                self.free.push(addr - addr % fs);
-                self.stats.completed += 1;
+            // Until the completion ring, seen afresh, is empty (see refill).
+            loop {
+                let mut c = q.dq.complete(self.config.ring_size);
+                let mut n = 0;
+                while let Some(addr) = c.read() {
+                    self.free.push(addr - addr % fs);
+                    n += 1;
+                }
+                c.release();
+                drop(c);
+                if n == 0 {
+                    break;
+                }
+                self.stats.completed += n;
             }
-            c.release();
         }
     }
 
@@ -437,52 +548,69 @@ impl Port {
             return 0;
         };
         let mut got = 0;
-        let mut r = rx.receive(max);
-        while let Some(desc) = r.read() {
-            got += 1;
-            let base = desc.addr - desc.addr % fs;
-            let offset = (desc.addr - base) as usize;
-            let len = desc.len as usize;
-            let verdict =
-                if base as usize + fs as usize <= self.area.len && offset + len <= fs as usize {
-                    // SAFETY: the frame [base, base + frame_size) lies in the area (checked)
-                    // and was handed to us by the kernel through the RX ring: nobody else
-                    // touches it until we give it back.
-                    let buf = unsafe {
-                        core::slice::from_raw_parts_mut(
-                            self.area.ptr.as_ptr().add(base as usize),
-                            fs as usize,
-                        )
-                    };
-                    f(&mut Frame { buf, offset, len })
-                } else {
-                    Verdict::Drop
-                };
-            match verdict {
-                Verdict::Transmit { on, offset, len } if offset as u64 + u64::from(len) <= fs => {
-                    match self.socks.get_mut(on.0) {
-                        Some(s) if s.tx.is_some() && s.tx_batch.len() < s.tx_batch.capacity() => {
-                            s.tx_batch.push(XdpDesc {
-                                addr: base + u64::from(offset),
-                                len,
-                                options: 0,
-                            });
-                        }
-                        _ => {
-                            self.stats.tx_ring_full += 1;
-                            self.free.push(base);
-                        }
+        // Until `max`, or the RX ring seen afresh is empty (see refill).
+        while got < max {
+            let mut r = rx.receive(max - got);
+            let mut n = 0;
+            while let Some(desc) = r.read() {
+                n += 1;
+                let verdict = self.handle(desc, &mut f);
+                self.settle(desc.addr - desc.addr % fs, verdict);
+            }
+            r.release();
+            drop(r);
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        self.socks[id.0].rx = Some(rx);
+        let q = &mut self.queues[queue];
+        q.lent = q.lent.saturating_sub(got);
+        self.stats.rx += u64::from(got);
+        self.refill_queue(queue);
+        got
+    }
+
+    /// Hands the frame of a received descriptor to `f`.
+    fn handle(&mut self, desc: XdpDesc, f: &mut impl FnMut(&mut Frame<'_>) -> Verdict) -> Verdict {
+        let fs = u64::from(self.config.frame_size);
+        let base = desc.addr - desc.addr % fs;
+        let offset = (desc.addr - base) as usize;
+        let len = desc.len as usize;
+        if base as usize + fs as usize > self.area.len || offset + len > fs as usize {
+            return Verdict::Drop;
+        }
+        // SAFETY: the frame [base, base + frame_size) lies in the area (checked)
+        // and was handed to us by the kernel through the RX ring: nobody else
+        // touches it until we give it back.
+        let buf = unsafe {
+            core::slice::from_raw_parts_mut(self.area.ptr.as_ptr().add(base as usize), fs as usize)
+        };
+        f(&mut Frame { buf, offset, len })
+    }
+
+    /// Queues the frame at `base` for transmission, or frees it.
+    fn settle(&mut self, base: u64, verdict: Verdict) {
+        let fs = u64::from(self.config.frame_size);
+        match verdict {
+            Verdict::Transmit { on, offset, len } if u64::from(offset) + u64::from(len) <= fs => {
+                match self.socks.get_mut(on.0) {
+                    Some(s) if s.tx.is_some() && s.tx_batch.len() < s.tx_batch.capacity() => {
+                        s.tx_batch.push(XdpDesc {
+                            addr: base + u64::from(offset),
+                            len,
+                            options: 0,
+                        });
+                    }
+                    _ => {
+                        self.stats.tx_ring_full += 1;
+                        self.free.push(base);
                     }
                 }
-                _ => self.free.push(base),
             }
+            _ => self.free.push(base),
         }
-        r.release();
-        drop(r);
-        self.socks[id.0].rx = Some(rx);
-        self.queues[queue].in_fill = self.queues[queue].in_fill.saturating_sub(got);
-        self.stats.rx += u64::from(got);
-        got
     }
 
     /// Takes a free frame for a packet built from scratch (e.g. from the slow
@@ -545,10 +673,18 @@ impl Port {
         for s in &mut self.socks {
             let Some(tx) = s.tx.as_mut() else { continue };
             if !s.tx_batch.is_empty() {
-                let mut w = tx.transmit(s.tx_batch.len() as u32);
-                let n = w.insert(s.tx_batch.iter().copied()) as usize;
-                w.commit();
-                drop(w);
+                // Until all is in, or the ring seen afresh is full (see refill).
+                let mut n = 0;
+                while n < s.tx_batch.len() {
+                    let mut w = tx.transmit((s.tx_batch.len() - n) as u32);
+                    let put = w.insert(s.tx_batch[n..].iter().copied()) as usize;
+                    w.commit();
+                    drop(w);
+                    if put == 0 {
+                        break;
+                    }
+                    n += put;
+                }
                 self.stats.tx += n as u64;
                 for d in s.tx_batch.drain(..).skip(n) {
                     self.stats.tx_ring_full += 1;
@@ -563,6 +699,62 @@ impl Port {
         self.reap();
         self.refill();
         pending
+    }
+
+    /// Turns on busy polling on every socket of the port (sockets added
+    /// later are not covered). Needs CAP_NET_ADMIN for a time above
+    /// `net.core.busy_read`, and a kernel built with busy polling.
+    pub fn set_busy_poll(&mut self, bp: BusyPoll) -> Result<(), XskError> {
+        let opts = [
+            ("SO_PREFER_BUSY_POLL", SO_PREFER_BUSY_POLL, 1),
+            ("SO_BUSY_POLL", SO_BUSY_POLL, bp.usecs as libc::c_int),
+            (
+                "SO_BUSY_POLL_BUDGET",
+                SO_BUSY_POLL_BUDGET,
+                libc::c_int::from(bp.budget),
+            ),
+        ];
+        for s in &self.socks {
+            for (option, name, value) in opts {
+                // SAFETY: value is a c_int of the length passed.
+                let r = unsafe {
+                    libc::setsockopt(
+                        s.fd,
+                        libc::SOL_SOCKET,
+                        name,
+                        (&raw const value).cast(),
+                        core::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                };
+                if r != 0 {
+                    return Err(XskError::BusyPoll {
+                        option,
+                        source: io::Error::last_os_error(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets the kernel busy-poll each receiving socket's queue once
+    /// (`recvfrom()` without waiting; with busy polling on, see
+    /// [`Port::set_busy_poll`]).
+    pub fn busy_poll(&mut self) {
+        for s in self.socks.iter().filter(|s| s.rx.is_some()) {
+            // SAFETY: a zero-length receive with no buffer and no address.
+            unsafe {
+                libc::recvfrom(
+                    s.fd,
+                    core::ptr::null_mut(),
+                    0,
+                    libc::MSG_DONTWAIT,
+                    core::ptr::null_mut(),
+                    core::ptr::null_mut(),
+                )
+            };
+            self.stats.busy_polls += 1;
+        }
     }
 
     /// Waits until a receiving socket has packets or `timeout_ms` passes.
@@ -610,4 +802,21 @@ fn kick(tx: &mut RingTx, max_kicks: u32) -> u64 {
         before = now;
     }
     u64::from(max_kicks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_poll_setting() {
+        assert_eq!(BusyPoll::parse("off").unwrap(), None);
+        let bp = |usecs, budget| Some(BusyPoll { usecs, budget });
+        assert_eq!(BusyPoll::parse("50").unwrap(), bp(50, 64));
+        assert_eq!(BusyPoll::parse(" 20/16 ").unwrap(), bp(20, 16));
+        for bad in ["", "0", "20/0", "fast", "-1", "20/", "70000", "20/70000"] {
+            let e = BusyPoll::parse(bad).unwrap_err().to_string();
+            assert!(e.starts_with(BusyPoll::ENV), "{bad:?}: {e}");
+        }
+    }
 }

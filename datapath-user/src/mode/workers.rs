@@ -20,12 +20,17 @@ use crate::{
     slowpath::SlowPath,
     worker::{Worker, WorkerCounters},
     xdp::XdpPrograms,
+    xsk::BusyPoll,
 };
 
 /// Restarts of one queue's worker within [`RESTART_WINDOW`] before the
 /// daemon gives up.
 pub const MAX_RESTARTS: usize = 5;
 pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
+
+/// Busy polling when [`BusyPoll::ENV`] is not set: none, what the
+/// benchmark found better on veth in copy mode (see the README).
+pub const DEFAULT_BUSY_POLL: Option<BusyPoll> = None;
 
 /// For tests of this supervision (debug builds only): with
 /// `XESP_FAULT_INJECT=worker-panic` each queue's first worker panics as it
@@ -51,6 +56,7 @@ pub struct Workers {
     stop: Arc<AtomicBool>,
     /// Workers that ended and were started again.
     restarts: AtomicU64,
+    busy_poll: Option<BusyPoll>,
 }
 
 impl Workers {
@@ -62,6 +68,17 @@ impl Workers {
         path: Arc<SlowPath>,
         xdp: &mut XdpPrograms,
     ) -> Result<Self, DatapathError> {
+        let busy_poll = match std::env::var(BusyPoll::ENV) {
+            Ok(v) => BusyPoll::parse(&v)?,
+            Err(_) => DEFAULT_BUSY_POLL,
+        };
+        if let Some(bp) = busy_poll {
+            log::info!(
+                "AF_XDP workers: busy polling, {} µs, budget {}",
+                bp.usecs,
+                bp.budget
+            );
+        }
         let mut w = Self {
             counters: Arc::new(WorkerCounters::default()),
             slots: Vec::new(),
@@ -70,6 +87,7 @@ impl Workers {
             path,
             stop: Arc::new(AtomicBool::new(false)),
             restarts: AtomicU64::new(0),
+            busy_poll,
         };
         w.restart(queues, xdp)?;
         Ok(w)
@@ -112,6 +130,7 @@ impl Workers {
             &self.lan_if,
             self.path.clone(),
             self.counters.clone(),
+            self.busy_poll,
         )?;
         for (t, fd) in socks.dmz.iter().enumerate() {
             if let Some(fd) = fd {

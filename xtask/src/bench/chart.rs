@@ -33,6 +33,8 @@ fn colour(kind: DutKind) -> RGBColor {
     match kind {
         DutKind::Xesp => RGBColor(30, 80, 160),
         DutKind::Null => RGBColor(120, 120, 120),
+        DutKind::XespBusyPoll => RGBColor(110, 160, 230),
+        DutKind::NullBusyPoll => RGBColor(190, 190, 190),
         DutKind::Kernel => RGBColor(60, 150, 60),
         DutKind::StrongSwan => RGBColor(220, 130, 40),
     }

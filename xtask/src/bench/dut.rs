@@ -131,6 +131,12 @@ pub enum DutKind {
     /// octets (see datapath-user/src/null.rs).
     #[serde(rename = "null-forwarder")]
     Null,
+    /// xesp and the null forwarder with their AF_XDP sockets busy-polled
+    /// (`--busy-poll`), to be compared with the two above in the same run.
+    #[serde(rename = "xesp-busy-poll")]
+    XespBusyPoll,
+    #[serde(rename = "null-forwarder-busy-poll")]
+    NullBusyPoll,
     /// The device namespace's kernel routing the inner packets: no IPsec,
     /// no XDP.
     #[serde(rename = "kernel-forwarding")]
@@ -140,7 +146,16 @@ pub enum DutKind {
 }
 
 impl DutKind {
-    pub const ALL: [DutKind; 4] = [
+    pub const ALL: [DutKind; 6] = [
+        DutKind::Xesp,
+        DutKind::Null,
+        DutKind::XespBusyPoll,
+        DutKind::NullBusyPoll,
+        DutKind::Kernel,
+        DutKind::StrongSwan,
+    ];
+    /// Measured when `--devices` is not given.
+    pub const DEFAULT: [DutKind; 4] = [
         DutKind::Xesp,
         DutKind::Null,
         DutKind::Kernel,
@@ -151,6 +166,8 @@ impl DutKind {
         match self {
             Self::Xesp => "xesp",
             Self::Null => "null-fwd",
+            Self::XespBusyPoll => "xesp-bp",
+            Self::NullBusyPoll => "null-bp",
             Self::Kernel => "kernel-fwd",
             Self::StrongSwan => "strongSwan",
         }
@@ -166,11 +183,19 @@ impl DutKind {
         self != Self::Kernel
     }
 
+    /// Whether it runs xesp's AF_XDP workers (overload steps, `xesp status`).
+    pub fn has_workers(self) -> bool {
+        matches!(
+            self,
+            Self::Xesp | Self::Null | Self::XespBusyPoll | Self::NullBusyPoll
+        )
+    }
+
     /// What the DMZ end sends it to decrypt: `prepare`'s mode.
     pub fn dmz_mode(self) -> &'static str {
         match self {
-            Self::Xesp | Self::StrongSwan => "esp",
-            Self::Null => "null",
+            Self::Xesp | Self::XespBusyPoll | Self::StrongSwan => "esp",
+            Self::Null | Self::NullBusyPoll => "null",
             Self::Kernel => "plain",
         }
     }
@@ -198,20 +223,24 @@ pub struct Dut {
 
 impl Dut {
     /// Starts `kind` in the `dut` namespace with `suite`, configured to reach
-    /// both peers; the caller waits for the tunnels.
+    /// both peers; the caller waits for the tunnels. `busy_poll` is the
+    /// workers' busy polling setting of the busy-polled kinds.
     pub fn start(
         kind: DutKind,
         topo: &Topology,
         suite: Suite,
         psk: &str,
-        bins: &super::ends::Binaries,
+        (bins, busy_poll): (&super::ends::Binaries, &str),
         dir: &Path,
     ) -> Result<Self> {
         let dir = dir.join(format!("{}-{}", kind.label(), suite.name()));
         fs::create_dir_all(&dir)?;
+        let xesp = |bin: &Path, bp: &str| start_xesp(topo, suite, psk, bin, bp, &dir);
         let daemon = match kind {
-            DutKind::Xesp => Some(start_xesp(topo, suite, psk, &bins.xesp, &dir)?),
-            DutKind::Null => Some(start_xesp(topo, suite, psk, &bins.null, &dir)?),
+            DutKind::Xesp => Some(xesp(&bins.xesp, "off")?),
+            DutKind::Null => Some(xesp(&bins.null, "off")?),
+            DutKind::XespBusyPoll => Some(xesp(&bins.xesp, busy_poll)?),
+            DutKind::NullBusyPoll => Some(xesp(&bins.null, busy_poll)?),
             DutKind::Kernel => None,
             DutKind::StrongSwan => Some(start_strongswan(topo, suite, psk, &dir)?),
         };
@@ -229,7 +258,7 @@ impl Dut {
 
     /// xesp's control socket (xesp and the null forwarder).
     pub fn control_socket(&self) -> Option<PathBuf> {
-        matches!(self.kind, DutKind::Xesp | DutKind::Null).then(|| self.dir.join("xesp.sock"))
+        self.kind.has_workers().then(|| self.dir.join("xesp.sock"))
     }
 
     /// Where its configuration and log are.
@@ -241,7 +270,7 @@ impl Dut {
     /// (strongSwan installs its own from the traffic selectors).
     pub fn route(&self, topo: &Topology) -> Result<()> {
         match self.kind {
-            DutKind::Xesp | DutKind::Null => {
+            DutKind::Xesp | DutKind::Null | DutKind::XespBusyPoll | DutKind::NullBusyPoll => {
                 for (t, dev) in ["Tunnel0", "Tunnel1"].iter().enumerate() {
                     topo.dut
                         .ip(&["route", "replace", vnet_half(t), "dev", dev])?;
@@ -280,7 +309,17 @@ pub fn vnet_half(t: usize) -> &'static str {
     }
 }
 
-fn start_xesp(topo: &Topology, suite: Suite, psk: &str, bin: &Path, dir: &Path) -> Result<Daemon> {
+/// The workers' busy polling setting (datapath-user's `BusyPoll::ENV`).
+const BUSY_POLL_ENV: &str = "XESP_AF_XDP_BUSY_POLL";
+
+fn start_xesp(
+    topo: &Topology,
+    suite: Suite,
+    psk: &str,
+    bin: &Path,
+    busy_poll: &str,
+    dir: &Path,
+) -> Result<Daemon> {
     let sock = dir.join("xesp.sock");
     let mut t = format!(
         r#"# xesp under test (cargo xtask bench)
@@ -321,6 +360,7 @@ allow_legacy = true
         .arg("-c")
         .arg(&conf)
         .env("RUST_LOG", "info")
+        .env(BUSY_POLL_ENV, busy_poll)
         .stdout(log.try_clone()?)
         .stderr(log);
     let mut d = Daemon::spawn("xesp under test", &mut cmd)?;

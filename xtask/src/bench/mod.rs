@@ -57,7 +57,9 @@ pub struct BenchArgs {
     /// Report folder [default: target/bench/<UTC time>].
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Devices to measure, comma-separated: xesp, null, kernel, strongswan [default: all].
+    /// Devices to measure, comma-separated: xesp, null, kernel, strongswan,
+    /// and xesp-bp, null-bp (xesp and the null forwarder with busy polling,
+    /// see --busy-poll) [default: xesp, null, kernel, strongswan].
     #[arg(long, value_delimiter = ',')]
     pub devices: Vec<String>,
     /// Only the cases whose name contains this (names look like
@@ -67,6 +69,11 @@ pub struct BenchArgs {
     /// Skip the overload steps (50% to 200% of the peak offered).
     #[arg(long)]
     pub no_overload: bool,
+    /// Busy polling of xesp-bp and null-bp's AF_XDP sockets:
+    /// <microseconds>[/<budget>] (SO_BUSY_POLL, SO_BUSY_POLL_BUDGET, with
+    /// SO_PREFER_BUSY_POLL); xesp and null run without.
+    #[arg(long, default_value = "50/64")]
+    pub busy_poll: String,
 }
 
 /// Offered load of the overload steps, in percent of the measured peak.
@@ -129,13 +136,15 @@ pub fn case_name(suite: Suite, dir: Direction, size: usize, tunnels: usize) -> S
 
 fn selected_kinds(args: &BenchArgs) -> Result<Vec<DutKind>> {
     if args.devices.is_empty() {
-        return Ok(DutKind::ALL.to_vec());
+        return Ok(DutKind::DEFAULT.to_vec());
     }
     args.devices
         .iter()
         .map(|d| {
             DutKind::parse(d.trim()).with_context(|| {
-                format!("--devices: {d:?} is not one of xesp, null, kernel, strongswan")
+                format!(
+                    "--devices: {d:?} is not one of xesp, null, xesp-bp, null-bp, kernel, strongswan"
+                )
             })
         })
         .collect()
@@ -248,7 +257,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 ],
                 &out.join(format!("loadgen-az-{}-{}.log", kind.label(), suite.name())),
             )?;
-            let mut d = Dut::start(kind, &topo, suite, &psk, &bins, &out)?;
+            let mut d = Dut::start(kind, &topo, suite, &psk, (&bins, &args.busy_poll), &out)?;
             if kind.has_tunnels() {
                 wait_tunnels(&mut az, &mut d)?;
             }
@@ -305,11 +314,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 let peak = t.pps.max;
                 trials.push(t);
                 // Offered load stepped around the peak just measured.
-                if !args.no_overload
-                    && matches!(kind, DutKind::Xesp | DutKind::Null)
-                    && tunnels == 1
-                    && peak > 0.0
-                {
+                if !args.no_overload && kind.has_workers() && tunnels == 1 && peak > 0.0 {
                     let mut steps = Vec::new();
                     for pct in OVERLOAD_STEPS {
                         let rate = peak * f64::from(pct) / 100.0;
@@ -360,7 +365,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 kind.label(),
                 suite.label(),
                 samples["samples"],
-                if kind == DutKind::Null {
+                if matches!(kind, DutKind::Null | DutKind::NullBusyPoll) {
                     " (all invalid, as they must be: the null forwarder encrypts nothing)"
                 } else {
                     ""

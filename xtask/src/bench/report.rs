@@ -397,14 +397,20 @@ fn compare(trials: &mut [Trial]) {
         if t.dut != DutKind::Kernel {
             t.vs_kernel = find(DutKind::Kernel, t).map(|k| t.pps.median / k.pps.median);
         }
+        // Each xesp against the null forwarder that waits the same way.
+        let null = match t.dut {
+            DutKind::Xesp => DutKind::Null,
+            DutKind::XespBusyPoll => DutKind::NullBusyPoll,
+            _ => continue,
+        };
         if t.dut == DutKind::Xesp {
             t.vs_strongswan = find(DutKind::StrongSwan, t).map(|b| t.pps.median / b.pps.median);
-            if let Some(n) = find(DutKind::Null, t) {
-                t.vs_null = Some(t.pps.median / n.pps.median);
-                let m = t.cpu() - n.cpu();
-                t.marginal_cpu_ns = Some(m);
-                t.marginal_vs_raw = Some(m / t.raw_aead_ns);
-            }
+        }
+        if let Some(n) = find(null, t) {
+            t.vs_null = Some(t.pps.median / n.pps.median);
+            let m = t.cpu() - n.cpu();
+            t.marginal_cpu_ns = Some(m);
+            t.marginal_vs_raw = Some(m / t.raw_aead_ns);
         }
     }
 }
@@ -613,6 +619,22 @@ mod tests {
             t[1].vs_null, None,
             "only xesp is compared with the null forwarder"
         );
+    }
+
+    #[test]
+    fn busy_polled_xesp_is_compared_with_the_busy_polled_null_forwarder() {
+        let mut t = vec![
+            trial(DutKind::XespBusyPoll, 1400, 1, 800.0, 600),
+            trial(DutKind::Null, 1400, 1, 1000.0, 300),
+            trial(DutKind::NullBusyPoll, 1400, 1, 400.0, 400),
+            trial(DutKind::StrongSwan, 1400, 1, 100.0, 5000),
+        ];
+        compare(&mut t);
+        let x = &t[0];
+        assert_eq!(x.vs_null, Some(2.0));
+        assert_eq!(x.marginal_cpu_ns, Some(200.0));
+        assert_eq!(x.vs_strongswan, None, "strongSwan is xesp's comparison");
+        assert_eq!(t[2].vs_null, None);
     }
 
     #[test]
