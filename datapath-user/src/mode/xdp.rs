@@ -16,7 +16,8 @@ use ipnet::IpNet;
 use xesp_common::{LanCounter, SteerCounter};
 
 use super::{
-    DatapathConfig, DatapathStatus, IkeSink, SaExpiry, sockets::SocketDatapath, workers::Workers,
+    DatapathConfig, DatapathStatus, IkeSink, SaExpiry, TunnelConfig, sockets::SocketDatapath,
+    workers::Workers,
 };
 use crate::{
     DatapathError,
@@ -226,6 +227,18 @@ impl XdpDatapath {
         })
     }
 
+    /// The workers again on the socket datapath's new generation (one
+    /// AF_XDP socket per tunnel of it). Meanwhile the programs pass what
+    /// they cannot redirect to the kernel, and so to the socket path.
+    fn renew_workers(&mut self) -> Result<(), DatapathError> {
+        self.workers.set_path(self.sockets.path.clone());
+        if let Some((dmz, lan)) = self.links {
+            self.workers
+                .restart(dmz.queues.min(lan.queues), &mut self.xdp)?;
+        }
+        Ok(())
+    }
+
     /// Follows the DMZ and LAN interfaces: stops the workers when one is
     /// gone, attaches everything again when they are back or changed.
     fn follow_links(&mut self) -> Result<(), DatapathError> {
@@ -300,6 +313,24 @@ impl super::Datapath for XdpDatapath {
 
     fn set_dmz(&mut self, allow: &[IpNet], pass_unclassified: bool) -> Result<(), DatapathError> {
         change_dmz(&mut self.xdp, &mut self.allowed, allow, pass_unclassified)
+    }
+
+    /// The tunnel's device, then the LAN program learns it (down until its
+    /// SA is routed), then the workers open its sockets.
+    fn add_tunnel(&mut self, t: &TunnelConfig) -> Result<u32, DatapathError> {
+        let slot = self.sockets.add_tunnel(t)?;
+        self.xdp.set_tunnel_live(slot, false)?;
+        self.xdp.set_tunnel_ifindex(ifindex(&t.name), slot)?;
+        self.renew_workers()?;
+        Ok(slot)
+    }
+
+    /// Its SAs unsteered and deleted, the LAN program told it is down, its
+    /// device gone, the workers without its sockets. (The LAN program's
+    /// entry for the gone device's ifindex stays: no route names it.)
+    fn remove_tunnel(&mut self, tunnel: u32) -> Result<(), DatapathError> {
+        self.sockets.remove_tunnel(tunnel, Some(&mut self.xdp))?;
+        self.renew_workers()
     }
 
     fn stop(self: Box<Self>) {

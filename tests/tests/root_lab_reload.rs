@@ -1,0 +1,232 @@
+//! Needs root: `xesp reload` adds and removes tunnels live (reference lab,
+//! xdp datapath, strongSwan gateways, BIRD).
+//!
+//! 1. Tunnel1 left out of xesp.toml, reload: gateway 1's IKE_SA is gone
+//!    (the DELETE reached it), Tunnel1's interface too; Tunnel0 carries the
+//!    LAN. xesp now runs with Tunnel0 alone.
+//! 2. Tunnel1 back in the file, reload under ping through Tunnel0: Tunnel1
+//!    comes up with gateway 1 (its IKE_SA there), BGP over it, on-prem's
+//!    ECMP route to the VNet gains its next hop; Tunnel0 keeps its SAs and
+//!    loses no ping.
+//! 3. Tunnel0 left out, reload: gateway 0's IKE_SA is gone, Tunnel0's
+//!    interface too, and the LAN's traffic goes on over Tunnel1.
+
+#![allow(clippy::unwrap_used)] // a test: a failed step is a failed test
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use xtask::{
+    lab::{
+        Lab, LabConfig, OnpremMode,
+        topology::{LAN_HOSTS, VM, VNET, vnet_routes},
+    },
+    netns::wait_until,
+};
+
+fn status(lab: &Lab) -> Value {
+    lab.xesp.as_ref().unwrap().0.status_json().unwrap()
+}
+
+/// The tunnels `xesp status` lists, by name.
+fn tunnel_names(st: &Value) -> Vec<String> {
+    st["tunnels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Tunnel `name`'s status.
+fn tunnel<'a>(st: &'a Value, name: &str) -> &'a Value {
+    st["tunnels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == name)
+        .unwrap_or_else(|| panic!("no tunnel {name} in {st}"))
+}
+
+/// Tunnel `name`'s CHILD_SAs' inbound SPIs.
+fn child_spis(st: &Value, name: &str) -> Vec<String> {
+    tunnel(st, name)["connection"]["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["spi_in"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn reload(lab: &Lab) -> String {
+    let (ok, answer) = lab.xesp.as_ref().unwrap().0.ctl(&["reload"]).unwrap();
+    assert!(ok, "{answer}");
+    answer
+}
+
+fn has_interface(lab: &Lab, name: &str) -> bool {
+    lab.ns.onprem.exec("ip", &["link", "show", name]).is_ok()
+}
+
+/// Next hops of on-prem's route to the VNet.
+fn vnet_next_hops(lab: &Lab) -> usize {
+    let r = lab
+        .ns
+        .onprem
+        .exec("ip", &["route", "show", VNET])
+        .unwrap_or_default();
+    match r.matches("nexthop").count() {
+        0 if r.contains(" via ") || r.contains(" dev ") => 1,
+        n => n,
+    }
+}
+
+/// Takes tunnel `name`'s table out of the lab's xesp.toml.
+fn leave_out(lab: &Lab, name: &str) -> toml_edit::Table {
+    let mut taken = None;
+    lab.xesp
+        .as_ref()
+        .unwrap()
+        .0
+        .edit_conf(|doc| {
+            let t = doc["tunnel"].as_array_of_tables_mut().unwrap();
+            let i = t
+                .iter()
+                .position(|t| t["name"].as_str() == Some(name))
+                .unwrap();
+            taken = t.get(i).cloned();
+            t.remove(i);
+        })
+        .unwrap();
+    taken.unwrap()
+}
+
+#[test]
+fn root_reload_adds_and_removes_tunnels() {
+    let lab = Lab::up(LabConfig {
+        onprem: OnpremMode::Xesp,
+        ..LabConfig::default()
+    })
+    .unwrap();
+    lab.wait_ready(Duration::from_secs(60)).unwrap();
+    let x = &lab.xesp.as_ref().unwrap().0;
+    let bird = &lab.xesp.as_ref().unwrap().1;
+    let log = || std::fs::read_to_string(x.log()).unwrap_or_default();
+
+    // 1. Tunnel1 removed: the VNet answers through gateway 0 alone first.
+    vnet_routes(&lab.ns.vnet, &[0]).unwrap();
+    let tunnel1 = leave_out(&lab, "Tunnel1");
+    let answer = reload(&lab);
+    assert!(answer.contains("Tunnel1: removed"), "{answer}");
+    let gw1 = &lab.gateways[1].charon;
+    assert!(
+        wait_until(Duration::from_secs(10), || gw1.established_ike_sas() == 0),
+        "gateway 1 kept its IKE_SA:\n{}",
+        gw1.list_sas()
+    );
+    assert!(!has_interface(&lab, "Tunnel1"), "Tunnel1 is still there");
+    let st = status(&lab);
+    assert_eq!(tunnel_names(&st), ["Tunnel0"]);
+    assert_eq!(tunnel(&st, "Tunnel0")["up"], true);
+    let out = lab.ping_vm(LAN_HOSTS[0], 3).unwrap();
+    assert!(out.contains(" 3 received"), "{out}");
+    assert!(
+        wait_until(Duration::from_secs(20), || vnet_next_hops(&lab) == 1),
+        "{}",
+        lab.status()
+    );
+    let spis0 = child_spis(&st, "Tunnel0");
+
+    // 2. Tunnel1 added under ping through Tunnel0.
+    let started = Instant::now();
+    let (answer, pings) = std::thread::scope(|s| {
+        let pings = s.spawn(|| {
+            lab.ns.lan.exec(
+                "ping",
+                &[
+                    "-c",
+                    "100",
+                    "-i",
+                    "0.05",
+                    "-W",
+                    "2",
+                    "-I",
+                    &LAN_HOSTS[0].to_string(),
+                    &VM.to_string(),
+                ],
+            )
+        });
+        x.edit_conf(|doc| {
+            doc["tunnel"]
+                .as_array_of_tables_mut()
+                .unwrap()
+                .push(tunnel1.clone());
+        })
+        .unwrap();
+        // Some pings before the reload, most during and after it.
+        std::thread::sleep(Duration::from_millis(500));
+        (reload(&lab), pings.join().unwrap())
+    });
+    assert!(answer.contains("Tunnel1: added"), "{answer}");
+    let pings = pings.unwrap_or_else(|e| panic!("pings during the reload: {e:#}"));
+    assert!(
+        pings.contains("100 packets transmitted, 100 received"),
+        "{pings}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || tunnel(&status(&lab), "Tunnel1")
+            ["up"]
+            == true),
+        "{}\n{}",
+        lab.status(),
+        log()
+    );
+    let up_after = started.elapsed();
+    assert!(has_interface(&lab, "Tunnel1"));
+    assert!(
+        wait_until(Duration::from_secs(10), || gw1.established_ike_sas() == 1),
+        "{}",
+        gw1.list_sas()
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || bird.established() == 2
+            && vnet_next_hops(&lab) == 2),
+        "BGP over Tunnel1 or the second next hop missing:\n{}",
+        lab.status()
+    );
+    let bgp_after = started.elapsed();
+    let st = status(&lab);
+    assert_eq!(tunnel_names(&st), ["Tunnel0", "Tunnel1"]);
+    assert_eq!(child_spis(&st, "Tunnel0"), spis0, "Tunnel0 kept its SAs");
+    vnet_routes(&lab.ns.vnet, &[0, 1]).unwrap();
+    eprintln!(
+        "Tunnel1 added: up {:.1} s, BGP and ECMP {:.1} s after the reload; pings through Tunnel0: {}",
+        up_after.as_secs_f64(),
+        bgp_after.as_secs_f64(),
+        pings
+            .lines()
+            .find(|l| l.contains("transmitted"))
+            .unwrap_or("")
+    );
+
+    // 3. Tunnel0 removed: the VNet answers through gateway 1 alone.
+    vnet_routes(&lab.ns.vnet, &[1]).unwrap();
+    leave_out(&lab, "Tunnel0");
+    let answer = reload(&lab);
+    assert!(answer.contains("Tunnel0: removed"), "{answer}");
+    let gw0 = &lab.gateways[0].charon;
+    assert!(
+        wait_until(Duration::from_secs(10), || gw0.established_ike_sas() == 0),
+        "gateway 0 kept its IKE_SA:\n{}",
+        gw0.list_sas()
+    );
+    assert!(!has_interface(&lab, "Tunnel0"), "Tunnel0 is still there");
+    let st = status(&lab);
+    assert_eq!(tunnel_names(&st), ["Tunnel1"]);
+    assert_eq!(tunnel(&st, "Tunnel1")["up"], true);
+    let out = lab.ping_vm(LAN_HOSTS[0], 5).unwrap();
+    assert!(out.contains(" 5 received"), "{out}");
+    // The commands follow the new set of tunnels.
+    let (ok, out) = x.ctl(&["tunnel", "rekey", "Tunnel0"]).unwrap();
+    assert!(!ok && out.contains("the tunnels are Tunnel1"), "{out}");
+}
