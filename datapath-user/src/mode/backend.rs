@@ -259,3 +259,22 @@ impl SaBackend for UserBackend<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_tunnels_installed_sas_are_kept_for_its_removal() {
+        let mut s = SpiAllocator::new();
+        s.note(1, 0x100, true, true);
+        s.note(1, 0x200, false, true);
+        s.note(0, 0x300, true, true);
+        assert_eq!(s.installed(1), [(0x100, true), (0x200, false)]);
+        s.note(1, 0x100, true, false);
+        assert_eq!(s.installed(1), [(0x200, false)]);
+        s.note(1, 0x200, false, false);
+        assert!(s.installed(1).is_empty() && !s.installed.contains_key(&1));
+        assert_eq!(s.installed(0), [(0x300, true)]);
+    }
+}

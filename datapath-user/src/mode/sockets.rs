@@ -73,7 +73,7 @@ fn since(now: TunnelTotals, base: &TunnelTotals) -> TunnelTotals {
 }
 
 /// The lowest free tunnel index in `tuns` (a freed slot or a new one).
-fn free_slot(tuns: &[Option<Arc<Tun>>]) -> Result<usize, DatapathError> {
+fn free_slot<T>(tuns: &[Option<T>]) -> Result<usize, DatapathError> {
     let i = tuns.iter().position(Option::is_none).unwrap_or(tuns.len());
     if i >= xesp_common::MAX_TUNNELS as usize {
         return Err(DatapathError::TunnelIndex(i as u32));
@@ -354,5 +354,46 @@ impl super::Datapath for SocketDatapath {
 
     fn stop(self: Box<Self>) {
         self.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xesp_esp::sa::DropReason;
+
+    #[test]
+    fn a_freed_slot_is_taken_first_then_a_new_one_up_to_the_limit() {
+        assert_eq!(free_slot::<()>(&[]).unwrap(), 0);
+        assert_eq!(free_slot(&[Some(()), None, Some(())]).unwrap(), 1);
+        assert_eq!(free_slot(&[Some(()), Some(())]).unwrap(), 2);
+        let full = vec![Some(()); xesp_common::MAX_TUNNELS as usize];
+        assert!(matches!(
+            free_slot(&full),
+            Err(DatapathError::TunnelIndex(i)) if i == xesp_common::MAX_TUNNELS
+        ));
+    }
+
+    #[test]
+    fn a_reused_slot_counts_from_zero_for_its_new_tunnel() {
+        let mut base = TunnelTotals {
+            packets_in: 10,
+            bytes_in: 1000,
+            packets_out: 20,
+            bytes_out: 2000,
+            ..TunnelTotals::default()
+        };
+        base.drops.record_n(DropReason::NoSelector, 3);
+        let mut now = base;
+        now.packets_in += 5;
+        now.bytes_out += 70;
+        now.drops.record_n(DropReason::NoSelector, 2);
+        let t = since(now, &base);
+        assert_eq!(
+            (t.packets_in, t.bytes_in, t.packets_out, t.bytes_out),
+            (5, 0, 0, 70)
+        );
+        assert_eq!(t.drops.get(DropReason::NoSelector), 2);
+        assert_eq!(since(base, &TunnelTotals::default()), base);
     }
 }

@@ -150,38 +150,35 @@ impl Driver {
             .position(|c| c.config().remote == from.ip())
     }
 
+    /// Sends one IKE datagram (or NAT-T keepalive) from its port.
+    async fn send(&self, t: &ike_proto::connection::Transmit) -> io::Result<usize> {
+        if t.local_port != 4500 {
+            return self.udp500.send_to(&t.data, t.remote).await;
+        }
+        // The non-ESP marker (RFC 3948 §2.2), except on keepalives.
+        if t.data == [0xff] {
+            self.udp4500.send_to(&t.data, t.remote)
+        } else {
+            let mut d = Vec::with_capacity(t.data.len() + 4);
+            d.extend_from_slice(&[0; 4]);
+            d.extend_from_slice(&t.data);
+            self.udp4500.send_to(&d, t.remote)
+        }
+    }
+
     /// Sends what the connections have queued and logs their events.
     async fn flush(&mut self) {
         // A removed tunnel's last words: its DELETE (RFC 7296 §1.4.1).
         for mut c in std::mem::take(&mut self.leaving) {
             while let Some(t) = c.poll_transmit() {
-                let r = if t.local_port == 4500 {
-                    let mut d = vec![0; 4];
-                    d.extend_from_slice(&t.data);
-                    self.udp4500.send_to(&d, t.remote)
-                } else {
-                    self.udp500.send_to(&t.data, t.remote).await
-                };
-                if let Err(e) = r {
+                if let Err(e) = self.send(&t).await {
                     log::warn!("{}: sending to {}: {e}", c.config().name, t.remote);
                 }
             }
         }
         for i in 0..self.conns.len() {
             while let Some(t) = self.conns[i].poll_transmit() {
-                let r = if t.local_port == 4500 {
-                    // The non-ESP marker (RFC 3948 §2.2), except on keepalives.
-                    if t.data == [0xff] {
-                        self.udp4500.send_to(&t.data, t.remote)
-                    } else {
-                        let mut d = Vec::with_capacity(t.data.len() + 4);
-                        d.extend_from_slice(&[0; 4]);
-                        d.extend_from_slice(&t.data);
-                        self.udp4500.send_to(&d, t.remote)
-                    }
-                } else {
-                    self.udp500.send_to(&t.data, t.remote).await
-                };
+                let r = self.send(&t).await;
                 if let Err(e) = r {
                     log::warn!("{}: sending to {}: {e}", self.cfg.tunnels[i].name, t.remote);
                 }
