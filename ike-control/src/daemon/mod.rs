@@ -8,6 +8,7 @@
 //! control socket. The packets themselves never reach this task.
 
 mod reload;
+mod sa_log;
 
 use std::{
     io,
@@ -196,7 +197,9 @@ impl Driver {
                         Level::Error => tracing::error!(tunnel = name, %peer, "{name}: {message}"),
                     },
                     Event::TunnelUp { .. } => {
-                        tracing::info!(tunnel = name, %peer, "{name}: tunnel up")
+                        let st = self.conns[i]
+                            .status(Instant::now(), &mut *self.datapath.tunnel(self.slots[i]));
+                        sa_log::tunnel_up(name, peer, &st);
                     }
                     Event::TunnelDown { reason, .. } => {
                         tracing::warn!(tunnel = name, %peer, %reason, "{name}: tunnel down: {reason}")
@@ -254,22 +257,19 @@ impl Driver {
                 continue;
             };
             let dir = format!("{direction:?}").to_lowercase();
-            let hard = match expiry {
-                Expiry::Soft(l) => {
-                    log::info!(
-                        "{}: {dir} SA {spi:08x} reached its soft {l:?} limit: rekeying",
-                        c.config().name
-                    );
-                    false
-                }
-                Expiry::Hard(l) => {
-                    log::warn!(
-                        "{}: {dir} SA {spi:08x} reached its hard {l:?} limit: removed",
-                        c.config().name
-                    );
-                    true
-                }
+            let (hard, limit) = match expiry {
+                Expiry::Soft(l) => (false, l),
+                Expiry::Hard(l) => (true, l),
             };
+            let cfg = c.config();
+            sa_log::expiry(
+                &cfg.name,
+                cfg.remote,
+                spi,
+                &dir,
+                hard,
+                &format!("{limit:?}"),
+            );
             c.expired(
                 now,
                 spi,
