@@ -1,5 +1,5 @@
 //! Needs root: `xesp reload` adds and removes tunnels live (reference lab,
-//! xdp datapath, strongSwan gateways, BIRD).
+//! xdp and tun datapaths, strongSwan gateways, BIRD).
 //!
 //! 1. Tunnel1 left out of xesp.toml, reload: gateway 1's IKE_SA is gone
 //!    (the DELETE reached it), Tunnel1's interface too; Tunnel0 carries the
@@ -20,6 +20,7 @@ use xtask::{
     lab::{
         Lab, LabConfig, OnpremMode,
         topology::{LAN_HOSTS, VM, VNET, vnet_routes},
+        xesp::XespSettings,
     },
     netns::wait_until,
 };
@@ -141,8 +142,25 @@ fn under_ping<R: Send>(lab: &Lab, f: impl FnOnce() -> R + Send) -> (R, u32, Stri
 
 #[test]
 fn root_reload_adds_and_removes_tunnels() {
+    adds_and_removes_tunnels("xdp");
+}
+
+/// The same with the socket datapath (TUN devices, ESP in user space).
+#[test]
+fn root_reload_adds_and_removes_tunnels_tun() {
+    adds_and_removes_tunnels("tun");
+}
+
+fn adds_and_removes_tunnels(datapath: &str) {
+    // Pings (of 100 at 20 a second) a reload may lose today: what was
+    // measured, with a margin (see the README); the goal is none.
+    let allowed_loss = if datapath == "tun" { 10 } else { 5 };
     let lab = Lab::up(LabConfig {
         onprem: OnpremMode::Xesp,
+        xesp: XespSettings {
+            datapath: datapath.into(),
+            ..XespSettings::default()
+        },
         ..LabConfig::default()
     })
     .unwrap();
@@ -156,13 +174,13 @@ fn root_reload_adds_and_removes_tunnels() {
     let tunnel1 = leave_out(&lab, "Tunnel1");
     let (answer, lost_removing, _) = under_ping(&lab, || reload(&lab));
     assert!(answer.contains("Tunnel1: removed"), "{answer}");
-    eprintln!("Tunnel1 removed: {lost_removing} of 100 pings through Tunnel0 lost");
+    eprintln!("{datapath}: Tunnel1 removed: {lost_removing} of 100 pings through Tunnel0 lost");
     // Measured: 1 or 2 lost. The AF_XDP workers start again without
     // Tunnel1's sockets (a new worker's fill ring is empty until its first
     // round) and the kernel flushes the ECMP route with Tunnel1's device
     // until BIRD puts it back; the goal is none (see the README).
     assert!(
-        lost_removing <= 5,
+        lost_removing <= allowed_loss,
         "{lost_removing} pings through Tunnel0 lost"
     );
     let gw1 = &lab.gateways[1].charon;
@@ -200,10 +218,11 @@ fn root_reload_adds_and_removes_tunnels() {
         reload(&lab)
     });
     assert!(answer.contains("Tunnel1: added"), "{answer}");
-    // Measured: 0 to 4 of 100 lost (up to 200 ms) as Tunnel1's interface
-    // appears and its IKE_SA is made; the goal is none (see the README).
+    // Measured: xdp 0 to 4 of 100 lost (up to 200 ms), tun 6, as Tunnel1's
+    // interface appears and the socket path's threads start again with it
+    // (the goal is none, see the README).
     assert!(
-        lost_adding <= 5,
+        lost_adding <= allowed_loss,
         "{lost_adding} pings through Tunnel0 lost:\n{pings}"
     );
     assert!(
@@ -245,7 +264,7 @@ fn root_reload_adds_and_removes_tunnels() {
         "{up_line}"
     );
     eprintln!(
-        "Tunnel1 added: {lost_adding} of 100 pings through Tunnel0 lost; up, then BGP and ECMP, \
+        "{datapath}: Tunnel1 added: {lost_adding} of 100 pings through Tunnel0 lost; up, then BGP and ECMP, \
          {:.1} s and {:.1} s after the reload (checked once the 5 s of pings ended)",
         up_after.as_secs_f64(),
         bgp_after.as_secs_f64(),
