@@ -105,8 +105,9 @@ pub fn raw_esp_socket(local: Ipv4Addr) -> io::Result<Socket> {
 /// What the socket datapath is given.
 pub struct SlowPath {
     pub sadb: Arc<SaDb>,
-    /// Tunnel N's device is `tuns[N]`.
-    pub tuns: Vec<Arc<Tun>>,
+    /// Tunnel N's device is `tuns[N]`; `None`: a slot freed by a removed
+    /// tunnel (`xesp reload`), so that the others keep their indexes.
+    pub tuns: Vec<Option<Arc<Tun>>>,
     /// The UDP 4500 socket, shared with the IKE daemon (which sends on it).
     pub udp4500: Arc<UdpSocket>,
     pub raw_esp: Arc<Socket>,
@@ -131,7 +132,7 @@ impl SlowPath {
         rxq::enable(self.udp4500.as_raw_fd())?;
         rxq::enable(self.raw_esp.as_raw_fd())?;
         let mut handles = Vec::new();
-        for n in 0..self.tuns.len() {
+        for n in (0..self.tuns.len()).filter(|n| self.tuns[*n].is_some()) {
             let me = self.clone();
             handles.push(
                 std::thread::Builder::new()
@@ -160,7 +161,9 @@ impl SlowPath {
 
     /// Tunnel `n`'s device → ESP.
     fn tun_loop(&self, n: usize) {
-        let tun = &self.tuns[n];
+        let Some(tun) = &self.tuns[n] else {
+            return;
+        };
         let mut buf = vec![0u8; HEADROOM + MAX_PACKET + TAILROOM];
         let mut pfd = libc::pollfd {
             fd: tun.as_raw_fd(),
@@ -237,7 +240,7 @@ impl SlowPath {
 
     /// Writes a decapsulated packet into tunnel `tunnel`'s device, MSS clamped.
     pub fn deliver_inner(&self, tunnel: usize, pkt: &mut [u8]) {
-        let Some(tun) = self.tuns.get(tunnel) else {
+        let Some(Some(tun)) = self.tuns.get(tunnel) else {
             Self::count(&self.counters.tun_write_errors);
             return;
         };

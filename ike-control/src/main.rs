@@ -99,9 +99,9 @@ enum Command {
         daemon: DaemonArgs,
     },
     /// Read the configuration file again and apply what changed: [dmz] at
-    /// once, a tunnel whose IKE settings changed is re-established, the
-    /// others keep their SAs. What needs a restart is named. SIGHUP does
-    /// the same.
+    /// once, tunnels added or removed (matched by name), a tunnel whose IKE
+    /// settings changed is re-established, the others keep their SAs. What
+    /// needs a restart is named. SIGHUP does the same.
     Reload {
         #[command(flatten)]
         daemon: DaemonArgs,

@@ -114,7 +114,7 @@ fn root_socket_path_enforces_the_selectors_both_ways() {
     let stop = Arc::new(AtomicBool::new(false));
     let path = Arc::new(SlowPath {
         sadb: sadb.clone(),
-        tuns: vec![tun],
+        tuns: vec![Some(tun)],
         udp4500: Arc::new(udp4500),
         raw_esp: Arc::new(raw),
         mss_clamp: 1350,

@@ -11,7 +11,7 @@
 //! the datapath through its own [`UserBackend`], which knows its tunnel.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, BTreeSet, HashSet},
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::Instant,
@@ -30,10 +30,13 @@ use xesp_esp::{
 use crate::{sadb::SaDb, tun::Tun, xdp::XdpPrograms};
 
 /// Inbound SPIs handed out and not installed yet, so that two exchanges in
-/// flight never get the same one.
+/// flight never get the same one; and each tunnel's installed SAs, so that
+/// a tunnel removed by `xesp reload` takes all of them with it.
 pub(crate) struct SpiAllocator {
     rng: SystemRandom,
     reserved: HashSet<u32>,
+    /// Tunnel → its installed `(SPI, inbound)` SA directions.
+    installed: BTreeMap<u32, BTreeSet<(u32, bool)>>,
 }
 
 impl SpiAllocator {
@@ -41,6 +44,27 @@ impl SpiAllocator {
         Self {
             rng: SystemRandom::new(),
             reserved: HashSet::new(),
+            installed: BTreeMap::new(),
+        }
+    }
+
+    /// Tunnel `tunnel`'s installed SA directions, `(SPI, inbound)`.
+    pub fn installed(&self, tunnel: u32) -> Vec<(u32, bool)> {
+        self.installed
+            .get(&tunnel)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    fn note(&mut self, tunnel: u32, spi: u32, inbound: bool, present: bool) {
+        let set = self.installed.entry(tunnel).or_default();
+        if present {
+            set.insert((spi, inbound));
+        } else {
+            set.remove(&(spi, inbound));
+            if set.is_empty() {
+                self.installed.remove(&tunnel);
+            }
         }
     }
 }
@@ -71,16 +95,35 @@ fn system(m: impl Into<String>) -> BackendError {
 pub(crate) struct UserBackend<'a> {
     pub tunnel: u32,
     pub sadb: &'a SaDb,
-    /// Tunnel N's device is `tuns[N]`.
-    pub tuns: &'a [Arc<Tun>],
+    /// Tunnel N's device is `tuns[N]` (`None`: a free slot).
+    pub tuns: &'a [Option<Arc<Tun>>],
     pub spis: &'a mut SpiAllocator,
     /// The XDP programs (`xdp` datapath).
     pub xdp: Option<&'a mut XdpPrograms>,
 }
 
 impl UserBackend<'_> {
+    /// Deletes every SA the tunnel has and takes its route away (the
+    /// tunnel is being removed): their counters go to its totals.
+    pub fn delete_all(&mut self) -> Result<(), BackendError> {
+        self.sadb.route(self.tunnel, None);
+        if let Some(x) = &mut self.xdp {
+            x.set_tunnel_live(self.tunnel, false)
+                .map_err(|e| system(format!("tunnel {}: {e}", self.tunnel)))?;
+        }
+        for (spi, inbound) in self.spis.installed(self.tunnel) {
+            let direction = if inbound {
+                Direction::Inbound
+            } else {
+                Direction::Outbound
+            };
+            self.delete(spi, direction)?;
+        }
+        Ok(())
+    }
+
     fn mine(&self, tunnel: u32) -> Result<(), BackendError> {
-        if tunnel == self.tunnel && (tunnel as usize) < self.tuns.len() {
+        if tunnel == self.tunnel && self.tuns.get(tunnel as usize).is_some_and(Option::is_some) {
             Ok(())
         } else {
             Err(BackendError::NoTunnel(tunnel))
@@ -126,6 +169,7 @@ impl SaBackend for UserBackend<'_> {
                 let sa = InboundSa::new(&params, Instant::now()).map_err(bad)?;
                 self.sadb.install_inbound(spec.tunnel, sa, selectors(spec));
                 self.spis.reserved.remove(&spec.spi);
+                self.spis.note(spec.tunnel, spec.spi, true, true);
                 if let Some(x) = &mut self.xdp {
                     x.steer(spec.spi, spec.tunnel)
                         .map_err(|e| system(format!("steering SPI {:08x}: {e}", spec.spi)))?;
@@ -134,6 +178,7 @@ impl SaBackend for UserBackend<'_> {
             Direction::Outbound => {
                 let sa = OutboundSa::new(&params, Instant::now()).map_err(bad)?;
                 self.sadb.install_outbound(spec.tunnel, sa, selectors(spec));
+                self.spis.note(spec.tunnel, spec.spi, false, true);
             }
         }
         Ok(())
@@ -151,7 +196,9 @@ impl SaBackend for UserBackend<'_> {
             x.set_tunnel_live(tunnel, spi.is_some())
                 .map_err(|e| system(format!("tunnel {tunnel}: {e}")))?;
         }
-        let t = &self.tuns[tunnel as usize];
+        let Some(Some(t)) = self.tuns.get(tunnel as usize) else {
+            return Err(BackendError::NoTunnel(tunnel));
+        };
         t.set_carrier(spi.is_some())
             .map_err(|e| system(format!("{}: setting carrier: {e}", t.name())))
     }
@@ -189,6 +236,8 @@ impl SaBackend for UserBackend<'_> {
     }
 
     fn delete(&mut self, spi: u32, direction: Direction) -> Result<(), BackendError> {
+        self.spis
+            .note(self.tunnel, spi, direction == Direction::Inbound, false);
         match direction {
             Direction::Inbound => {
                 self.spis.reserved.remove(&spi);
@@ -208,5 +257,24 @@ impl SaBackend for UserBackend<'_> {
             Direction::Inbound => self.sadb.inbound_counters(spi),
             Direction::Outbound => self.sadb.outbound_counters(self.tunnel, spi),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_tunnels_installed_sas_are_kept_for_its_removal() {
+        let mut s = SpiAllocator::new();
+        s.note(1, 0x100, true, true);
+        s.note(1, 0x200, false, true);
+        s.note(0, 0x300, true, true);
+        assert_eq!(s.installed(1), [(0x100, true), (0x200, false)]);
+        s.note(1, 0x100, true, false);
+        assert_eq!(s.installed(1), [(0x200, false)]);
+        s.note(1, 0x200, false, false);
+        assert!(s.installed(1).is_empty() && !s.installed.contains_key(&1));
+        assert_eq!(s.installed(0), [(0x300, true)]);
     }
 }

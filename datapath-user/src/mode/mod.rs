@@ -143,6 +143,25 @@ pub trait Datapath: Send {
     /// classify, applied at once (`xesp reload`). Without a filter there is
     /// nothing to apply.
     fn set_dmz(&mut self, allow: &[IpNet], pass_unclassified: bool) -> Result<(), DatapathError>;
+    /// Adds tunnel `t` while running (`xesp reload`): its interface (no
+    /// carrier until its connection routes an SA) in the lowest free slot,
+    /// whose index it returns and which stays its index. The other tunnels
+    /// keep their SAs and indexes. A mode that cannot (`xfrm`: its
+    /// interfaces and policies are made at start) says so.
+    fn add_tunnel(&mut self, t: &TunnelConfig) -> Result<u32, DatapathError> {
+        Err(DatapathError::Config(format!(
+            "{}: this datapath adds tunnels only at a restart",
+            t.name
+        )))
+    }
+    /// Removes tunnel `tunnel` (`xesp reload`): its SAs (their counters stay
+    /// in the slot's totals, as closed SAs' do) and its interface. Its index
+    /// becomes free; the other tunnels keep theirs.
+    fn remove_tunnel(&mut self, tunnel: u32) -> Result<(), DatapathError> {
+        Err(DatapathError::Config(format!(
+            "tunnel {tunnel}: this datapath removes tunnels only at a restart"
+        )))
+    }
     /// Stops the datapath's threads and waits for them.
     fn stop(self: Box<Self>);
 }

@@ -7,7 +7,7 @@ use std::{
     net::UdpSocket,
     os::fd::AsRawFd,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
@@ -15,14 +15,14 @@ use std::{
 };
 
 use super::{
-    DatapathConfig, DatapathStatus, IkeSink, SaExpiry, TunnelCounters,
+    DatapathConfig, DatapathStatus, IkeSink, SaExpiry, TunnelConfig, TunnelCounters,
     backend::{SpiAllocator, UserBackend},
     io_err,
 };
 use crate::{
     DatapathError,
     netlink::{Rtnl, ifindex},
-    sadb::SaDb,
+    sadb::{SaDb, TunnelTotals},
     slowpath::{SlowCounters, SlowPath, raw_esp_socket},
     tun::Tun,
     xdp::XdpPrograms,
@@ -56,13 +56,46 @@ fn tunnel_device(
     Ok(tun)
 }
 
+/// `now - base`: a tunnel's totals since its slot was given to it (the
+/// slot's earlier tunnel's SAs stay in the SA database's totals).
+fn since(now: TunnelTotals, base: &TunnelTotals) -> TunnelTotals {
+    let mut out = TunnelTotals {
+        packets_in: now.packets_in.saturating_sub(base.packets_in),
+        bytes_in: now.bytes_in.saturating_sub(base.bytes_in),
+        packets_out: now.packets_out.saturating_sub(base.packets_out),
+        bytes_out: now.bytes_out.saturating_sub(base.bytes_out),
+        ..TunnelTotals::default()
+    };
+    for (r, n) in now.drops.iter() {
+        out.drops.record_n(r, n.saturating_sub(base.drops.get(r)));
+    }
+    out
+}
+
+/// The lowest free tunnel index in `tuns` (a freed slot or a new one).
+fn free_slot<T>(tuns: &[Option<T>]) -> Result<usize, DatapathError> {
+    let i = tuns.iter().position(Option::is_none).unwrap_or(tuns.len());
+    if i >= xesp_common::MAX_TUNNELS as usize {
+        return Err(DatapathError::TunnelIndex(i as u32));
+    }
+    Ok(i)
+}
+
 /// The socket datapath.
 pub struct SocketDatapath {
     pub(super) sadb: Arc<SaDb>,
+    /// The current generation of the socket paths: a new one (same SA
+    /// database, sockets and counters; new threads) each time a tunnel is
+    /// added or removed.
     pub(super) path: Arc<SlowPath>,
     pub(super) stop: Arc<AtomicBool>,
     spis: SpiAllocator,
     threads: Vec<JoinHandle<()>>,
+    /// Where IKE from UDP 4500 goes, kept for the next generation.
+    ike: Arc<Mutex<IkeSink>>,
+    tunnel_mtu: u16,
+    /// Slot N's totals when its current tunnel got it.
+    baselines: Vec<TunnelTotals>,
 }
 
 impl SocketDatapath {
@@ -75,12 +108,12 @@ impl SocketDatapath {
         let mut rtnl = Rtnl::open()?;
         let mut tuns = Vec::new();
         for t in &cfg.tunnels {
-            tuns.push(Arc::new(tunnel_device(
+            tuns.push(Some(Arc::new(tunnel_device(
                 &mut rtnl,
                 &t.name,
                 t.address,
                 cfg.tunnel_mtu,
-            )?));
+            )?)));
             log::info!(
                 "{}: interface up with {}/32, peer {}",
                 t.name,
@@ -101,18 +134,105 @@ impl SocketDatapath {
             counters: Arc::new(SlowCounters::default()),
             stop: stop.clone(),
         });
-        let threads = path
-            .clone()
-            .start(ike)
-            .map_err(io_err("starting the datapath threads"))?
-            .handles;
+        let ike = Arc::new(Mutex::new(ike));
+        let threads = start_threads(&path, &ike)?;
         Ok(Self {
             sadb,
             path,
             stop,
             spis: SpiAllocator::new(),
             threads,
+            ike,
+            tunnel_mtu: cfg.tunnel_mtu,
+            baselines: vec![TunnelTotals::default(); cfg.tunnels.len()],
         })
+    }
+
+    /// Adds tunnel `t` (`xesp reload`): its device, in the lowest free
+    /// slot, whose index it returns. The socket paths start again with it
+    /// (packets wait in the sockets' queues meanwhile); the SAs stay.
+    pub(super) fn add_tunnel(&mut self, t: &TunnelConfig) -> Result<u32, DatapathError> {
+        if self.path.tuns.iter().flatten().any(|d| d.name() == t.name) {
+            return Err(DatapathError::Config(format!(
+                "tunnel {} exists already",
+                t.name
+            )));
+        }
+        let slot = free_slot(&self.path.tuns)?;
+        let mut rtnl = Rtnl::open()?;
+        let dev = Arc::new(tunnel_device(
+            &mut rtnl,
+            &t.name,
+            t.address,
+            self.tunnel_mtu,
+        )?);
+        let mut tuns = self.path.tuns.clone();
+        if slot == tuns.len() {
+            tuns.push(None);
+        }
+        tuns[slot] = Some(dev);
+        self.restart(tuns)?;
+        self.baselines
+            .resize(self.path.tuns.len(), TunnelTotals::default());
+        self.baselines[slot] = self.sadb.tunnel_totals(slot as u32);
+        log::info!(
+            "{}: added as tunnel {slot}, interface up with {}/32, peer {}",
+            t.name,
+            t.address,
+            t.peer
+        );
+        Ok(slot as u32)
+    }
+
+    /// Removes tunnel `slot`: its SAs (their counters stay in the slot's
+    /// totals), its device; the slot becomes free, the other tunnels keep
+    /// their indexes.
+    pub(super) fn remove_tunnel(
+        &mut self,
+        slot: u32,
+        xdp: Option<&mut XdpPrograms>,
+    ) -> Result<(), DatapathError> {
+        let Some(Some(dev)) = self.path.tuns.get(slot as usize) else {
+            return Err(DatapathError::TunnelIndex(slot));
+        };
+        let name = dev.name().to_string();
+        self.backend(slot, xdp)
+            .delete_all()
+            .map_err(|e| DatapathError::Config(format!("{name}: removing its SAs: {e}")))?;
+        let mut tuns = self.path.tuns.clone();
+        tuns[slot as usize] = None;
+        while tuns.last().is_some_and(Option::is_none) {
+            tuns.pop();
+        }
+        // The device goes with the last reference to it: the old
+        // generation's threads, joined here.
+        self.restart(tuns)?;
+        log::info!("{name}: removed (tunnel {slot} is free)");
+        Ok(())
+    }
+
+    /// Stops the socket paths' threads and starts the next generation on
+    /// `tuns`.
+    fn restart(&mut self, tuns: Vec<Option<Arc<Tun>>>) -> Result<(), DatapathError> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let old = &self.path;
+        let path = Arc::new(SlowPath {
+            sadb: self.sadb.clone(),
+            tuns,
+            udp4500: old.udp4500.clone(),
+            raw_esp: old.raw_esp.clone(),
+            mss_clamp: old.mss_clamp,
+            counters: old.counters.clone(),
+            stop: stop.clone(),
+        });
+        self.path = path;
+        self.stop = stop;
+        self.threads = start_threads(&self.path, &self.ike)?;
+        Ok(())
     }
 
     pub(super) fn backend<'a>(
@@ -154,9 +274,12 @@ impl SocketDatapath {
         let (unknown_spi, no_outbound_sa) = self.sadb.orphans();
         DatapathStatus {
             description,
-            tunnels: (0..self.path.tuns.len() as u32)
+            tunnels: (0..self.path.tuns.len())
                 .map(|t| TunnelCounters {
-                    totals: self.sadb.tunnel_totals(t),
+                    totals: since(
+                        self.sadb.tunnel_totals(t as u32),
+                        self.baselines.get(t).unwrap_or(&TunnelTotals::default()),
+                    ),
                     xdp: None,
                     interface: None,
                 })
@@ -183,6 +306,24 @@ impl SocketDatapath {
     }
 }
 
+/// Starts `path`'s threads; IKE goes to `ike`.
+fn start_threads(
+    path: &Arc<SlowPath>,
+    ike: &Arc<Mutex<IkeSink>>,
+) -> Result<Vec<JoinHandle<()>>, DatapathError> {
+    let ike = ike.clone();
+    let threads = path
+        .clone()
+        .start(move |from, data| {
+            let sink = ike
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            sink(from, data)
+        })
+        .map_err(io_err("starting the datapath threads"))?;
+    Ok(threads.handles)
+}
+
 impl super::Datapath for SocketDatapath {
     fn tunnel(&mut self, tunnel: u32) -> Box<dyn SaBackend + '_> {
         Box::new(self.backend(tunnel, None))
@@ -204,7 +345,56 @@ impl super::Datapath for SocketDatapath {
         Ok(())
     }
 
+    fn add_tunnel(&mut self, t: &TunnelConfig) -> Result<u32, DatapathError> {
+        SocketDatapath::add_tunnel(self, t)
+    }
+
+    fn remove_tunnel(&mut self, tunnel: u32) -> Result<(), DatapathError> {
+        SocketDatapath::remove_tunnel(self, tunnel, None)
+    }
+
     fn stop(self: Box<Self>) {
         self.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use xesp_esp::sa::DropReason;
+
+    #[test]
+    fn a_freed_slot_is_taken_first_then_a_new_one_up_to_the_limit() {
+        assert_eq!(free_slot::<()>(&[]).unwrap(), 0);
+        assert_eq!(free_slot(&[Some(()), None, Some(())]).unwrap(), 1);
+        assert_eq!(free_slot(&[Some(()), Some(())]).unwrap(), 2);
+        let full = vec![Some(()); xesp_common::MAX_TUNNELS as usize];
+        assert!(matches!(
+            free_slot(&full),
+            Err(DatapathError::TunnelIndex(i)) if i == xesp_common::MAX_TUNNELS
+        ));
+    }
+
+    #[test]
+    fn a_reused_slot_counts_from_zero_for_its_new_tunnel() {
+        let mut base = TunnelTotals {
+            packets_in: 10,
+            bytes_in: 1000,
+            packets_out: 20,
+            bytes_out: 2000,
+            ..TunnelTotals::default()
+        };
+        base.drops.record_n(DropReason::NoSelector, 3);
+        let mut now = base;
+        now.packets_in += 5;
+        now.bytes_out += 70;
+        now.drops.record_n(DropReason::NoSelector, 2);
+        let t = since(now, &base);
+        assert_eq!(
+            (t.packets_in, t.bytes_in, t.packets_out, t.bytes_out),
+            (5, 0, 0, 70)
+        );
+        assert_eq!(t.drops.get(DropReason::NoSelector), 2);
+        assert_eq!(since(base, &TunnelTotals::default()), base);
     }
 }

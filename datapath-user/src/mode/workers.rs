@@ -112,6 +112,13 @@ impl Workers {
         Ok(())
     }
 
+    /// The socket datapath's next generation (a tunnel was added or
+    /// removed): the next [`Workers::restart`] opens one socket per tunnel
+    /// of it.
+    pub fn set_path(&mut self, path: Arc<SlowPath>) {
+        self.path = path;
+    }
+
     /// Stops every worker and waits for it.
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);

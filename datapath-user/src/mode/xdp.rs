@@ -16,7 +16,8 @@ use ipnet::IpNet;
 use xesp_common::{LanCounter, SteerCounter};
 
 use super::{
-    DatapathConfig, DatapathStatus, IkeSink, SaExpiry, sockets::SocketDatapath, workers::Workers,
+    DatapathConfig, DatapathStatus, IkeSink, SaExpiry, TunnelConfig, sockets::SocketDatapath,
+    workers::Workers,
 };
 use crate::{
     DatapathError,
@@ -171,6 +172,8 @@ pub struct XdpDatapath {
     reattached: u64,
     /// The DMZ filter's allowlist as installed.
     allowed: Vec<IpNet>,
+    /// Tunnel indexes the running workers opened sockets for.
+    worker_tunnels: usize,
 }
 
 impl XdpDatapath {
@@ -223,7 +226,21 @@ impl XdpDatapath {
             links: Some((dmz, lan)),
             reattached: 0,
             allowed: cfg.dmz_allow.clone(),
+            worker_tunnels: cfg.tunnels.len(),
         })
+    }
+
+    /// The workers again on the socket datapath's new generation (one
+    /// AF_XDP socket per tunnel of it). Meanwhile the programs pass what
+    /// they cannot redirect to the kernel, and so to the socket path.
+    fn renew_workers(&mut self) -> Result<(), DatapathError> {
+        self.workers.set_path(self.sockets.path.clone());
+        if let Some((dmz, lan)) = self.links {
+            self.workers
+                .restart(dmz.queues.min(lan.queues), &mut self.xdp)?;
+            self.worker_tunnels = self.sockets.path.tuns.len();
+        }
+        Ok(())
     }
 
     /// Follows the DMZ and LAN interfaces: stops the workers when one is
@@ -249,6 +266,7 @@ impl XdpDatapath {
         attach_links(&mut self.xdp, &self.dmz_if, &self.lan_if)?;
         let queues = dmz.queues.min(lan.queues);
         self.workers.restart(queues, &mut self.xdp)?;
+        self.worker_tunnels = self.sockets.path.tuns.len();
         self.links = now;
         self.reattached += 1;
         log::warn!(
@@ -300,6 +318,34 @@ impl super::Datapath for XdpDatapath {
 
     fn set_dmz(&mut self, allow: &[IpNet], pass_unclassified: bool) -> Result<(), DatapathError> {
         change_dmz(&mut self.xdp, &mut self.allowed, allow, pass_unclassified)
+    }
+
+    /// The tunnel's device, then the LAN program learns it (down until its
+    /// SA is routed). The workers learn it at their next start: until then
+    /// the programs find no socket of theirs for it and pass its ESP and
+    /// LAN traffic to the kernel, and so to the socket path; restarting
+    /// them now would cost the other tunnels packets (a new worker's fill
+    /// ring is empty until its first round). Only when the workers have
+    /// sockets for the slot already (a freed one) are they started again,
+    /// so that none of them serves it with the view of a removed tunnel.
+    fn add_tunnel(&mut self, t: &TunnelConfig) -> Result<u32, DatapathError> {
+        let slot = self.sockets.add_tunnel(t)?;
+        self.xdp.set_tunnel_live(slot, false)?;
+        self.xdp.set_tunnel_ifindex(ifindex(&t.name), slot)?;
+        if (slot as usize) < self.worker_tunnels {
+            self.renew_workers()?;
+        } else {
+            self.workers.set_path(self.sockets.path.clone());
+        }
+        Ok(slot)
+    }
+
+    /// Its SAs unsteered and deleted, the LAN program told it is down, its
+    /// device gone, the workers without its sockets. (The LAN program's
+    /// entry for the gone device's ifindex stays: no route names it.)
+    fn remove_tunnel(&mut self, tunnel: u32) -> Result<(), DatapathError> {
+        self.sockets.remove_tunnel(tunnel, Some(&mut self.xdp))?;
+        self.renew_workers()
     }
 
     fn stop(self: Box<Self>) {

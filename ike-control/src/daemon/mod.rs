@@ -8,13 +8,14 @@
 //! control socket. The packets themselves never reach this task.
 
 mod reload;
+mod sa_log;
 
 use std::{
     io,
     net::{IpAddr, SocketAddr, UdpSocket},
     path::PathBuf,
     sync::{
-        Arc,
+        Arc, RwLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -57,6 +58,15 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DaemonError {
     move |source| DaemonError::Io { what, source }
 }
 
+/// Tunnel `t` as the datapath sees it.
+fn tunnel_config(t: &crate::config::Tunnel) -> TunnelConfig {
+    TunnelConfig {
+        name: t.name.clone(),
+        address: t.address,
+        peer: t.peer.remote,
+    }
+}
+
 /// The datapath's part of the configuration.
 fn datapath_config(cfg: &Config) -> DatapathConfig {
     DatapathConfig {
@@ -66,15 +76,7 @@ fn datapath_config(cfg: &Config) -> DatapathConfig {
             DatapathMode::Xfrm => mode::Mode::Xfrm,
         },
         public_address: cfg.device.public_address,
-        tunnels: cfg
-            .tunnels
-            .iter()
-            .map(|t| TunnelConfig {
-                name: t.name.clone(),
-                address: t.address,
-                peer: t.peer.remote,
-            })
-            .collect(),
+        tunnels: cfg.tunnels.iter().map(tunnel_config).collect(),
         tunnel_mtu: cfg.device.tunnel_mtu,
         mss_clamp: cfg.device.mss_clamp,
         dmz_interface: cfg.device.dmz_interface.clone(),
@@ -117,11 +119,24 @@ type ControlRequest = (Request, oneshot::Sender<String>);
 /// Control-socket clients served at once; more wait to be accepted.
 const MAX_CLIENTS: usize = 16;
 
+/// The configured peers' addresses: IKE on UDP 4500 from elsewhere is
+/// dropped before it is queued (read on a datapath thread, changed by a
+/// reload).
+type Peers = Arc<RwLock<Vec<IpAddr>>>;
+
 struct Driver {
+    /// Tunnel N of `cfg.tunnels` has connection `conns[N]` and datapath
+    /// index `slots[N]` (its `peer.tunnel`): a reload adds and removes
+    /// tunnels, the others keep their datapath index.
     cfg: Config,
     /// Where `cfg` came from, read again by `reload`.
     config_path: PathBuf,
     conns: Vec<Connection>,
+    slots: Vec<u32>,
+    /// Connections of removed tunnels, until their DELETE is sent.
+    leaving: Vec<Connection>,
+    peers: Peers,
+    rng: Arc<SystemRandom>,
     datapath: Box<dyn Datapath>,
     udp500: tokio::net::UdpSocket,
     udp4500: Arc<UdpSocket>,
@@ -136,23 +151,35 @@ impl Driver {
             .position(|c| c.config().remote == from.ip())
     }
 
+    /// Sends one IKE datagram (or NAT-T keepalive) from its port.
+    async fn send(&self, t: &ike_proto::connection::Transmit) -> io::Result<usize> {
+        if t.local_port != 4500 {
+            return self.udp500.send_to(&t.data, t.remote).await;
+        }
+        // The non-ESP marker (RFC 3948 §2.2), except on keepalives.
+        if t.data == [0xff] {
+            self.udp4500.send_to(&t.data, t.remote)
+        } else {
+            let mut d = Vec::with_capacity(t.data.len() + 4);
+            d.extend_from_slice(&[0; 4]);
+            d.extend_from_slice(&t.data);
+            self.udp4500.send_to(&d, t.remote)
+        }
+    }
+
     /// Sends what the connections have queued and logs their events.
     async fn flush(&mut self) {
+        // A removed tunnel's last words: its DELETE (RFC 7296 §1.4.1).
+        for mut c in std::mem::take(&mut self.leaving) {
+            while let Some(t) = c.poll_transmit() {
+                if let Err(e) = self.send(&t).await {
+                    log::warn!("{}: sending to {}: {e}", c.config().name, t.remote);
+                }
+            }
+        }
         for i in 0..self.conns.len() {
             while let Some(t) = self.conns[i].poll_transmit() {
-                let r = if t.local_port == 4500 {
-                    // The non-ESP marker (RFC 3948 §2.2), except on keepalives.
-                    if t.data == [0xff] {
-                        self.udp4500.send_to(&t.data, t.remote)
-                    } else {
-                        let mut d = Vec::with_capacity(t.data.len() + 4);
-                        d.extend_from_slice(&[0; 4]);
-                        d.extend_from_slice(&t.data);
-                        self.udp4500.send_to(&d, t.remote)
-                    }
-                } else {
-                    self.udp500.send_to(&t.data, t.remote).await
-                };
+                let r = self.send(&t).await;
                 if let Err(e) = r {
                     log::warn!("{}: sending to {}: {e}", self.cfg.tunnels[i].name, t.remote);
                 }
@@ -170,7 +197,9 @@ impl Driver {
                         Level::Error => tracing::error!(tunnel = name, %peer, "{name}: {message}"),
                     },
                     Event::TunnelUp { .. } => {
-                        tracing::info!(tunnel = name, %peer, "{name}: tunnel up")
+                        let st = self.conns[i]
+                            .status(Instant::now(), &mut *self.datapath.tunnel(self.slots[i]));
+                        sa_log::tunnel_up(name, peer, &st);
                     }
                     Event::TunnelDown { reason, .. } => {
                         tracing::warn!(tunnel = name, %peer, %reason, "{name}: tunnel down: {reason}")
@@ -190,7 +219,7 @@ impl Driver {
                 port,
                 from,
                 data,
-                &mut *self.datapath.tunnel(i as u32),
+                &mut *self.datapath.tunnel(self.slots[i]),
             ),
             None => {
                 self.ike.not_peer.fetch_add(1, Ordering::Relaxed);
@@ -201,9 +230,9 @@ impl Driver {
 
     fn timeouts(&mut self) {
         let now = Instant::now();
-        for (i, c) in self.conns.iter_mut().enumerate() {
+        for (c, slot) in self.conns.iter_mut().zip(&self.slots) {
             if c.poll_timeout().is_some_and(|t| t <= now) {
-                c.handle_timeout(now, &mut *self.datapath.tunnel(i as u32));
+                c.handle_timeout(now, &mut *self.datapath.tunnel(*slot));
             }
         }
     }
@@ -219,26 +248,28 @@ impl Driver {
                 direction,
                 expiry,
             } = x;
-            let Some(c) = self.conns.get_mut(tunnel as usize) else {
+            let Some(c) = self
+                .slots
+                .iter()
+                .position(|s| *s == tunnel)
+                .and_then(|i| self.conns.get_mut(i))
+            else {
                 continue;
             };
             let dir = format!("{direction:?}").to_lowercase();
-            let hard = match expiry {
-                Expiry::Soft(l) => {
-                    log::info!(
-                        "{}: {dir} SA {spi:08x} reached its soft {l:?} limit: rekeying",
-                        c.config().name
-                    );
-                    false
-                }
-                Expiry::Hard(l) => {
-                    log::warn!(
-                        "{}: {dir} SA {spi:08x} reached its hard {l:?} limit: removed",
-                        c.config().name
-                    );
-                    true
-                }
+            let (hard, limit) = match expiry {
+                Expiry::Soft(l) => (false, l),
+                Expiry::Hard(l) => (true, l),
             };
+            let cfg = c.config();
+            sa_log::expiry(
+                &cfg.name,
+                cfg.remote,
+                spi,
+                &dir,
+                hard,
+                &format!("{limit:?}"),
+            );
             c.expired(
                 now,
                 spi,
@@ -302,7 +333,8 @@ impl Driver {
                 } else {
                     match what {
                         RekeyWhat::Child => {
-                            self.conns[i].rekey_child(now, &mut *self.datapath.tunnel(i as u32));
+                            self.conns[i]
+                                .rekey_child(now, &mut *self.datapath.tunnel(self.slots[i]));
                             Answer::ok(format!("{name}: CHILD_SA rekey started"))
                         }
                         RekeyWhat::Ike => {
@@ -321,9 +353,10 @@ impl Driver {
     }
 
     /// Reads the configuration file again and applies what changed: the
-    /// DMZ allowlist at once, a tunnel whose IKE settings changed by
-    /// re-establishing it. Unchanged tunnels keep their SAs. What cannot
-    /// change while running is named in the answer.
+    /// DMZ allowlist at once, removed tunnels closed and taken out of the
+    /// datapath, added ones put in and started, a tunnel whose IKE
+    /// settings changed re-established with them. Unchanged tunnels keep
+    /// their SAs. What cannot change while running is named in the answer.
     fn reload(&mut self) -> Answer {
         let new = match Config::load(&self.config_path) {
             Ok(c) => c,
@@ -334,7 +367,7 @@ impl Driver {
                 ));
             }
         };
-        let plan = reload::plan(&self.cfg, &new);
+        let mut plan = reload::plan(&self.cfg, &new);
         let mut done = Vec::new();
         if plan.dmz_changed {
             match self
@@ -350,12 +383,38 @@ impl Driver {
             }
         }
         let now = Instant::now();
-        for &i in &plan.reconfigured {
-            let t = &new.tunnels[i];
+        for &(i, j) in &plan.reconfigured {
+            let mut t = new.tunnels[j].clone();
+            t.peer.tunnel = self.slots[i];
             self.conns[i].reconfigure(Arc::new(t.peer.clone()), now);
-            self.cfg.tunnels[i] = t.clone();
             done.push(format!("{}: re-established with its new settings", t.name));
+            self.cfg.tunnels[i] = t;
         }
+        // Removed first (highest index first, as they shift): a renamed
+        // tunnel's peer then belongs to the added one alone.
+        let removed: Vec<String> = plan
+            .removed
+            .iter()
+            .map(|&i| self.cfg.tunnels[i].name.clone())
+            .collect();
+        for name in removed {
+            match self.remove_tunnel(&name, now) {
+                Ok(()) => done.push(format!("{name}: removed (its IKE_SA deleted)")),
+                Err(e) => plan
+                    .not_applied
+                    .push(format!("removing tunnel {name}: {e}")),
+            }
+        }
+        for &j in &plan.added {
+            let t = &new.tunnels[j];
+            match self.add_tunnel(t, now) {
+                Ok(slot) => done.push(format!("{}: added (tunnel {slot})", t.name)),
+                Err(e) => plan
+                    .not_applied
+                    .push(format!("adding tunnel {}: {e}", t.name)),
+            }
+        }
+        self.follow_file_order(&new);
         if plan.bird_socket_changed {
             self.cfg.device.bird_socket = new.device.bird_socket.clone();
             done.push("device.bird_socket".into());
@@ -377,14 +436,82 @@ impl Driver {
         }
     }
 
+    /// Takes tunnel `name` away: its connection closed (the DELETE of its
+    /// IKE_SAs goes out with the next flush, RFC 7296 §1.4.1), then its SAs
+    /// and interface removed from the datapath.
+    fn remove_tunnel(&mut self, name: &str, now: Instant) -> Result<(), DatapathError> {
+        let Some(i) = self.tunnel_index(name) else {
+            return Ok(());
+        };
+        self.datapath.remove_tunnel(self.slots[i])?;
+        let mut c = self.conns.remove(i);
+        c.close(now);
+        self.leaving.push(c);
+        self.cfg.tunnels.remove(i);
+        self.slots.remove(i);
+        self.update_peers();
+        Ok(())
+    }
+
+    /// Puts tunnel `t` in: its interface in a free datapath slot, then its
+    /// connection (which initiates if configured to). Its index.
+    fn add_tunnel(
+        &mut self,
+        t: &crate::config::Tunnel,
+        now: Instant,
+    ) -> Result<u32, DatapathError> {
+        let slot = self.datapath.add_tunnel(&tunnel_config(t))?;
+        let mut t = t.clone();
+        t.peer.tunnel = slot;
+        self.conns.push(Connection::new(
+            Arc::new(t.peer.clone()),
+            self.rng.clone(),
+            now,
+        ));
+        self.cfg.tunnels.push(t);
+        self.slots.push(slot);
+        self.update_peers();
+        Ok(slot)
+    }
+
+    /// Lists the tunnels (status, metrics) in the order of `new`'s file.
+    fn follow_file_order(&mut self, new: &Config) {
+        let rank = |name: &str| {
+            new.tunnels
+                .iter()
+                .position(|t| t.name == name)
+                .unwrap_or(usize::MAX)
+        };
+        let mut all: Vec<_> = std::mem::take(&mut self.cfg.tunnels)
+            .into_iter()
+            .zip(std::mem::take(&mut self.conns))
+            .zip(std::mem::take(&mut self.slots))
+            .collect();
+        all.sort_by_key(|((t, _), _)| rank(&t.name));
+        for ((t, c), slot) in all {
+            self.cfg.tunnels.push(t);
+            self.conns.push(c);
+            self.slots.push(slot);
+        }
+    }
+
+    fn update_peers(&self) {
+        let peers = self.cfg.tunnels.iter().map(|t| t.peer.remote).collect();
+        *self
+            .peers
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = peers;
+    }
+
     fn status(&mut self) -> DeviceStatus {
         let now = Instant::now();
         let dp = self.datapath.status();
         let mut tunnels = Vec::new();
         for (i, c) in self.conns.iter().enumerate() {
             let t = &self.cfg.tunnels[i];
-            let connection = c.status(now, &mut *self.datapath.tunnel(i as u32));
-            let counters = dp.tunnels.get(i).cloned().unwrap_or_default();
+            let slot = self.slots[i];
+            let connection = c.status(now, &mut *self.datapath.tunnel(slot));
+            let counters = dp.tunnels.get(slot as usize).cloned().unwrap_or_default();
             let totals = counters.totals;
             tunnels.push(TunnelStatus {
                 name: t.name.clone(),
@@ -659,13 +786,17 @@ async fn run_async(cfg: Config, config_path: PathBuf) -> Result<(), DaemonError>
     // from a configured peer: a flood from elsewhere costs a counter.
     let ike = Arc::new(IkeCounters::default());
     let (ike_tx, mut ike_rx) = mpsc::channel::<(SocketAddr, Vec<u8>)>(IKE_QUEUE);
-    let peers: Vec<IpAddr> = cfg.tunnels.iter().map(|t| t.peer.remote).collect();
+    let peers: Peers = Arc::new(RwLock::new(
+        cfg.tunnels.iter().map(|t| t.peer.remote).collect(),
+    ));
     let gate = ike.clone();
+    let known = peers.clone();
     let datapath = mode::start(
         &datapath_config(&cfg),
         udp4500.clone(),
         Box::new(move |from, data| {
-            if !peers.contains(&from.ip()) {
+            let known = known.read().is_ok_and(|p| p.contains(&from.ip()));
+            if !known {
                 gate.not_peer.fetch_add(1, Ordering::Relaxed);
             } else if ike_tx.try_send((from, data.to_vec())).is_err() {
                 gate.queue_full.fetch_add(1, Ordering::Relaxed);
@@ -697,6 +828,10 @@ async fn run_async(cfg: Config, config_path: PathBuf) -> Result<(), DaemonError>
         .collect();
     let mut d = Driver {
         conns,
+        slots: (0..cfg.tunnels.len() as u32).collect(),
+        leaving: Vec::new(),
+        peers,
+        rng,
         datapath,
         udp500,
         udp4500,

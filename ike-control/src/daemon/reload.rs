@@ -1,26 +1,45 @@
 //! What `xesp reload` (and SIGHUP) can apply to a running daemon: the
 //! comparison of the running configuration with the file's, as a plan.
+//! Tunnels are matched by name.
 //!
 //! * `[dmz]`: applied at once (the DMZ filter's allowlist and flags);
+//! * a tunnel only in the file: added (its interface, its connection,
+//!   started as configured);
+//! * a tunnel no longer in the file: removed (its IKE_SA deleted at the
+//!   peer, its SAs and interface removed); a renamed tunnel is one removed
+//!   and one added, and so is one whose address changed;
 //! * a tunnel whose IKE settings changed (PSK, proposals, lifetimes, DPD,
 //!   traffic selectors, ...): re-established with them;
 //! * an unchanged tunnel: untouched, its SAs and traffic go on;
 //! * `device.bird_socket`: taken at once;
 //! * everything else (the device's addresses, interfaces, datapath, MTU,
-//!   MSS clamp, control socket; tunnels added, removed, renamed or
-//!   readdressed): named as needing a restart.
+//!   MSS clamp, control socket; with `datapath = "xfrm"`, tunnels added,
+//!   removed, renamed or readdressed): named as needing a restart.
 
-use crate::config::Config;
+use crate::config::{Config, DatapathMode, Tunnel};
 
 /// What a reload does.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Plan {
     pub dmz_changed: bool,
-    /// Tunnels (by index) to re-establish with their new settings.
-    pub reconfigured: Vec<usize>,
+    /// Tunnels to re-establish with their new settings: (index in the
+    /// running configuration, index in the new one).
+    pub reconfigured: Vec<(usize, usize)>,
+    /// Tunnels to remove, by index in the running configuration.
+    pub removed: Vec<usize>,
+    /// Tunnels to add, by index in the new configuration.
+    pub added: Vec<usize>,
     pub bird_socket_changed: bool,
     /// Changes that need a restart, each named.
     pub not_applied: Vec<String>,
+}
+
+/// Whether tunnel `b` (new) has other IKE settings than `a` (running). The
+/// tunnel index is the datapath's, not the file's position: not compared.
+fn ike_changed(a: &Tunnel, b: &Tunnel) -> bool {
+    let mut b = b.peer.clone();
+    b.tunnel = a.peer.tunnel;
+    a.peer != b
 }
 
 /// Compares the running configuration with the new one.
@@ -47,25 +66,43 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
     p.bird_socket_changed = o.bird_socket != n.bird_socket;
     p.dmz_changed =
         old.dmz_allow != new.dmz_allow || old.dmz_pass_unclassified != new.dmz_pass_unclassified;
-    let names = |c: &Config| c.tunnels.iter().map(|t| t.name.clone()).collect::<Vec<_>>();
-    if names(old) != names(new) {
-        p.not_applied.push(format!(
-            "the tunnels changed from [{}] to [{}]: restart xesp to add, remove or rename tunnels",
-            names(old).join(", "),
-            names(new).join(", ")
-        ));
-        return p;
-    }
-    for (i, (a, b)) in old.tunnels.iter().zip(&new.tunnels).enumerate() {
-        if a.address != b.address {
-            p.not_applied.push(format!(
-                "tunnel {}: address {} -> {}: restart xesp to apply it",
-                a.name, a.address, b.address
-            ));
-        } else if a.peer != b.peer {
-            p.reconfigured.push(i);
+    let live = o.datapath != DatapathMode::Xfrm;
+    let find = |c: &Config, name: &str| c.tunnels.iter().position(|t| t.name == name);
+    for (i, a) in old.tunnels.iter().enumerate() {
+        match find(new, &a.name) {
+            None if live => p.removed.push(i),
+            None => p.not_applied.push(format!(
+                "tunnel {} removed: restart xesp to remove it (datapath xfrm)",
+                a.name
+            )),
+            Some(j) if a.address != new.tunnels[j].address => {
+                if live {
+                    p.removed.push(i);
+                    p.added.push(j);
+                } else {
+                    p.not_applied.push(format!(
+                        "tunnel {}: address {} -> {}: restart xesp to apply it (datapath xfrm)",
+                        a.name, a.address, new.tunnels[j].address
+                    ));
+                }
+            }
+            Some(j) if ike_changed(a, &new.tunnels[j]) => p.reconfigured.push((i, j)),
+            Some(_) => {}
         }
     }
+    for (j, b) in new.tunnels.iter().enumerate() {
+        if find(old, &b.name).is_none() {
+            if live {
+                p.added.push(j);
+            } else {
+                p.not_applied.push(format!(
+                    "tunnel {} added: restart xesp to add it (datapath xfrm)",
+                    b.name
+                ));
+            }
+        }
+    }
+    p.added.sort_unstable();
     p
 }
 
@@ -122,23 +159,82 @@ address = "172.16.0.2"
             "name = \"Tunnel1\"\nremote = \"203.0.113.12\"\naddress = \"172.16.0.2\"\ndpd = { interval = \"3s\" }\n",
         );
         let p = plan(&cfg(BASE), &cfg(&new));
-        assert_eq!(p.reconfigured, vec![1]);
+        assert_eq!(p.reconfigured, vec![(1, 1)]);
         assert!(!p.dmz_changed && p.not_applied.is_empty());
     }
 
     #[test]
     fn what_needs_a_restart_is_named() {
-        let new = BASE
-            .replace("[device]\n", "[device]\ntunnel_mtu = 1300\n")
-            .replace("address = \"172.16.0.2\"", "address = \"172.16.0.9\"");
+        let new = BASE.replace("[device]\n", "[device]\ntunnel_mtu = 1300\n");
         let p = plan(&cfg(BASE), &cfg(&new));
-        assert_eq!(p.not_applied.len(), 2, "{:?}", p.not_applied);
+        assert_eq!(p.not_applied.len(), 1, "{:?}", p.not_applied);
         assert!(p.not_applied[0].contains("device.tunnel_mtu"));
-        assert!(p.not_applied[1].contains("tunnel Tunnel1: address"));
-        let fewer = BASE.split("[[tunnel]]\nname = \"Tunnel1\"").next().unwrap();
-        let p = plan(&cfg(BASE), &cfg(fewer));
+        assert!(p.added.is_empty() && p.removed.is_empty() && p.reconfigured.is_empty());
+    }
+
+    /// BASE with Tunnel1 left out.
+    fn tunnel0_only() -> String {
+        BASE.split("[[tunnel]]\nname = \"Tunnel1\"")
+            .next()
+            .unwrap()
+            .to_string()
+    }
+
+    #[test]
+    fn a_new_tunnel_is_added_and_the_others_stay() {
+        let p = plan(&cfg(&tunnel0_only()), &cfg(BASE));
+        assert_eq!(p.added, vec![1]);
+        assert!(p.removed.is_empty() && p.reconfigured.is_empty(), "{p:?}");
+        assert!(p.not_applied.is_empty(), "{p:?}");
+        // Its peer joins the DMZ allowlist.
+        assert!(p.dmz_changed);
+    }
+
+    #[test]
+    fn a_tunnel_left_out_is_removed_and_the_others_stay() {
+        let p = plan(&cfg(BASE), &cfg(&tunnel0_only()));
+        assert_eq!(p.removed, vec![1]);
+        assert!(p.added.is_empty() && p.reconfigured.is_empty(), "{p:?}");
+        // Tunnel0 removed: Tunnel1 is first in the file now, and unchanged.
+        let without0 = BASE.replace(
+            "[[tunnel]]\nname = \"Tunnel0\"\nremote = \"203.0.113.11\"\naddress = \"172.16.0.1\"\n",
+            "",
+        );
+        let p = plan(&cfg(BASE), &cfg(&without0));
+        assert_eq!(p.removed, vec![0]);
+        assert!(p.added.is_empty() && p.reconfigured.is_empty(), "{p:?}");
+    }
+
+    #[test]
+    fn a_renamed_or_readdressed_tunnel_is_removed_and_added() {
+        let renamed = BASE.replace("name = \"Tunnel1\"", "name = \"Tunnel7\"");
+        let p = plan(&cfg(BASE), &cfg(&renamed));
+        assert_eq!((p.removed, p.added), (vec![1], vec![1]));
+        let readdressed = BASE.replace("address = \"172.16.0.2\"", "address = \"172.16.0.9\"");
+        let p = plan(&cfg(BASE), &cfg(&readdressed));
+        assert_eq!((p.removed, p.added), (vec![1], vec![1]));
+        assert!(p.reconfigured.is_empty() && p.not_applied.is_empty());
+    }
+
+    #[test]
+    fn with_xfrm_tunnel_changes_need_a_restart() {
+        let xfrm = |t: &str| t.replace("[device]\n", "[device]\ndatapath = \"xfrm\"\n");
+        let p = plan(&cfg(&xfrm(BASE)), &cfg(&xfrm(&tunnel0_only())));
+        assert!(p.removed.is_empty() && p.added.is_empty());
         assert!(
-            p.not_applied[0].contains("[Tunnel0, Tunnel1] to [Tunnel0]"),
+            p.not_applied[0].contains("tunnel Tunnel1 removed: restart xesp"),
+            "{p:?}"
+        );
+        let p = plan(&cfg(&xfrm(&tunnel0_only())), &cfg(&xfrm(BASE)));
+        assert!(p.added.is_empty());
+        assert!(
+            p.not_applied[0].contains("tunnel Tunnel1 added: restart xesp"),
+            "{p:?}"
+        );
+        let readdressed = BASE.replace("address = \"172.16.0.2\"", "address = \"172.16.0.9\"");
+        let p = plan(&cfg(&xfrm(BASE)), &cfg(&xfrm(&readdressed)));
+        assert!(
+            p.not_applied[0].contains("tunnel Tunnel1: address"),
             "{p:?}"
         );
     }

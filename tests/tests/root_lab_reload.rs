@@ -1,0 +1,293 @@
+//! Needs root: `xesp reload` adds and removes tunnels live (reference lab,
+//! xdp and tun datapaths, strongSwan gateways, BIRD).
+//!
+//! 1. Tunnel1 left out of xesp.toml, reload: gateway 1's IKE_SA is gone
+//!    (the DELETE reached it), Tunnel1's interface too; Tunnel0 carries the
+//!    LAN. xesp now runs with Tunnel0 alone.
+//! 2. Tunnel1 back in the file, reload under ping through Tunnel0: Tunnel1
+//!    comes up with gateway 1 (its IKE_SA there), BGP over it, on-prem's
+//!    ECMP route to the VNet gains its next hop; Tunnel0 keeps its SAs and
+//!    loses no ping.
+//! 3. Tunnel0 left out, reload: gateway 0's IKE_SA is gone, Tunnel0's
+//!    interface too, and the LAN's traffic goes on over Tunnel1.
+
+#![allow(clippy::unwrap_used)] // a test: a failed step is a failed test
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use xtask::{
+    lab::{
+        Lab, LabConfig, OnpremMode,
+        topology::{LAN_HOSTS, VM, VNET, vnet_routes},
+        xesp::XespSettings,
+    },
+    netns::wait_until,
+};
+
+fn status(lab: &Lab) -> Value {
+    lab.xesp.as_ref().unwrap().0.status_json().unwrap()
+}
+
+/// The tunnels `xesp status` lists, by name.
+fn tunnel_names(st: &Value) -> Vec<String> {
+    st["tunnels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Tunnel `name`'s status.
+fn tunnel<'a>(st: &'a Value, name: &str) -> &'a Value {
+    st["tunnels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == name)
+        .unwrap_or_else(|| panic!("no tunnel {name} in {st}"))
+}
+
+/// Tunnel `name`'s CHILD_SAs' inbound SPIs.
+fn child_spis(st: &Value, name: &str) -> Vec<String> {
+    tunnel(st, name)["connection"]["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["spi_in"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn reload(lab: &Lab) -> String {
+    let (ok, answer) = lab.xesp.as_ref().unwrap().0.ctl(&["reload"]).unwrap();
+    assert!(ok, "{answer}");
+    answer
+}
+
+fn has_interface(lab: &Lab, name: &str) -> bool {
+    lab.ns.onprem.exec("ip", &["link", "show", name]).is_ok()
+}
+
+/// Next hops of on-prem's route to the VNet.
+fn vnet_next_hops(lab: &Lab) -> usize {
+    let r = lab
+        .ns
+        .onprem
+        .exec("ip", &["route", "show", VNET])
+        .unwrap_or_default();
+    match r.matches("nexthop").count() {
+        0 if r.contains(" via ") || r.contains(" dev ") => 1,
+        n => n,
+    }
+}
+
+/// Takes tunnel `name`'s table out of the lab's xesp.toml.
+fn leave_out(lab: &Lab, name: &str) -> toml_edit::Table {
+    let mut taken = None;
+    lab.xesp
+        .as_ref()
+        .unwrap()
+        .0
+        .edit_conf(|doc| {
+            let t = doc["tunnel"].as_array_of_tables_mut().unwrap();
+            let i = t
+                .iter()
+                .position(|t| t["name"].as_str() == Some(name))
+                .unwrap();
+            taken = t.get(i).cloned();
+            t.remove(i);
+        })
+        .unwrap();
+    taken.unwrap()
+}
+
+/// Runs `f` while the LAN pings the VM 100 times at 20 per second (half a
+/// second of them before `f`); `f`'s result, how many pings were lost, and
+/// ping's output.
+fn under_ping<R: Send>(lab: &Lab, f: impl FnOnce() -> R + Send) -> (R, u32, String) {
+    std::thread::scope(|s| {
+        let pings = s.spawn(|| {
+            lab.ns.lan.exec(
+                "ping",
+                &[
+                    "-c",
+                    "100",
+                    "-i",
+                    "0.05",
+                    "-W",
+                    "2",
+                    "-I",
+                    &LAN_HOSTS[0].to_string(),
+                    &VM.to_string(),
+                ],
+            )
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        let r = f();
+        // ping fails when a reply is missing: its summary says how many.
+        let out = match pings.join().unwrap() {
+            Ok(o) => o,
+            Err(e) => format!("{e:#}"),
+        };
+        let received = out
+            .lines()
+            .find_map(|l| l.split(" packets transmitted, ").nth(1))
+            .and_then(|l| l.split(' ').next())
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or_else(|| panic!("no ping summary in {out}"));
+        (r, 100 - received, out)
+    })
+}
+
+#[test]
+fn root_reload_adds_and_removes_tunnels() {
+    adds_and_removes_tunnels("xdp");
+}
+
+/// The same with the socket datapath (TUN devices, ESP in user space).
+#[test]
+fn root_reload_adds_and_removes_tunnels_tun() {
+    adds_and_removes_tunnels("tun");
+}
+
+fn adds_and_removes_tunnels(datapath: &str) {
+    // Pings (of 100 at 20 a second) a reload may lose today: what was
+    // measured, with a margin (see the README); the goal is none.
+    let allowed_loss = if datapath == "tun" { 10 } else { 5 };
+    let lab = Lab::up(LabConfig {
+        onprem: OnpremMode::Xesp,
+        xesp: XespSettings {
+            datapath: datapath.into(),
+            ..XespSettings::default()
+        },
+        ..LabConfig::default()
+    })
+    .unwrap();
+    lab.wait_ready(Duration::from_secs(60)).unwrap();
+    let x = &lab.xesp.as_ref().unwrap().0;
+    let bird = &lab.xesp.as_ref().unwrap().1;
+    let log = || std::fs::read_to_string(x.log()).unwrap_or_default();
+
+    // 1. Tunnel1 removed: the VNet answers through gateway 0 alone first.
+    vnet_routes(&lab.ns.vnet, &[0]).unwrap();
+    let tunnel1 = leave_out(&lab, "Tunnel1");
+    let (answer, lost_removing, _) = under_ping(&lab, || reload(&lab));
+    assert!(answer.contains("Tunnel1: removed"), "{answer}");
+    eprintln!("{datapath}: Tunnel1 removed: {lost_removing} of 100 pings through Tunnel0 lost");
+    // Measured: 1 or 2 lost. The AF_XDP workers start again without
+    // Tunnel1's sockets (a new worker's fill ring is empty until its first
+    // round) and the kernel flushes the ECMP route with Tunnel1's device
+    // until BIRD puts it back; the goal is none (see the README).
+    assert!(
+        lost_removing <= allowed_loss,
+        "{lost_removing} pings through Tunnel0 lost"
+    );
+    let gw1 = &lab.gateways[1].charon;
+    assert!(
+        wait_until(Duration::from_secs(10), || gw1.established_ike_sas() == 0),
+        "gateway 1 kept its IKE_SA:\n{}",
+        gw1.list_sas()
+    );
+    assert!(!has_interface(&lab, "Tunnel1"), "Tunnel1 is still there");
+    let st = status(&lab);
+    assert_eq!(tunnel_names(&st), ["Tunnel0"]);
+    assert_eq!(tunnel(&st, "Tunnel0")["up"], true);
+    // The kernel flushed the ECMP route with Tunnel1's device; BIRD puts
+    // it back over Tunnel0.
+    assert!(
+        wait_until(Duration::from_secs(20), || vnet_next_hops(&lab) == 1),
+        "{}",
+        lab.status()
+    );
+    let out = lab.ping_vm(LAN_HOSTS[0], 3).unwrap();
+    assert!(out.contains(" 3 received"), "{out}");
+    let spis0 = child_spis(&st, "Tunnel0");
+
+    // 2. Tunnel1 added under ping through Tunnel0.
+    x.edit_conf(|doc| {
+        doc["tunnel"]
+            .as_array_of_tables_mut()
+            .unwrap()
+            .push(tunnel1.clone());
+    })
+    .unwrap();
+    let mut started = Instant::now();
+    let (answer, lost_adding, pings) = under_ping(&lab, || {
+        started = Instant::now();
+        reload(&lab)
+    });
+    assert!(answer.contains("Tunnel1: added"), "{answer}");
+    // Measured: xdp 0 to 4 of 100 lost (up to 200 ms), tun 6, as Tunnel1's
+    // interface appears and the socket path's threads start again with it
+    // (the goal is none, see the README).
+    assert!(
+        lost_adding <= allowed_loss,
+        "{lost_adding} pings through Tunnel0 lost:\n{pings}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || tunnel(&status(&lab), "Tunnel1")
+            ["up"]
+            == true),
+        "{}\n{}",
+        lab.status(),
+        log()
+    );
+    let up_after = started.elapsed();
+    assert!(has_interface(&lab, "Tunnel1"));
+    assert!(
+        wait_until(Duration::from_secs(10), || gw1.established_ike_sas() == 1),
+        "{}",
+        gw1.list_sas()
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || bird.established() == 2
+            && vnet_next_hops(&lab) == 2),
+        "BGP over Tunnel1 or the second next hop missing:\n{}",
+        lab.status()
+    );
+    let bgp_after = started.elapsed();
+    let st = status(&lab);
+    assert_eq!(tunnel_names(&st), ["Tunnel0", "Tunnel1"]);
+    assert_eq!(child_spis(&st, "Tunnel0"), spis0, "Tunnel0 kept its SAs");
+    vnet_routes(&lab.ns.vnet, &[0, 1]).unwrap();
+    // Its up event names its SPIs as fields.
+    let spis1 = child_spis(&st, "Tunnel1");
+    let up_line = log()
+        .lines()
+        .rev()
+        .find(|l| l.contains("Tunnel1: tunnel up"))
+        .map(str::to_string)
+        .unwrap_or_default();
+    assert!(
+        up_line.contains(&format!("spi=\"{}/", spis1[0])) && up_line.contains("ike_spi=\""),
+        "{up_line}"
+    );
+    eprintln!(
+        "{datapath}: Tunnel1 added: {lost_adding} of 100 pings through Tunnel0 lost; up, then BGP and ECMP, \
+         {:.1} s and {:.1} s after the reload (checked once the 5 s of pings ended)",
+        up_after.as_secs_f64(),
+        bgp_after.as_secs_f64(),
+    );
+
+    // 3. Tunnel0 removed: the VNet answers through gateway 1 alone.
+    vnet_routes(&lab.ns.vnet, &[1]).unwrap();
+    leave_out(&lab, "Tunnel0");
+    let answer = reload(&lab);
+    assert!(answer.contains("Tunnel0: removed"), "{answer}");
+    let gw0 = &lab.gateways[0].charon;
+    assert!(
+        wait_until(Duration::from_secs(10), || gw0.established_ike_sas() == 0),
+        "gateway 0 kept its IKE_SA:\n{}",
+        gw0.list_sas()
+    );
+    assert!(!has_interface(&lab, "Tunnel0"), "Tunnel0 is still there");
+    let st = status(&lab);
+    assert_eq!(tunnel_names(&st), ["Tunnel1"]);
+    assert_eq!(tunnel(&st, "Tunnel1")["up"], true);
+    let out = lab.ping_vm(LAN_HOSTS[0], 5).unwrap();
+    assert!(out.contains(" 5 received"), "{out}");
+    // The commands follow the new set of tunnels.
+    let (ok, out) = x.ctl(&["tunnel", "rekey", "Tunnel0"]).unwrap();
+    assert!(!ok && out.contains("the tunnels are Tunnel1"), "{out}");
+}
