@@ -155,3 +155,44 @@ pub fn unhex(s: &str) -> Vec<u8> {
         .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
         .collect()
 }
+
+/// Runs `f` while the LAN pings the VM 100 times at 20 per second (half a
+/// second of them before `f`); `f`'s result, how many pings were lost, and
+/// ping's output.
+pub fn pings_during<R: Send>(
+    lab: &xtask::lab::Lab,
+    f: impl FnOnce() -> R + Send,
+) -> (R, u32, String) {
+    std::thread::scope(|s| {
+        let pings = s.spawn(|| {
+            lab.ns.lan.exec(
+                "ping",
+                &[
+                    "-c",
+                    "100",
+                    "-i",
+                    "0.05",
+                    "-W",
+                    "2",
+                    "-I",
+                    &xtask::lab::topology::LAN_HOSTS[0].to_string(),
+                    &xtask::lab::topology::VM.to_string(),
+                ],
+            )
+        });
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let r = f();
+        // ping fails when a reply is missing: its summary says how many.
+        let out = match pings.join().unwrap() {
+            Ok(o) => o,
+            Err(e) => format!("{e:#}"),
+        };
+        let received = out
+            .lines()
+            .find_map(|l| l.split(" packets transmitted, ").nth(1))
+            .and_then(|l| l.split(' ').next())
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or_else(|| panic!("no ping summary in {out}"));
+        (r, 100 - received, out)
+    })
+}

@@ -16,7 +16,7 @@ use serde_json::Value;
 use xtask::{
     lab::{
         Lab, LabConfig, OnpremMode,
-        topology::{LAN_HOSTS, VM, vnet_routes},
+        topology::{LAN_HOSTS, vnet_routes},
     },
     netns::wait_until,
 };
@@ -143,23 +143,7 @@ fn root_control_reload_under_ping_and_tunnel_commands() {
     assert!(dmz(&status(&lab), "drop_not_allowed") >= before + 3);
 
     // Reload under ping: the outsider's prefix allowed, the MTU changed.
-    let reloaded = std::thread::scope(|s| {
-        let pings = s.spawn(|| {
-            lab.ns.lan.exec(
-                "ping",
-                &[
-                    "-c",
-                    "100",
-                    "-i",
-                    "0.05",
-                    "-W",
-                    "2",
-                    "-I",
-                    &LAN_HOSTS[0].to_string(),
-                    &VM.to_string(),
-                ],
-            )
-        });
+    let ((ok, answer), lost, pings) = xesp_tests::pings_during(&lab, || {
         x.edit_conf(|doc| {
             doc["dmz"]["allow"]
                 .as_array_mut()
@@ -168,21 +152,15 @@ fn root_control_reload_under_ping_and_tunnel_commands() {
             doc["device"]["tunnel_mtu"] = toml_edit::value(1300);
         })
         .unwrap();
-        let answer = ctl(&lab, &["reload"]);
-        (answer, pings.join().unwrap())
+        ctl(&lab, &["reload"])
     });
-    let ((ok, answer), pings) = reloaded;
     assert!(ok, "{answer}");
     assert!(answer.contains("dmz:"), "{answer}");
     assert!(
         answer.contains("not applied: device.tunnel_mtu changed"),
         "{answer}"
     );
-    let pings = pings.unwrap_or_else(|e| panic!("pings during the reload: {e:#}"));
-    assert!(
-        pings.contains("100 packets transmitted, 100 received"),
-        "{pings}"
-    );
+    assert_eq!(lost, 0, "pings during the reload: {pings}");
     let st = status(&lab);
     assert_eq!([child_spis(&st, 0), child_spis(&st, 1)], spis, "SAs kept");
     // Now the outsider passes the filter (counted as allowed).

@@ -19,7 +19,7 @@ use serde_json::Value;
 use xtask::{
     lab::{
         Lab, LabConfig, OnpremMode,
-        topology::{LAN_HOSTS, VM, VNET, vnet_routes},
+        topology::{LAN_HOSTS, VNET, vnet_routes},
         xesp::XespSettings,
     },
     netns::wait_until,
@@ -102,44 +102,6 @@ fn leave_out(lab: &Lab, name: &str) -> toml_edit::Table {
     taken.unwrap()
 }
 
-/// Runs `f` while the LAN pings the VM 100 times at 20 per second (half a
-/// second of them before `f`); `f`'s result, how many pings were lost, and
-/// ping's output.
-fn under_ping<R: Send>(lab: &Lab, f: impl FnOnce() -> R + Send) -> (R, u32, String) {
-    std::thread::scope(|s| {
-        let pings = s.spawn(|| {
-            lab.ns.lan.exec(
-                "ping",
-                &[
-                    "-c",
-                    "100",
-                    "-i",
-                    "0.05",
-                    "-W",
-                    "2",
-                    "-I",
-                    &LAN_HOSTS[0].to_string(),
-                    &VM.to_string(),
-                ],
-            )
-        });
-        std::thread::sleep(Duration::from_millis(500));
-        let r = f();
-        // ping fails when a reply is missing: its summary says how many.
-        let out = match pings.join().unwrap() {
-            Ok(o) => o,
-            Err(e) => format!("{e:#}"),
-        };
-        let received = out
-            .lines()
-            .find_map(|l| l.split(" packets transmitted, ").nth(1))
-            .and_then(|l| l.split(' ').next())
-            .and_then(|n| n.parse::<u32>().ok())
-            .unwrap_or_else(|| panic!("no ping summary in {out}"));
-        (r, 100 - received, out)
-    })
-}
-
 #[test]
 fn root_reload_adds_and_removes_tunnels() {
     adds_and_removes_tunnels("xdp");
@@ -172,7 +134,7 @@ fn adds_and_removes_tunnels(datapath: &str) {
     // 1. Tunnel1 removed: the VNet answers through gateway 0 alone first.
     vnet_routes(&lab.ns.vnet, &[0]).unwrap();
     let tunnel1 = leave_out(&lab, "Tunnel1");
-    let (answer, lost_removing, _) = under_ping(&lab, || reload(&lab));
+    let (answer, lost_removing, _) = xesp_tests::pings_during(&lab, || reload(&lab));
     assert!(answer.contains("Tunnel1: removed"), "{answer}");
     eprintln!("{datapath}: Tunnel1 removed: {lost_removing} of 100 pings through Tunnel0 lost");
     // Measured: 1 or 2 lost. The AF_XDP workers start again without
@@ -213,7 +175,7 @@ fn adds_and_removes_tunnels(datapath: &str) {
     })
     .unwrap();
     let mut started = Instant::now();
-    let (answer, lost_adding, pings) = under_ping(&lab, || {
+    let (answer, lost_adding, pings) = xesp_tests::pings_during(&lab, || {
         started = Instant::now();
         reload(&lab)
     });
