@@ -194,7 +194,7 @@ impl Peer {
             }
             while let Some(e) = leg.conn.poll_event() {
                 match e {
-                    Event::Log { level, message } if level >= Level::Info => {
+                    Event::Log { level, message, .. } if level >= Level::Info => {
                         eprintln!("bench{i}: {message}")
                     }
                     Event::Log { .. } => {}

@@ -190,12 +190,11 @@ impl Driver {
             );
             while let Some(e) = self.conns[i].poll_event() {
                 match e {
-                    Event::Log { level, message } => match level {
-                        Level::Debug => tracing::debug!(tunnel = name, %peer, "{name}: {message}"),
-                        Level::Info => tracing::info!(tunnel = name, %peer, "{name}: {message}"),
-                        Level::Warn => tracing::warn!(tunnel = name, %peer, "{name}: {message}"),
-                        Level::Error => tracing::error!(tunnel = name, %peer, "{name}: {message}"),
-                    },
+                    Event::Log {
+                        level,
+                        message,
+                        exchange,
+                    } => sa_log::core_message(name, peer, level, exchange, &message),
                     Event::TunnelUp { .. } => {
                         let st = self.conns[i]
                             .status(Instant::now(), &mut *self.datapath.tunnel(self.slots[i]));

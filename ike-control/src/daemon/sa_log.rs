@@ -6,7 +6,7 @@
 
 use std::net::IpAddr;
 
-use ike_proto::status::ConnStatus;
+use ike_proto::{connection::Level, status::ConnStatus};
 
 /// The tunnel has an outbound SA: its routed CHILD_SA's SPIs, its IKE_SA's.
 pub fn tunnel_up(tunnel: &str, peer: IpAddr, st: &ConnStatus) {
@@ -53,6 +53,23 @@ pub fn expiry(tunnel: &str, peer: IpAddr, spi: u32, direction: &str, hard: bool,
             exchange = "CREATE_CHILD_SA",
             "{tunnel}: {direction} SA {spi_hex} reached its soft {limit} limit: rekeying"
         );
+    }
+}
+
+/// A message of the IKE core about tunnel `tunnel`, with the exchange it is
+/// about as a field when there is one.
+pub fn core_message(
+    tunnel: &str,
+    peer: IpAddr,
+    level: Level,
+    exchange: Option<&'static str>,
+    message: &str,
+) {
+    match level {
+        Level::Debug => tracing::debug!(tunnel, %peer, exchange, "{tunnel}: {message}"),
+        Level::Info => tracing::info!(tunnel, %peer, exchange, "{tunnel}: {message}"),
+        Level::Warn => tracing::warn!(tunnel, %peer, exchange, "{tunnel}: {message}"),
+        Level::Error => tracing::error!(tunnel, %peer, exchange, "{tunnel}: {message}"),
     }
 }
 
@@ -138,5 +155,27 @@ mod tests {
         assert_eq!(hard["spi"], "00c0ffee");
         assert!(hard.get("exchange").is_none());
         assert_eq!(lines[1]["level"], "WARN");
+    }
+
+    #[test]
+    fn a_core_message_carries_its_exchange_when_it_has_one() {
+        let peer: IpAddr = "203.0.113.11".parse().unwrap();
+        let lines = json_lines(|| {
+            core_message(
+                "Tunnel0",
+                peer,
+                Level::Error,
+                Some("IKE_AUTH"),
+                "Tunnel0: IKE_AUTH: authentication of peer failed",
+            );
+            core_message("Tunnel0", peer, Level::Info, None, "Tunnel0: opened");
+        });
+        let (auth, opened) = (&lines[0]["fields"], &lines[1]["fields"]);
+        assert_eq!(auth["exchange"], "IKE_AUTH");
+        assert_eq!(auth["tunnel"], "Tunnel0");
+        assert_eq!(auth["peer"], "203.0.113.11");
+        assert_eq!(lines[0]["level"], "ERROR");
+        assert!(opened.get("exchange").is_none(), "{opened}");
+        assert_eq!(opened["tunnel"], "Tunnel0");
     }
 }

@@ -62,9 +62,12 @@ impl Connection {
     pub(super) fn queue_child_rekey(&mut self, i: SaId, spi_in: u32, backend: &mut dyn SaBackend) {
         match self.new_child_draft(backend, Some(spi_in), true) {
             Ok(d) => self.sas[i].tasks.push_back(Task::CreateChild(d)),
-            Err(e) => self
-                .out
-                .log(Level::Error, &self.cfg, format!("CHILD_SA rekey: {e}")),
+            Err(e) => self.out.log_in(
+                "CREATE_CHILD_SA",
+                Level::Error,
+                &self.cfg,
+                format!("CHILD_SA rekey: {e}"),
+            ),
         }
     }
 
@@ -112,8 +115,12 @@ impl Connection {
         let spi_in = match backend.allocate_spi() {
             Ok(s) => s,
             Err(e) => {
-                self.out
-                    .log(Level::Error, &cfg, format!("allocating an SPI: {e}"));
+                self.out.log_in(
+                    "CREATE_CHILD_SA",
+                    Level::Error,
+                    &cfg,
+                    format!("allocating an SPI: {e}"),
+                );
                 return vec![notify(NotifyType::TEMPORARY_FAILURE)];
             }
         };
@@ -124,8 +131,12 @@ impl Connection {
             spi_in,
             ke.as_ref().map(|k| k.0),
         ) else {
-            self.out
-                .log(Level::Warn, &cfg, "CHILD_SA: no ESP proposal chosen");
+            self.out.log_in(
+                "CREATE_CHILD_SA",
+                Level::Warn,
+                &cfg,
+                "CHILD_SA: no ESP proposal chosen",
+            );
             return vec![notify(NotifyType::NO_PROPOSAL_CHOSEN)];
         };
         // Their TSi is our remote, their TSr our local.
@@ -135,7 +146,8 @@ impl Connection {
             || local_ts.is_empty()
             || remote_ts.len().max(local_ts.len()) > ts::MAX_SELECTORS
         {
-            self.out.log(
+            self.out.log_in(
+                "CREATE_CHILD_SA",
                 Level::Warn,
                 &cfg,
                 "CHILD_SA: traffic selectors unacceptable",
@@ -160,8 +172,12 @@ impl Connection {
         // initiator deletes it (it may not have its new inbound SA yet).
         let route_now = rekey_of.is_none();
         if let Err(e) = self.install_child(i, &child, &keys, route_now, backend) {
-            self.out
-                .log(Level::Error, &cfg, format!("installing CHILD_SA: {e}"));
+            self.out.log_in(
+                "CREATE_CHILD_SA",
+                Level::Error,
+                &cfg,
+                format!("installing CHILD_SA: {e}"),
+            );
             return vec![notify(NotifyType::TEMPORARY_FAILURE)];
         }
         let mut child = child;
@@ -315,8 +331,12 @@ impl Connection {
             match nonce_of(inner) {
                 Some(nr) => (draft.nonce.clone(), nr),
                 None => {
-                    self.out
-                        .log(Level::Warn, &cfg, "CREATE_CHILD_SA response without nonce");
+                    self.out.log_in(
+                        "CREATE_CHILD_SA",
+                        Level::Warn,
+                        &cfg,
+                        "CREATE_CHILD_SA response without nonce",
+                    );
                     let _ = backend.delete(draft.spi_in, Direction::Inbound);
                     return;
                 }
@@ -341,7 +361,8 @@ impl Connection {
             )
         });
         let Some((suite, spi_out)) = accepted else {
-            self.out.log(
+            self.out.log_in(
+                "CREATE_CHILD_SA",
                 Level::Warn,
                 &cfg,
                 "CHILD_SA: the responder chose an ESP proposal we did not offer",
@@ -353,14 +374,19 @@ impl Connection {
             (Some(dh), Some(_), Some((_, ker))) => match dh.agree(&ker) {
                 Ok(s) => Some(s),
                 Err(e) => {
-                    self.out
-                        .log(Level::Warn, &cfg, format!("CHILD_SA PFS: {e}"));
+                    self.out.log_in(
+                        "CREATE_CHILD_SA",
+                        Level::Warn,
+                        &cfg,
+                        format!("CHILD_SA PFS: {e}"),
+                    );
                     let _ = backend.delete(draft.spi_in, Direction::Inbound);
                     return;
                 }
             },
             (_, Some(_), _) => {
-                self.out.log(
+                self.out.log_in(
+                    "CREATE_CHILD_SA",
                     Level::Warn,
                     &cfg,
                     "CHILD_SA: a PFS proposal chosen but no KE sent",
@@ -390,7 +416,8 @@ impl Connection {
             || local_ts.len().max(remote_ts.len()) > ts::MAX_SELECTORS
         {
             let _ = backend.delete(draft.spi_in, Direction::Inbound);
-            self.out.log(
+            self.out.log_in(
+                "CREATE_CHILD_SA",
                 Level::Warn,
                 &cfg,
                 "CHILD_SA: the responder's traffic selectors are outside ours",
@@ -430,8 +457,12 @@ impl Connection {
             nonces: (ni, nr),
         };
         if let Err(e) = self.install_child(i, &child, &keymat, !ours_lose, backend) {
-            self.out
-                .log(Level::Error, &cfg, format!("installing CHILD_SA: {e}"));
+            self.out.log_in(
+                "CREATE_CHILD_SA",
+                Level::Error,
+                &cfg,
+                format!("installing CHILD_SA: {e}"),
+            );
             return;
         }
         self.note_child(&child, draft.rekey_of);
@@ -444,7 +475,8 @@ impl Connection {
             // Ours is redundant: delete it. The peer's survives; the peer
             // deletes the old SA, and its DELETE moves our traffic over (by
             // then it has the inbound half of its SA).
-            self.out.log(
+            self.out.log_in(
+                "CREATE_CHILD_SA",
                 Level::Info,
                 &cfg,
                 "CHILD_SA rekey collision: ours has the lowest nonce and goes",
@@ -459,7 +491,8 @@ impl Connection {
         }
         if collision.is_some() {
             self.stats.rekey_collisions_won += 1;
-            self.out.log(
+            self.out.log_in(
+                "CREATE_CHILD_SA",
                 Level::Info,
                 &cfg,
                 "CHILD_SA rekey collision: ours survives; the peer deletes its own",
@@ -533,7 +566,8 @@ impl Connection {
             return;
         }
         self.stats.child_sa_refusals += 1;
-        self.out.log(
+        self.out.log_in(
+            "CREATE_CHILD_SA",
             Level::Warn,
             &self.cfg,
             format!("CREATE_CHILD_SA refused: {}", e.kind),

@@ -102,7 +102,7 @@ impl Connection {
             || identification(&expected_id) != idi
         {
             self.stats.auth_failures += 1;
-            self.out.log(Level::Error, &cfg, format!("IKE_AUTH: authentication of peer {:?} failed (wrong pre-shared key or identity)", id_text(&idi)));
+            self.out.log_in("IKE_AUTH", Level::Error, &cfg, format!("IKE_AUTH: authentication of peer {:?} failed (wrong pre-shared key or identity)", id_text(&idi)));
             self.sas[i].die();
             return vec![notify(NotifyType::AUTHENTICATION_FAILED)];
         }
@@ -171,7 +171,8 @@ impl Connection {
         self.initiate_backoff = Duration::from_secs(1);
         let suite = sa.suite.map(|s| s.to_string()).unwrap_or_default();
         let (spi_i, spi_r) = (sa.spi_i, sa.spi_r);
-        self.out.log(
+        self.out.log_in(
+            "IKE_AUTH",
             Level::Info,
             &cfg,
             format!("IKE_SA {spi_i:016x}/{spi_r:016x} established ({suite})"),
@@ -233,7 +234,8 @@ impl Connection {
         }
         self.established(i, now, false, backend);
         if let Some(e) = error {
-            self.out.log(
+            self.out.log_in(
+                "IKE_AUTH",
                 Level::Warn,
                 &cfg,
                 format!("IKE_SA up, but the first CHILD_SA was refused: {}", e.kind),

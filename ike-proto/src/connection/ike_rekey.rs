@@ -21,9 +21,12 @@ impl Connection {
                 };
                 self.sas[i].tasks.push_back(Task::RekeyIke(draft));
             }
-            Err(e) => self
-                .out
-                .log(Level::Error, &self.cfg, format!("IKE_SA rekey: {e}")),
+            Err(e) => self.out.log_in(
+                "CREATE_CHILD_SA",
+                Level::Error,
+                &self.cfg,
+                format!("IKE_SA rekey: {e}"),
+            ),
         }
     }
 
@@ -57,7 +60,8 @@ impl Connection {
     /// The peer refused our IKE_SA rekey: the IKE_SA goes on, and the
     /// rekey is tried again later.
     pub(super) fn ike_rekey_refused(&mut self, i: SaId, now: Instant, e: &Notify) {
-        self.out.log(
+        self.out.log_in(
+            "CREATE_CHILD_SA",
             Level::Warn,
             &self.cfg,
             format!("IKE_SA rekey refused: {}", e.kind),
@@ -147,8 +151,12 @@ impl Connection {
         let j = self.sas.insert(new);
         self.established(j, now, false, backend);
         self.stats.rekeys += 1;
-        self.out
-            .log(Level::Info, &cfg, "IKE_SA rekeyed by the peer");
+        self.out.log_in(
+            "CREATE_CHILD_SA",
+            Level::Info,
+            &cfg,
+            "IKE_SA rekeyed by the peer",
+        );
         vec![
             Payload::new(Body::Sa(vec![answer])),
             Payload::new(Body::Nonce(nr)),
@@ -172,7 +180,8 @@ impl Connection {
         let Some(props) = sa_of(inner) else { return };
         let Some(suite) = proposal::accepted_ike(&cfg.ike_proposals, props, cfg.allow_legacy)
         else {
-            self.out.log(
+            self.out.log_in(
+                "CREATE_CHILD_SA",
                 Level::Warn,
                 &cfg,
                 "IKE_SA rekey: the peer chose a proposal we did not offer",
@@ -210,8 +219,12 @@ impl Connection {
                 if nonces.0.clone().min(nonces.1.clone()) > ours_min =>
             {
                 // Ours is redundant (§2.8.1): delete it at once, keep theirs.
-                self.out
-                    .log(Level::Info, &cfg, "IKE_SA rekey collision: ours loses");
+                self.out.log_in(
+                    "CREATE_CHILD_SA",
+                    Level::Info,
+                    &cfg,
+                    "IKE_SA rekey collision: ours loses",
+                );
                 self.stats.rekey_collisions_lost += 1;
                 new.state = IkeState::Established;
                 new.timers.stop(Timer::Negotiation);
@@ -240,7 +253,8 @@ impl Connection {
                 let j = self.sas.insert(new);
                 self.established(j, now, false, backend);
                 self.stats.rekeys += 1;
-                self.out.log(Level::Info, &cfg, "IKE_SA rekeyed");
+                self.out
+                    .log_in("CREATE_CHILD_SA", Level::Info, &cfg, "IKE_SA rekeyed");
             }
         }
     }

@@ -82,7 +82,8 @@ impl Connection {
             .find(|g| self.cfg.allow_legacy || !g.is_legacy())
             .copied()
         else {
-            self.out.log(
+            self.out.log_in(
+                "IKE_SA_INIT",
                 Level::Error,
                 &self.cfg,
                 "no usable IKE proposal (legacy algorithms are not allowed)",
@@ -92,13 +93,18 @@ impl Connection {
         match DhPrivate::generate(group, &*self.rng) {
             Ok(k) => sa.dh = Some(k),
             Err(e) => {
-                self.out
-                    .log(Level::Error, &self.cfg, format!("key exchange: {e}"));
+                self.out.log_in(
+                    "IKE_SA_INIT",
+                    Level::Error,
+                    &self.cfg,
+                    format!("key exchange: {e}"),
+                );
                 return;
             }
         }
         sa.ni = self.nonce();
-        self.out.log(
+        self.out.log_in(
+            "IKE_SA_INIT",
             Level::Info,
             &self.cfg,
             format!("initiating IKE_SA with {}", self.cfg.remote),
@@ -234,7 +240,8 @@ impl Connection {
         let Some((suite, answer)) =
             proposal::choose_ike(&cfg.ike_proposals, props, cfg.allow_legacy, None)
         else {
-            self.out.log(
+            self.out.log_in(
+                "IKE_SA_INIT",
                 Level::Warn,
                 &cfg,
                 "IKE_SA_INIT: no proposal chosen (the peer offered nothing we accept)",
@@ -284,7 +291,8 @@ impl Connection {
         sa.behind_nat = nat_dst;
         sa.natt = nat_src || nat_dst || local_port == 4500 || cfg.force_encap;
         if suite.is_legacy() {
-            self.out.log(
+            self.out.log_in(
+                "IKE_SA_INIT",
                 Level::Warn,
                 &cfg,
                 format!("IKE_SA uses legacy algorithms ({suite}) because allow_legacy is set"),
@@ -356,7 +364,8 @@ impl Connection {
                     {
                         return Err(Reject::SameCookie);
                     }
-                    self.out.log(
+                    self.out.log_in(
+                        "IKE_SA_INIT",
                         Level::Info,
                         &cfg,
                         "the responder asked for a COOKIE; retrying IKE_SA_INIT with it",
@@ -382,7 +391,8 @@ impl Connection {
                     if self.sas[i].dh.as_ref().is_some_and(|d| d.group() == g) {
                         return Err(Reject::SameKeGroup);
                     }
-                    self.out.log(
+                    self.out.log_in(
+                        "IKE_SA_INIT",
                         Level::Info,
                         &cfg,
                         format!("the responder wants {g}; retrying IKE_SA_INIT"),
@@ -463,7 +473,8 @@ impl Connection {
         if nat_src || nat_dst || cfg.force_encap {
             sa.natt = true;
             sa.remote = SocketAddr::new(remote.ip(), 4500);
-            self.out.log(
+            self.out.log_in(
+                "IKE_SA_INIT",
                 Level::Info,
                 &cfg,
                 format!(
@@ -478,7 +489,8 @@ impl Connection {
         }
         sa.set_keys(suite, &shared, None)?;
         if suite.is_legacy() {
-            self.out.log(
+            self.out.log_in(
+                "IKE_SA_INIT",
                 Level::Warn,
                 &cfg,
                 format!("IKE_SA uses legacy algorithms ({suite}) because allow_legacy is set"),

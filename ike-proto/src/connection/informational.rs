@@ -67,8 +67,12 @@ impl Connection {
     /// the peer's IKE_SA_INIT is refused until [`Connection::open`].
     pub fn close(&mut self, now: Instant) {
         if !self.closed {
-            self.out
-                .log(Level::Info, &self.cfg, "closed: deleting the IKE_SAs");
+            self.out.log_in(
+                "INFORMATIONAL",
+                Level::Info,
+                &self.cfg,
+                "closed: deleting the IKE_SAs",
+            );
         }
         self.closed = true;
         self.next_attempt = None;

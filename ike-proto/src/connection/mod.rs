@@ -89,22 +89,18 @@ pub enum Event {
     Log {
         level: Level,
         message: String,
+        /// The exchange the message is about (`IKE_SA_INIT`, `IKE_AUTH`,
+        /// `CREATE_CHILD_SA`, `INFORMATIONAL`, RFC 7296 §3.1), when it is
+        /// about one: a structured field of the daemon's logs.
+        exchange: Option<&'static str>,
     },
     /// The tunnel's outbound traffic has an SA.
-    TunnelUp {
-        tunnel: u32,
-    },
+    TunnelUp { tunnel: u32 },
     /// It has none any more.
-    TunnelDown {
-        tunnel: u32,
-        reason: String,
-    },
+    TunnelDown { tunnel: u32, reason: String },
     /// A message was dropped before it changed anything (counted in
     /// [`ConnStats::invalid_messages`]).
-    Rejected {
-        from: SocketAddr,
-        reason: Reject,
-    },
+    Rejected { from: SocketAddr, reason: Reject },
 }
 
 /// The longest wait between two attempts of an initiator.
@@ -122,9 +118,31 @@ struct Out {
 
 impl Out {
     fn log(&mut self, level: Level, cfg: &PeerConfig, msg: impl Into<String>) {
+        self.push_log(level, cfg, None, msg.into());
+    }
+
+    /// A log event about `exchange`.
+    fn log_in(
+        &mut self,
+        exchange: &'static str,
+        level: Level,
+        cfg: &PeerConfig,
+        msg: impl Into<String>,
+    ) {
+        self.push_log(level, cfg, Some(exchange), msg.into());
+    }
+
+    fn push_log(
+        &mut self,
+        level: Level,
+        cfg: &PeerConfig,
+        exchange: Option<&'static str>,
+        msg: String,
+    ) {
         self.events.push_back(Event::Log {
             level,
-            message: format!("{}: {}", cfg.name, msg.into()),
+            message: format!("{}: {msg}", cfg.name),
+            exchange,
         });
     }
 }

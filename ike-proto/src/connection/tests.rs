@@ -278,7 +278,9 @@ impl Pair {
         p.events
             .iter()
             .filter_map(|e| match e {
-                Event::Log { level: l, message } if *l >= level => Some(message.clone()),
+                Event::Log {
+                    level: l, message, ..
+                } if *l >= level => Some(message.clone()),
                 _ => None,
             })
             .collect()
@@ -816,6 +818,12 @@ fn wrong_psk_fails_authentication_and_retries_later() {
             .iter()
             .any(|l| l.contains("authentication"))
     );
+    // The failure is logged as an event of its exchange.
+    assert!(p.b.events.iter().any(|e| matches!(
+        e,
+        Event::Log { level: Level::Error, message, exchange: Some("IKE_AUTH") }
+            if message.contains("authentication")
+    )));
     // No key material reaches the logs.
     for l in Pair::logs(&p.a, Level::Debug)
         .iter()
