@@ -40,7 +40,7 @@ use crate::{
     service,
 };
 use ike_proto::{
-    connection::{Connection, Event, Level},
+    connection::{Connection, Event},
     random::SystemRandom,
 };
 
