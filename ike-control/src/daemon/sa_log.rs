@@ -56,8 +56,9 @@ pub fn expiry(tunnel: &str, peer: IpAddr, spi: u32, direction: &str, hard: bool,
     }
 }
 
-/// A message of the IKE core about tunnel `tunnel`, with the exchange it is
-/// about as a field when there is one.
+/// A message of the IKE core about tunnel `tunnel` (its text starts with
+/// the tunnel's name already), with the exchange it is about as a field
+/// when there is one.
 pub fn core_message(
     tunnel: &str,
     peer: IpAddr,
@@ -66,10 +67,10 @@ pub fn core_message(
     message: &str,
 ) {
     match level {
-        Level::Debug => tracing::debug!(tunnel, %peer, exchange, "{tunnel}: {message}"),
-        Level::Info => tracing::info!(tunnel, %peer, exchange, "{tunnel}: {message}"),
-        Level::Warn => tracing::warn!(tunnel, %peer, exchange, "{tunnel}: {message}"),
-        Level::Error => tracing::error!(tunnel, %peer, exchange, "{tunnel}: {message}"),
+        Level::Debug => tracing::debug!(tunnel, %peer, exchange, "{message}"),
+        Level::Info => tracing::info!(tunnel, %peer, exchange, "{message}"),
+        Level::Warn => tracing::warn!(tunnel, %peer, exchange, "{message}"),
+        Level::Error => tracing::error!(tunnel, %peer, exchange, "{message}"),
     }
 }
 
@@ -177,5 +178,7 @@ mod tests {
         assert_eq!(lines[0]["level"], "ERROR");
         assert!(opened.get("exchange").is_none(), "{opened}");
         assert_eq!(opened["tunnel"], "Tunnel0");
+        // The core's text already names the tunnel: once is enough.
+        assert_eq!(opened["message"], "Tunnel0: opened");
     }
 }
