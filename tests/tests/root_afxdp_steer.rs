@@ -9,7 +9,10 @@
 
 use std::time::{Duration, Instant};
 
-use datapath_user::xsk::{Port, PortConfig, SockId, Verdict};
+use datapath_user::{
+    xdp::XdpPrograms,
+    xsk::{Port, PortConfig, SockId, Verdict},
+};
 use xesp_common::SteerCounter;
 use xesp_tests::{
     ALLOWED_PREFIX, ALLOWED_SRC, DUT, attach_dmz, fake_esp, pair, send_esp, send_udp, udp_from,
@@ -50,18 +53,25 @@ fn small_port(dut: &xtask::netns::Netns) -> (Port, SockId) {
     (port, sock)
 }
 
-#[test]
-fn root_afxdp_esp_is_steered_to_its_tunnel_socket_and_sent_back() {
-    let p = pair();
-    let mut filter = attach_dmz(&p.dut);
+/// The DMZ filter with `ALLOWED_PREFIX` allowed and `SPI` steered to
+/// `TUNNEL`, whose socket is a [`small_port`]'s.
+fn steered_port(dut: &xtask::netns::Netns) -> (XdpPrograms, Port, SockId) {
+    let mut filter = attach_dmz(dut);
     filter.allow(ALLOWED_PREFIX.parse().unwrap()).unwrap();
     filter.steer(SPI, TUNNEL).unwrap();
-    // Known SPI, but its tunnel has no socket: counted, passed to the stack.
-    filter.steer(0x3000, 2).unwrap();
-    let (mut port, sock) = small_port(&p.dut);
+    let (port, sock) = small_port(dut);
     filter
         .bind_dmz_xsk(0, TUNNEL, port.fd(sock).unwrap())
         .unwrap();
+    (filter, port, sock)
+}
+
+#[test]
+fn root_afxdp_esp_is_steered_to_its_tunnel_socket_and_sent_back() {
+    let p = pair();
+    let (mut filter, mut port, sock) = steered_port(&p.dut);
+    // Known SPI, but its tunnel has no socket: counted, passed to the stack.
+    filter.steer(0x3000, 2).unwrap();
 
     let peer_udp = p.peer.enter(|| udp_from(ALLOWED_SRC)).unwrap();
     peer_udp
@@ -240,13 +250,7 @@ fn root_afxdp_a_frame_built_past_its_end_is_refused() {
 #[test]
 fn root_afxdp_kernel_drops_at_a_full_socket_are_counted() {
     let p = pair();
-    let mut filter = attach_dmz(&p.dut);
-    filter.allow(ALLOWED_PREFIX.parse().unwrap()).unwrap();
-    filter.steer(SPI, TUNNEL).unwrap();
-    let (mut port, sock) = small_port(&p.dut);
-    filter
-        .bind_dmz_xsk(0, TUNNEL, port.fd(sock).unwrap())
-        .unwrap();
+    let (filter, mut port, sock) = steered_port(&p.dut);
     assert_eq!(port.kernel_drops(), Default::default());
 
     // Nobody receives while 200 arrive: 72 cannot be placed.
@@ -275,13 +279,7 @@ fn root_afxdp_kernel_drops_at_a_full_socket_are_counted() {
 #[test]
 fn root_afxdp_frames_are_conserved_across_partial_refills() {
     let p = pair();
-    let mut filter = attach_dmz(&p.dut);
-    filter.allow(ALLOWED_PREFIX.parse().unwrap()).unwrap();
-    filter.steer(SPI, TUNNEL).unwrap();
-    let (mut port, sock) = small_port(&p.dut);
-    filter
-        .bind_dmz_xsk(0, TUNNEL, port.fd(sock).unwrap())
-        .unwrap();
+    let (filter, mut port, sock) = steered_port(&p.dut);
     // 512 frames, 128 lent to the kernel, none in flight.
     assert_eq!(port.free_frames(), 512 - 128);
     assert_eq!(port.frames_accounted(), 512);
