@@ -147,16 +147,7 @@ fn adds_and_removes_tunnels(datapath: &str) {
         lost_removing <= allowed_loss,
         "{lost_removing} pings through Tunnel0 lost"
     );
-    let gw1 = &lab.gateways[1].charon;
-    assert!(
-        wait_until(Duration::from_secs(10), || gw1.established_ike_sas() == 0),
-        "gateway 1 kept its IKE_SA:\n{}",
-        gw1.list_sas()
-    );
-    assert!(!has_interface(&lab, "Tunnel1"), "Tunnel1 is still there");
-    let st = status(&lab);
-    assert_eq!(tunnel_names(&st), ["Tunnel0"]);
-    assert_eq!(tunnel(&st, "Tunnel0")["up"], true);
+    let st = assert_removed(&lab, 1);
     // The kernel flushed the ECMP route with Tunnel1's device; BIRD puts
     // it back over Tunnel0.
     assert!(
@@ -199,6 +190,7 @@ fn adds_and_removes_tunnels(datapath: &str) {
     );
     let up_after = started.elapsed();
     assert!(has_interface(&lab, "Tunnel1"));
+    let gw1 = &lab.gateways[1].charon;
     assert!(
         wait_until(Duration::from_secs(10), || gw1.established_ike_sas() == 1),
         "{}",
@@ -239,19 +231,28 @@ fn adds_and_removes_tunnels(datapath: &str) {
     leave_out(&lab, "Tunnel0");
     let answer = reload(&lab);
     assert!(answer.contains("Tunnel0: removed"), "{answer}");
-    let gw0 = &lab.gateways[0].charon;
-    assert!(
-        wait_until(Duration::from_secs(10), || gw0.established_ike_sas() == 0),
-        "gateway 0 kept its IKE_SA:\n{}",
-        gw0.list_sas()
-    );
-    assert!(!has_interface(&lab, "Tunnel0"), "Tunnel0 is still there");
-    let st = status(&lab);
-    assert_eq!(tunnel_names(&st), ["Tunnel1"]);
-    assert_eq!(tunnel(&st, "Tunnel1")["up"], true);
+    assert_removed(&lab, 0);
     let out = lab.ping_vm(LAN_HOSTS[0], 5).unwrap();
     assert!(out.contains(" 5 received"), "{out}");
     // The commands follow the new set of tunnels.
     let (ok, out) = x.ctl(&["tunnel", "rekey", "Tunnel0"]).unwrap();
     assert!(!ok && out.contains("the tunnels are Tunnel1"), "{out}");
+}
+
+/// Tunnel `i` was removed: its gateway's IKE_SA is gone (the DELETE reached
+/// it), its interface too, and xesp's status lists the other tunnel alone,
+/// up. Returns that status.
+fn assert_removed(lab: &Lab, i: usize) -> Value {
+    let (gone, kept) = (format!("Tunnel{i}"), format!("Tunnel{}", 1 - i));
+    let gw = &lab.gateways[i].charon;
+    assert!(
+        wait_until(Duration::from_secs(10), || gw.established_ike_sas() == 0),
+        "gateway {i} kept its IKE_SA:\n{}",
+        gw.list_sas()
+    );
+    assert!(!has_interface(lab, &gone), "{gone} is still there");
+    let st = status(lab);
+    assert_eq!(tunnel_names(&st), [kept.as_str()]);
+    assert_eq!(tunnel(&st, &kept)["up"], true);
+    st
 }
