@@ -44,7 +44,10 @@ use ike_proto::{
 use ipnet::IpNet;
 use xesp_esp::sa::{Expiry, Limit, SaCounters};
 
-use super::{DatapathConfig, DatapathStatus, IkeSink, SaExpiry, TunnelCounters, io_err, xdp};
+use super::{
+    DatapathConfig, DatapathStatus, IkeSink, InterfaceCounters, SaExpiry, TunnelCounters, io_err,
+    xdp,
+};
 use crate::{
     DatapathError,
     netlink::{Rtnl, ifindex},
@@ -462,13 +465,25 @@ impl super::Datapath for XfrmDatapath {
                 add(t, &c, k.0 == Direction::Inbound);
             }
         }
+        let rtnl = &mut self.rtnl;
         st.tunnels = totals
             .into_iter()
             .zip(&self.tunnels)
             .map(|(totals, t)| TunnelCounters {
                 totals,
                 xdp: None,
-                interface: xfrm::interface_counters(t.ifindex)
+                interface: rtnl
+                    .link_stats64(t.ifindex)
+                    .map(|s| InterfaceCounters {
+                        rx_packets: s.rx_packets,
+                        rx_bytes: s.rx_bytes,
+                        rx_errors: s.rx_errors,
+                        rx_dropped: s.rx_dropped,
+                        tx_packets: s.tx_packets,
+                        tx_bytes: s.tx_bytes,
+                        tx_errors: s.tx_errors,
+                        tx_dropped: s.tx_dropped,
+                    })
                     .inspect_err(|e| log::warn!("{}: statistics: {e}", t.name))
                     .ok(),
             })

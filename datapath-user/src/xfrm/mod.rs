@@ -28,7 +28,7 @@
 //!    `if_id` and [`reqid`], then [`Xfrm::add_sa`]; once per tunnel (or per
 //!    set of selectors): [`tunnel_policies`] then [`Xfrm::add_policy`] or
 //!    [`Xfrm::update_policy`] for each.
-//! 3. [`Xfrm::counters`] and [`interface_counters`] for status;
+//! 3. [`Xfrm::counters`] for status (the interfaces' statistics come from [`crate::netlink::Rtnl::link_stats64`]);
 //!    [`ExpireEvents::drain`] when readable (soft: rekey; hard: the kernel
 //!    removed the SA); [`Xfrm::delete_sa`] for the old SAs after a rekey;
 //!    [`Xfrm::update_sa`] for new NAT-T ports.
@@ -54,7 +54,7 @@ use netlink_packet_xfrm::{
 use netlink_sys::protocols::NETLINK_XFRM;
 
 pub use events::{ExpireEvents, SaExpire};
-pub use link::{create_interface, delete_interface, interface_counters};
+pub use link::{create_interface, delete_interface};
 pub use natt::set_espinudp;
 pub use policy::{
     PolicyDir, PolicySelector, PolicyState, PolicyTemplate, PortMask, XfrmPolicy, range_prefixes,
