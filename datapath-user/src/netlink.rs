@@ -7,8 +7,8 @@
 use std::{io, net::Ipv4Addr};
 
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
-    NetlinkPayload,
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader,
+    NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
@@ -236,6 +236,28 @@ impl Rtnl {
         )
     }
 
+    /// How many IPv4 multipath routes, in any table, have a next hop
+    /// through interface `ifindex` (`ip route show table all` with `nexthop
+    /// dev` it): the routes the kernel deletes whole when that interface is
+    /// deleted, their other next hops with it.
+    pub fn multipath_routes_via(&mut self, ifindex: u32) -> Result<usize, NetlinkError> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = AddressFamily::Inet;
+        let routes = self.dump("route dump", RouteNetlinkMessage::GetRoute(msg))?;
+        Ok(routes
+            .iter()
+            .filter(|m| {
+                let RouteNetlinkMessage::NewRoute(r) = m else {
+                    return false;
+                };
+                r.attributes.iter().any(|a| {
+                    matches!(a, RouteAttribute::MultiPath(hops)
+                        if hops.iter().any(|h| h.interface_index == ifindex))
+                })
+            })
+            .count())
+    }
+
     /// Sends a change and waits for the kernel's acknowledgement.
     fn act(
         &mut self,
@@ -269,6 +291,38 @@ impl Rtnl {
         msg: RouteNetlinkMessage,
         flags: u16,
     ) -> Result<RouteNetlinkMessage, NetlinkError> {
+        let mut first = None;
+        self.converse(request, msg, flags, |m| {
+            first = Some(m);
+            false
+        })?;
+        first.ok_or(NetlinkError::NoAnswer(request))
+    }
+
+    /// Sends a dump request; every message of the answer, up to its end.
+    fn dump(
+        &mut self,
+        request: &'static str,
+        msg: RouteNetlinkMessage,
+    ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
+        let mut all = Vec::new();
+        self.converse(request, msg, NLM_F_DUMP, |m| {
+            all.push(m);
+            true
+        })?;
+        Ok(all)
+    }
+
+    /// Sends one request and passes the messages that answer it to `each`
+    /// until it returns false or a dump ends (`Ok`), or the kernel reports
+    /// an error (errno 0: an ACK).
+    fn converse(
+        &mut self,
+        request: &'static str,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+        mut each: impl FnMut(RouteNetlinkMessage) -> bool,
+    ) -> Result<(), NetlinkError> {
         self.seq = self.seq.wrapping_add(1);
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | flags;
@@ -293,12 +347,17 @@ impl Rtnl {
                 let len = msg.header.length as usize;
                 if msg.header.sequence_number == self.seq {
                     match msg.payload {
-                        NetlinkPayload::InnerMessage(m) => return Ok(m),
+                        NetlinkPayload::InnerMessage(m) => {
+                            let more = each(m);
+                            if !more {
+                                return Ok(());
+                            }
+                        }
                         NetlinkPayload::Error(e) => {
                             let errno = e.code.map(|c| -c.get()).unwrap_or(0);
                             return Err(NetlinkError::Kernel { request, errno });
                         }
-                        NetlinkPayload::Done(_) => return Err(NetlinkError::NoAnswer(request)),
+                        NetlinkPayload::Done(_) => return Ok(()),
                         _ => {}
                     }
                 }
@@ -339,6 +398,14 @@ mod tests {
             after.tx_bytes >= before.tx_bytes + 3 * 128,
             "{before:?} {after:?}"
         );
+    }
+
+    /// Loopback's routes (`local 127.0.0.0/8 dev lo` in table local) have
+    /// one next hop each: none counts.
+    #[test]
+    fn single_next_hop_routes_are_not_counted() {
+        let mut rtnl = Rtnl::open().unwrap();
+        assert_eq!(rtnl.multipath_routes_via(1).unwrap(), 0);
     }
 
     #[test]

@@ -46,6 +46,9 @@ const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const BATCH: u32 = 64;
+/// Rounds a stopping worker takes at most to empty its RX rings: a ring's
+/// worth of batches ([`PortConfig`]'s default ring size).
+const DRAIN_ROUNDS: u32 = 2048 / BATCH;
 /// How often a worker reads the kernel's drop counters of its sockets.
 const DROPS_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 /// How long an idle worker sleeps in `poll()` (it wakes at once for
@@ -275,6 +278,10 @@ impl Worker {
         if let Some(bp) = busy_poll {
             port.set_busy_poll(bp)?;
         }
+        // Frames in the fill rings before the XDP programs are given the
+        // sockets: a worker started while traffic flows (a restart, a
+        // reload) drops nothing for want of a frame before its first round.
+        port.refill();
         Ok((
             Self {
                 port,
@@ -312,11 +319,19 @@ impl Worker {
         let mut hops_seen = NextHopStats::default();
         let mut drops_read = Instant::now();
         let mut busy = false;
+        let mut draining = 0;
         let mut sas = self.path.sadb.view();
         let c = self.counters.clone();
-        while !stop.load(Ordering::Relaxed) {
+        loop {
+            // Once told to stop (its sockets out of the XDP programs' maps
+            // already, see `Workers::stop`), rounds go on until the RX
+            // rings are empty (at most a ring's worth of rounds).
+            let last = stop.load(Ordering::Relaxed);
+            if last {
+                draining += 1;
+            }
             // Sleep in poll() only when the last round found nothing to do.
-            if !busy {
+            if !busy && !last {
                 c.add(Counter::RxPolls, 1);
                 let wait = if self.port.in_flight() > 0 {
                     IN_FLIGHT_WAIT_MS
@@ -377,6 +392,9 @@ impl Worker {
                 drops_read = now;
                 drops_seen = self.add_kernel_drops(drops_seen);
                 hops_seen = self.add_nexthop_stats(&hops, hops_seen);
+            }
+            if last && (got == 0 || draining > DRAIN_ROUNDS) {
+                break;
             }
         }
         self.add_kernel_drops(drops_seen);

@@ -366,6 +366,23 @@ impl XdpPrograms {
         self.bind_xsk(map::LAN_XSKS, queue, tunnel, fd)
     }
 
+    /// Takes queue `queue`'s AF_XDP sockets of `tunnel` (DMZ and LAN) out
+    /// of the maps: from then on the programs pass that traffic to the
+    /// kernel (counted as `no_socket`), as they do before a worker binds.
+    pub fn unbind_xsks(&mut self, queue: u32, tunnel: u32) -> Result<(), DatapathError> {
+        check_tunnel(tunnel)?;
+        if queue >= MAX_QUEUES {
+            return Err(DatapathError::QueueIndex(queue));
+        }
+        for name in [map::DMZ_XSKS, map::LAN_XSKS] {
+            let mut xsks =
+                XskMap::try_from(self.map_mut(name)?).map_err(|e| DatapathError::map(name, e))?;
+            xsks.unset(xsk_slot(queue, tunnel))
+                .map_err(|e| DatapathError::map(name, e))?;
+        }
+        Ok(())
+    }
+
     fn bind_xsk(
         &mut self,
         name: &'static str,

@@ -175,3 +175,57 @@ fn root_nexthops_a_sweep_keeps_its_bound_and_the_known_hop() {
     assert_eq!(hops.resolve(peer, t0), known);
     assert_eq!(hops.stats().lookups, 1000);
 }
+
+/// What a tunnel's removal relies on (`drain_routes`): an ECMP route over
+/// two devices is counted for each; setting one down keeps the route (its
+/// next hop dead, the other one carries on); deleting a device deletes the
+/// route whole.
+#[test]
+fn root_netlink_multipath_routes_through_a_device() {
+    let ns = Netns::create("nl-mp").unwrap();
+    for (d, peer) in [("t0", "p0"), ("t1", "p1")] {
+        ns.ip(&["link", "add", d, "type", "veth", "peer", "name", peer])
+            .unwrap();
+        ns.ip(&["link", "set", d, "up"]).unwrap();
+        ns.ip(&["link", "set", peer, "up"]).unwrap();
+    }
+    ns.ip(&[
+        "route",
+        "add",
+        "10.2.0.0/24",
+        "nexthop",
+        "dev",
+        "t0",
+        "nexthop",
+        "dev",
+        "t1",
+    ])
+    .unwrap();
+    ns.ip(&["route", "add", "10.3.0.0/24", "dev", "t1"])
+        .unwrap();
+    let index = |d: &str| -> u32 {
+        ns.exec("cat", &[&format!("/sys/class/net/{d}/ifindex")])
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let (t0, t1) = (index("t0"), index("t1"));
+    let routes = || ns.exec("ip", &["route", "show", "10.2.0.0/24"]).unwrap();
+    ns.enter(|| {
+        let mut nl = Rtnl::open().unwrap();
+        // The single-next-hop route through t1 is not counted.
+        assert_eq!(nl.multipath_routes_via(t0).unwrap(), 1);
+        assert_eq!(nl.multipath_routes_via(t1).unwrap(), 1);
+        nl.set_link_down(t1).unwrap();
+        assert_eq!(nl.multipath_routes_via(t1).unwrap(), 1);
+        assert_eq!(nl.multipath_routes_via(t0).unwrap(), 1);
+    })
+    .unwrap();
+    let r = routes();
+    assert!(r.contains("dev t1") && r.contains("dead"), "{r}");
+    ns.ip(&["link", "del", "t1"]).unwrap();
+    assert_eq!(routes().trim(), "", "deleting t1 deleted the route whole");
+    let left = ns.enter(|| Rtnl::open().unwrap().multipath_routes_via(t0).unwrap());
+    assert_eq!(left.unwrap(), 0);
+}

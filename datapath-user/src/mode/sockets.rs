@@ -11,7 +11,7 @@ use std::{
         atomic::{AtomicBool, Ordering},
     },
     thread::JoinHandle,
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use super::{
@@ -45,6 +45,15 @@ fn tunnel_device(
     }
     tun.set_carrier(false)
         .map_err(io_err(format!("{name}: carrier")))?;
+    // A tunnel has carrier exactly while it has an outbound SA; with this
+    // the kernel's FIB (and XDP's bpf_fib_lookup) passes over its next hops
+    // meanwhile, in an ECMP route too, so that a tunnel being added (or one
+    // whose SA is gone) is never chosen before the routing daemon sees it.
+    let linkdown = format!("/proc/sys/net/ipv4/conf/{name}/ignore_routes_with_linkdown");
+    if std::path::Path::new(&linkdown).exists() {
+        std::fs::write(&linkdown, "1")
+            .map_err(io_err(format!("{name}: ignore_routes_with_linkdown")))?;
+    }
     // The tunnels carry IPv4 selectors only: without this the device's own
     // IPv6 (router solicitations, MLD) would go in and count as no_selector.
     let v6 = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
@@ -54,6 +63,46 @@ fn tunnel_device(
     rtnl.set_link_up(ifindex, u32::from(mtu))?;
     rtnl.replace_address(ifindex, addr, 32)?;
     Ok(tun)
+}
+
+/// How long a removed tunnel's routes may take to move to the other
+/// tunnels before its device is deleted anyway.
+const ROUTE_DRAIN: Duration = Duration::from_secs(2);
+
+/// Sets tunnel `name`'s device down and waits (up to [`ROUTE_DRAIN`]) until
+/// no ECMP route has a next hop through it. Deleting a device deletes every
+/// route with a next hop through it, an ECMP route over the other tunnels
+/// too, until the routing daemon adds it back; setting it down only marks
+/// its next hops dead (the other next hops carry on), and the routing daemon
+/// (BIRD: its static route to the peer over it goes, so do the BGP routes
+/// resolved through it) replaces the route without it.
+fn drain_routes(name: &str) -> Result<(), DatapathError> {
+    let index = ifindex(name);
+    if index == 0 {
+        return Ok(());
+    }
+    let mut rtnl = Rtnl::open()?;
+    rtnl.set_link_down(index)?;
+    let start = Instant::now();
+    loop {
+        let left = rtnl.multipath_routes_via(index)?;
+        if left == 0 {
+            log::info!(
+                "{name}: down; no ECMP route through it after {} ms",
+                start.elapsed().as_millis()
+            );
+            return Ok(());
+        }
+        if start.elapsed() >= ROUTE_DRAIN {
+            log::warn!(
+                "{name}: {left} ECMP route(s) still through it after {} s; deleting \
+                 it deletes them until the routing daemon adds them back",
+                ROUTE_DRAIN.as_secs()
+            );
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// `now - base`: a tunnel's totals since its slot was given to it (the
@@ -199,6 +248,7 @@ impl SocketDatapath {
         self.backend(slot, xdp)
             .delete_all()
             .map_err(|e| DatapathError::Config(format!("{name}: removing its SAs: {e}")))?;
+        drain_routes(&name)?;
         let mut tuns = self.path.tuns.clone();
         tuns[slot as usize] = None;
         while tuns.last().is_some_and(Option::is_none) {

@@ -39,6 +39,8 @@ const FAULT_ENV: &str = "XESP_FAULT_INJECT";
 
 struct Slot {
     queue: u32,
+    /// The tunnels whose sockets of this queue the XDP programs have.
+    bound: Vec<u32>,
     handle: Option<JoinHandle<()>>,
     starts: u32,
     recent: VecDeque<Instant>,
@@ -96,11 +98,12 @@ impl Workers {
     /// Stops the workers there are and starts one per queue, with fresh
     /// sockets; the counters go on.
     pub fn restart(&mut self, queues: u32, xdp: &mut XdpPrograms) -> Result<(), DatapathError> {
-        self.stop();
+        self.stop(Some(xdp));
         self.stop = Arc::new(AtomicBool::new(false));
         self.slots = (0..queues)
             .map(|queue| Slot {
                 queue,
+                bound: Vec::new(),
                 handle: None,
                 starts: 0,
                 recent: VecDeque::new(),
@@ -119,8 +122,22 @@ impl Workers {
         self.path = path;
     }
 
-    /// Stops every worker and waits for it.
-    pub fn stop(&mut self) {
+    /// Stops every worker and waits for it. With `xdp`, its sockets leave
+    /// the XDP programs' maps first, so that what arrives from then on goes
+    /// to the kernel (and the socket path), and each worker's last round
+    /// takes what its RX rings still hold: a restart drops nothing that was
+    /// steered to a worker. (Without, as when the interfaces are gone, a
+    /// worker's RX rings go with it.)
+    pub fn stop(&mut self, xdp: Option<&mut XdpPrograms>) {
+        if let Some(xdp) = xdp {
+            for s in &mut self.slots {
+                for t in s.bound.drain(..) {
+                    if let Err(e) = xdp.unbind_xsks(s.queue, t) {
+                        log::warn!("AF_XDP worker of queue {}: tunnel {t}: {e}", s.queue);
+                    }
+                }
+            }
+        }
         self.stop.store(true, Ordering::Relaxed);
         for s in self.slots.drain(..) {
             if let Some(h) = s.handle {
@@ -139,9 +156,11 @@ impl Workers {
             self.counters.clone(),
             self.busy_poll,
         )?;
+        self.slots[i].bound.clear();
         for (t, fd) in socks.dmz.iter().enumerate() {
             if let Some(fd) = fd {
                 xdp.bind_dmz_xsk(q, t as u32, *fd)?;
+                self.slots[i].bound.push(t as u32);
             }
         }
         for (t, fd) in socks.lan.iter().enumerate() {

@@ -172,8 +172,6 @@ pub struct XdpDatapath {
     reattached: u64,
     /// The DMZ filter's allowlist as installed.
     allowed: Vec<IpNet>,
-    /// Tunnel indexes the running workers opened sockets for.
-    worker_tunnels: usize,
 }
 
 impl XdpDatapath {
@@ -226,7 +224,6 @@ impl XdpDatapath {
             links: Some((dmz, lan)),
             reattached: 0,
             allowed: cfg.dmz_allow.clone(),
-            worker_tunnels: cfg.tunnels.len(),
         })
     }
 
@@ -238,7 +235,6 @@ impl XdpDatapath {
         if let Some((dmz, lan)) = self.links {
             self.workers
                 .restart(dmz.queues.min(lan.queues), &mut self.xdp)?;
-            self.worker_tunnels = self.sockets.path.tuns.len();
         }
         Ok(())
     }
@@ -253,7 +249,7 @@ impl XdpDatapath {
         if now == self.links {
             return Ok(());
         }
-        self.workers.stop();
+        self.workers.stop(None);
         let Some((dmz, lan)) = now else {
             log::warn!(
                 "{} or {} is gone: AF_XDP workers stopped until it is back",
@@ -266,7 +262,6 @@ impl XdpDatapath {
         attach_links(&mut self.xdp, &self.dmz_if, &self.lan_if)?;
         let queues = dmz.queues.min(lan.queues);
         self.workers.restart(queues, &mut self.xdp)?;
-        self.worker_tunnels = self.sockets.path.tuns.len();
         self.links = now;
         self.reattached += 1;
         log::warn!(
@@ -321,22 +316,15 @@ impl super::Datapath for XdpDatapath {
     }
 
     /// The tunnel's device, then the LAN program learns it (down until its
-    /// SA is routed). The workers learn it at their next start: until then
-    /// the programs find no socket of theirs for it and pass its ESP and
-    /// LAN traffic to the kernel, and so to the socket path; restarting
-    /// them now would cost the other tunnels packets (a new worker's fill
-    /// ring is empty until its first round). Only when the workers have
-    /// sockets for the slot already (a freed one) are they started again,
-    /// so that none of them serves it with the view of a removed tunnel.
+    /// SA is routed), then the workers start again with its sockets. A
+    /// restart loses no packet of the other tunnels (see `Workers::stop`):
+    /// while no worker has a queue's sockets, the programs pass its ESP and
+    /// LAN traffic to the kernel, and so to the socket path.
     fn add_tunnel(&mut self, t: &TunnelConfig) -> Result<u32, DatapathError> {
         let slot = self.sockets.add_tunnel(t)?;
         self.xdp.set_tunnel_live(slot, false)?;
         self.xdp.set_tunnel_ifindex(ifindex(&t.name), slot)?;
-        if (slot as usize) < self.worker_tunnels {
-            self.renew_workers()?;
-        } else {
-            self.workers.set_path(self.sockets.path.clone());
-        }
+        self.renew_workers()?;
         Ok(slot)
     }
 
@@ -352,9 +340,10 @@ impl super::Datapath for XdpDatapath {
         let Self {
             sockets,
             mut workers,
+            mut xdp,
             ..
         } = *self;
-        workers.stop();
+        workers.stop(Some(&mut xdp));
         sockets.join();
     }
 }
