@@ -212,6 +212,17 @@ fn adds_and_removes_tunnels(datapath: &str) {
         up_line.contains(&format!("spi=\"{}/", spis1[0])) && up_line.contains("ike_spi=\""),
         "{up_line}"
     );
+    // So does the IKE core's own message about the new CHILD_SA.
+    let child_line = log()
+        .lines()
+        .rev()
+        .find(|l| l.contains("Tunnel1: CHILD_SA established"))
+        .map(str::to_string)
+        .unwrap_or_default();
+    assert!(
+        child_line.contains(&format!("spi=\"{}/", spis1[0])) && child_line.contains("ike_spi=\""),
+        "{child_line}"
+    );
     eprintln!(
         "{datapath}: Tunnel1 up, then BGP and ECMP, {:.1} s and {:.1} s after the reload \
          (checked once the 5 s of pings ended); no ping lost while it was removed and added",

@@ -233,9 +233,10 @@ impl SocketDatapath {
         Ok(slot as u32)
     }
 
-    /// Removes tunnel `slot`: its SAs (their counters stay in the slot's
-    /// totals), its device; the slot becomes free, the other tunnels keep
-    /// their indexes.
+    /// Removes tunnel `slot`: its device down until no ECMP route goes
+    /// through it ([`drain_routes`]), then its SAs (their counters stay in
+    /// the slot's totals), then its device; the slot becomes free, the other
+    /// tunnels keep their indexes.
     pub(super) fn remove_tunnel(
         &mut self,
         slot: u32,
@@ -245,10 +246,12 @@ impl SocketDatapath {
             return Err(DatapathError::TunnelIndex(slot));
         };
         let name = dev.name().to_string();
+        // Its routes first, while its SAs still carry what is on its way
+        // through it; then its SAs.
+        drain_routes(&name)?;
         self.backend(slot, xdp)
             .delete_all()
             .map_err(|e| DatapathError::Config(format!("{name}: removing its SAs: {e}")))?;
-        drain_routes(&name)?;
         let mut tuns = self.path.tuns.clone();
         tuns[slot as usize] = None;
         while tuns.last().is_some_and(Option::is_none) {

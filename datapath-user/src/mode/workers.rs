@@ -20,13 +20,17 @@ use crate::{
     slowpath::SlowPath,
     worker::{Worker, WorkerCounters},
     xdp::XdpPrograms,
-    xsk::BusyPoll,
+    xsk::{BusyPoll, XskError},
 };
 
 /// Restarts of one queue's worker within [`RESTART_WINDOW`] before the
 /// daemon gives up.
 pub const MAX_RESTARTS: usize = 5;
 pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
+
+/// How long a worker's start waits for the kernel to release its queue
+/// from the sockets of the worker before it.
+const QUEUE_RELEASE_WAIT: Duration = Duration::from_secs(2);
 
 /// Busy polling when [`BusyPoll::ENV`] is not set: none, what the
 /// benchmark found better on veth in copy mode (see the README).
@@ -148,14 +152,28 @@ impl Workers {
 
     fn spawn(&mut self, i: usize, xdp: &mut XdpPrograms) -> Result<(), DatapathError> {
         let q = self.slots[i].queue;
-        let (worker, socks) = Worker::new(
-            q,
-            &self.dmz_if,
-            &self.lan_if,
-            self.path.clone(),
-            self.counters.clone(),
-            self.busy_poll,
-        )?;
+        // The kernel lets go of a closed socket's queue from a work queue,
+        // after close() returns: a worker started again at once may find
+        // the queue still taken (EBUSY) for a moment. Meanwhile the XDP
+        // programs pass its traffic to the kernel.
+        let started = Instant::now();
+        let (worker, socks) = loop {
+            match Worker::new(
+                q,
+                &self.dmz_if,
+                &self.lan_if,
+                self.path.clone(),
+                self.counters.clone(),
+                self.busy_poll,
+            ) {
+                Err(XskError::Setup {
+                    errno: libc::EBUSY, ..
+                }) if started.elapsed() < QUEUE_RELEASE_WAIT => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                r => break r?,
+            }
+        };
         self.slots[i].bound.clear();
         for (t, fd) in socks.dmz.iter().enumerate() {
             if let Some(fd) = fd {

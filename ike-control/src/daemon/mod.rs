@@ -194,7 +194,19 @@ impl Driver {
                         level,
                         message,
                         exchange,
-                    } => sa_log::core_message(name, peer, level, exchange, &message),
+                        ike_spi,
+                        spi,
+                    } => sa_log::core_message(
+                        name,
+                        peer,
+                        level,
+                        sa_log::About {
+                            exchange,
+                            ike_spi: ike_spi.as_deref(),
+                            spi: spi.as_deref(),
+                        },
+                        &message,
+                    ),
                     Event::TunnelUp { .. } => {
                         let st = self.conns[i]
                             .status(Instant::now(), &mut *self.datapath.tunnel(self.slots[i]));

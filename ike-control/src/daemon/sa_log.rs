@@ -56,21 +56,30 @@ pub fn expiry(tunnel: &str, peer: IpAddr, spi: u32, direction: &str, hard: bool,
     }
 }
 
+/// What a message of the IKE core is about, as fields of its line.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct About<'a> {
+    /// The exchange, when it is about one.
+    pub exchange: Option<&'static str>,
+    /// The IKE_SA whose message or timer it comes from.
+    pub ike_spi: Option<&'a str>,
+    /// The CHILD_SA it is about.
+    pub spi: Option<&'a str>,
+}
+
 /// A message of the IKE core about tunnel `tunnel` (its text starts with
-/// the tunnel's name already), with the exchange it is about as a field
-/// when there is one.
-pub fn core_message(
-    tunnel: &str,
-    peer: IpAddr,
-    level: Level,
-    exchange: Option<&'static str>,
-    message: &str,
-) {
+/// the tunnel's name already), with what it is about as fields.
+pub fn core_message(tunnel: &str, peer: IpAddr, level: Level, about: About<'_>, message: &str) {
+    let About {
+        exchange,
+        ike_spi,
+        spi,
+    } = about;
     match level {
-        Level::Debug => tracing::debug!(tunnel, %peer, exchange, "{message}"),
-        Level::Info => tracing::info!(tunnel, %peer, exchange, "{message}"),
-        Level::Warn => tracing::warn!(tunnel, %peer, exchange, "{message}"),
-        Level::Error => tracing::error!(tunnel, %peer, exchange, "{message}"),
+        Level::Debug => tracing::debug!(tunnel, %peer, exchange, ike_spi, spi, "{message}"),
+        Level::Info => tracing::info!(tunnel, %peer, exchange, ike_spi, spi, "{message}"),
+        Level::Warn => tracing::warn!(tunnel, %peer, exchange, ike_spi, spi, "{message}"),
+        Level::Error => tracing::error!(tunnel, %peer, exchange, ike_spi, spi, "{message}"),
     }
 }
 
@@ -159,20 +168,48 @@ mod tests {
     }
 
     #[test]
-    fn a_core_message_carries_its_exchange_when_it_has_one() {
+    fn a_core_message_carries_its_exchange_and_spis_when_it_has_them() {
         let peer: IpAddr = "203.0.113.11".parse().unwrap();
         let lines = json_lines(|| {
             core_message(
                 "Tunnel0",
                 peer,
                 Level::Error,
-                Some("IKE_AUTH"),
+                About {
+                    exchange: Some("IKE_AUTH"),
+                    ike_spi: Some("0011223344556677/8899aabbccddeeff"),
+                    spi: None,
+                },
                 "Tunnel0: IKE_AUTH: authentication of peer failed",
             );
-            core_message("Tunnel0", peer, Level::Info, None, "Tunnel0: opened");
+            core_message(
+                "Tunnel0",
+                peer,
+                Level::Info,
+                About::default(),
+                "Tunnel0: opened",
+            );
+            core_message(
+                "Tunnel0",
+                peer,
+                Level::Info,
+                About {
+                    spi: Some("c0ffee01/0badf00d"),
+                    ..About::default()
+                },
+                "Tunnel0: CHILD_SA c0ffee01_i 0badf00d_o deleted",
+            );
         });
-        let (auth, opened) = (&lines[0]["fields"], &lines[1]["fields"]);
+        let (auth, opened, deleted) = (
+            &lines[0]["fields"],
+            &lines[1]["fields"],
+            &lines[2]["fields"],
+        );
         assert_eq!(auth["exchange"], "IKE_AUTH");
+        assert_eq!(auth["ike_spi"], "0011223344556677/8899aabbccddeeff");
+        assert!(auth.get("spi").is_none(), "{auth}");
+        assert_eq!(deleted["spi"], "c0ffee01/0badf00d");
+        assert!(opened.get("ike_spi").is_none(), "{opened}");
         assert_eq!(auth["tunnel"], "Tunnel0");
         assert_eq!(auth["peer"], "203.0.113.11");
         assert_eq!(lines[0]["level"], "ERROR");

@@ -21,9 +21,10 @@ impl Connection {
         } else {
             "established"
         };
-        self.out.log(
+        self.out.log_child(
             Level::Info,
             &self.cfg,
+            child_spis(c.spi_in, Some(c.spi_out)),
             format!(
                 "CHILD_SA {what}: SPIs {:08x}_i {:08x}_o, {}, {} === {}",
                 c.spi_in,
@@ -158,9 +159,10 @@ impl Connection {
         sa.timers.stop(Timer::ChildRekey(spi_in));
         sa.timers
             .set(Timer::ChildExpire(spi_in), now + CARRIER_GRACE);
-        self.out.log(
+        self.out.log_child(
             Level::Info,
             &self.cfg,
+            child_spis(spi_in, None),
             format!("the peer deleted CHILD_SA {spi_in:08x}_i; its route stays for a new one"),
         );
     }
@@ -193,9 +195,10 @@ impl Connection {
             return;
         };
         if c.state == ChildState::Closing {
-            self.out.log(
+            self.out.log_child(
                 Level::Info,
                 &self.cfg,
+                child_spis(spi_in, None),
                 format!(
                     "no new CHILD_SA within {} s of the peer's DELETE of {spi_in:08x}_i",
                     CARRIER_GRACE.as_secs()
@@ -205,9 +208,10 @@ impl Connection {
             return;
         }
         self.stats.child_sa_hard_expiries += 1;
-        self.out.log(
+        self.out.log_child(
             Level::Warn,
             &self.cfg,
+            child_spis(spi_in, Some(c.spi_out)),
             format!("CHILD_SA {spi_in:08x}_i reached its hard {why} lifetime"),
         );
         self.remove_child(i, spi_in, backend);
@@ -279,9 +283,10 @@ impl Connection {
         }
         let _ = backend.delete(c.spi_out, Direction::Outbound);
         let _ = backend.delete(c.spi_in, Direction::Inbound);
-        self.out.log(
+        self.out.log_child(
             Level::Info,
             &self.cfg,
+            child_spis(c.spi_in, Some(c.spi_out)),
             format!("CHILD_SA {:08x}_i {:08x}_o deleted", c.spi_in, c.spi_out),
         );
     }

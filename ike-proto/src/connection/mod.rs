@@ -93,6 +93,13 @@ pub enum Event {
         /// `CREATE_CHILD_SA`, `INFORMATIONAL`, RFC 7296 §3.1), when it is
         /// about one: a structured field of the daemon's logs.
         exchange: Option<&'static str>,
+        /// The SPIs of the IKE_SA whose message or timer it comes from,
+        /// initiator's/responder's in hex (§3.1; the responder's is zeros
+        /// before the peer chose it).
+        ike_spi: Option<String>,
+        /// The CHILD_SA it is about: inbound/outbound SPI in hex (§3.3.1),
+        /// or the inbound one alone.
+        spi: Option<String>,
     },
     /// The tunnel's outbound traffic has an SA.
     TunnelUp { tunnel: u32 },
@@ -114,6 +121,9 @@ const REKEY_RETRY_LATER: Duration = Duration::from_secs(10);
 struct Out {
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
+    /// The IKE_SA (initiator's and responder's SPI) whose message or timer
+    /// is being handled: its logs carry it.
+    ike_spi: Option<(u64, u64)>,
 }
 
 impl Out {
@@ -132,6 +142,12 @@ impl Out {
         self.push_log(level, cfg, Some(exchange), msg.into());
     }
 
+    /// A log event about the CHILD_SA whose SPIs are `spi` (see
+    /// [`child_spis`]).
+    fn log_child(&mut self, level: Level, cfg: &PeerConfig, spi: String, msg: impl Into<String>) {
+        self.push(level, cfg, None, Some(spi), msg.into());
+    }
+
     fn push_log(
         &mut self,
         level: Level,
@@ -139,11 +155,33 @@ impl Out {
         exchange: Option<&'static str>,
         msg: String,
     ) {
+        self.push(level, cfg, exchange, None, msg);
+    }
+
+    fn push(
+        &mut self,
+        level: Level,
+        cfg: &PeerConfig,
+        exchange: Option<&'static str>,
+        spi: Option<String>,
+        msg: String,
+    ) {
         self.events.push_back(Event::Log {
             level,
             message: format!("{}: {msg}", cfg.name),
             exchange,
+            ike_spi: self.ike_spi.map(|(i, r)| format!("{i:016x}/{r:016x}")),
+            spi,
         });
+    }
+}
+
+/// A CHILD_SA's SPIs as its log events carry them: `inbound/outbound`, or
+/// the inbound one alone.
+fn child_spis(spi_in: u32, spi_out: Option<u32>) -> String {
+    match spi_out {
+        Some(o) => format!("{spi_in:08x}/{o:08x}"),
+        None => format!("{spi_in:08x}"),
     }
 }
 
@@ -177,6 +215,7 @@ impl Connection {
             out: Out {
                 transmits: VecDeque::new(),
                 events: VecDeque::new(),
+                ike_spi: None,
             },
             next_attempt,
             initiate_backoff: Duration::from_secs(1),
@@ -274,6 +313,7 @@ impl Connection {
             if self.sas[i].state == IkeState::Dead {
                 continue;
             }
+            self.out.ike_spi = Some((self.sas[i].spi_i, self.sas[i].spi_r));
             for timer in self.sas[i].timers.expire(now) {
                 if self.sas[i].state == IkeState::Dead {
                     break;
@@ -282,6 +322,7 @@ impl Connection {
             }
             self.pump(i, now);
         }
+        self.out.ike_spi = None;
         self.settle(now);
     }
 

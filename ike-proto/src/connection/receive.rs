@@ -15,7 +15,9 @@ impl Connection {
         data: &[u8],
         backend: &mut dyn SaBackend,
     ) {
-        if let Err(reason) = self.dispatch(now, local_port, remote, data, backend) {
+        let verdict = self.dispatch(now, local_port, remote, data, backend);
+        self.out.ike_spi = None;
+        if let Err(reason) = verdict {
             self.stats.invalid_messages += 1;
             self.out.events.push_back(Event::Rejected {
                 from: remote,
@@ -35,6 +37,7 @@ impl Connection {
     ) -> Verdict {
         let msg = Message::parse(data)?;
         let h = msg.header;
+        self.out.ike_spi = Some((h.spi_i, h.spi_r));
         if h.exchange == ExchangeType::IKE_SA_INIT {
             return if h.is_response() {
                 self.init_response(now, local_port, remote, data, &msg, backend)
@@ -232,9 +235,10 @@ impl Connection {
                 (c.spi_out, Direction::Outbound),
             ] {
                 if let Err(e) = backend.update(spi, direction, local, remote) {
-                    self.out.log(
+                    self.out.log_child(
                         Level::Error,
                         &self.cfg,
+                        child_spis(c.spi_in, Some(c.spi_out)),
                         format!("moving SA {spi:08x} to {remote}: {e}"),
                     );
                 }

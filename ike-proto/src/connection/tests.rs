@@ -351,6 +351,42 @@ fn establishes_and_installs_matching_keys() {
     assert_eq!(status.children.len(), 1);
 }
 
+/// The CHILD_SA's events carry its SPIs, and every event of an exchange
+/// its IKE_SA's, as fields.
+#[test]
+fn log_events_carry_their_spis() {
+    let p = established();
+    let (spi_i, spi_r) = spis_of(&p.a.conn);
+    let ike = format!("{spi_i:016x}/{spi_r:016x}");
+    let child =
+        &p.a.conn
+            .status(p.now, &mut RecordingBackend::default())
+            .children[0];
+    let spi = format!("{}/{}", child.spi_in, child.spi_out);
+    let field = |what: &str| {
+        p.a.events.iter().find_map(|e| match e {
+            Event::Log {
+                message,
+                ike_spi,
+                spi,
+                exchange,
+                ..
+            } if message.contains(what) => Some((ike_spi.clone(), spi.clone(), *exchange)),
+            _ => None,
+        })
+    };
+    let (ike_spi, child_spi, _) = field("CHILD_SA established").expect("its event");
+    assert_eq!(ike_spi.as_deref(), Some(ike.as_str()));
+    assert_eq!(child_spi.as_deref(), Some(spi.as_str()));
+    let (ike_spi, child_spi, exchange) =
+        field(&format!("IKE_SA {ike} established")).expect("its event");
+    assert_eq!(
+        (ike_spi.as_deref(), exchange),
+        (Some(ike.as_str()), Some("IKE_AUTH"))
+    );
+    assert_eq!(child_spi, None);
+}
+
 #[test]
 fn survives_the_loss_of_each_message() {
     for lost in 0..4 {
@@ -821,7 +857,7 @@ fn wrong_psk_fails_authentication_and_retries_later() {
     // The failure is logged as an event of its exchange.
     assert!(p.b.events.iter().any(|e| matches!(
         e,
-        Event::Log { level: Level::Error, message, exchange: Some("IKE_AUTH") }
+        Event::Log { level: Level::Error, message, exchange: Some("IKE_AUTH"), ike_spi: Some(_), .. }
             if message.contains("authentication")
     )));
     // No key material reaches the logs.
