@@ -80,6 +80,13 @@ fn metrics_agree_with_status(lab: &Lab) {
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
     assert!(text.contains("application/openmetrics-text"), "{text}");
     assert!(text.trim_end().ends_with("# EOF"), "{text}");
+    // The tunnels' series, for the reader of the test's output.
+    for l in text
+        .lines()
+        .filter(|l| l.starts_with("xesp_tunnel_up") || l.starts_with("xesp_child_sa_packets_total"))
+    {
+        eprintln!("scraped: {l}");
+    }
     let within = |series: &str, get: &dyn Fn(&Value) -> u64| {
         let m = metric(&text, series);
         let (a, b) = (get(&before), get(&after));
