@@ -445,6 +445,43 @@ fn root_vm_xesp_xfrm_against_xesp_user_space_esp() -> Result<()> {
         "{:#}",
         st["tunnels"][0]["connection"]
     );
+    // Reload: Tunnel1 added and removed live, under ping through Tunnel0.
+    for step in ["reload-add", "reload-remove"] {
+        let ping = read(&format!("ping-{step}.txt"))?;
+        assert!(
+            ping.contains("40 packets transmitted, 40 received"),
+            "{step}: {ping}"
+        );
+    }
+    assert!(
+        read("reload-add.txt")?.contains("Tunnel1: added"),
+        "{}",
+        read("reload-add.txt")?
+    );
+    assert!(
+        read("reload-remove.txt")?.contains("Tunnel1: removed"),
+        "{}",
+        read("reload-remove.txt")?
+    );
+    let added = read("tunnel1-added.txt")?;
+    assert!(
+        added.contains("xfrm") && added.contains("if_id 0x2"),
+        "{added}"
+    );
+    let (with, without) = (read("nft-added.txt")?, read("nft-removed.txt")?);
+    assert!(
+        with.contains("Tunnel1") && with.contains("Tunnel0"),
+        "{with}"
+    );
+    assert!(
+        !without.contains("Tunnel1") && without.contains("Tunnel0"),
+        "{without}"
+    );
+    assert_eq!(
+        read("spis-before-reload.txt")?,
+        read("spis-after-reload.txt")?,
+        "Tunnel0 kept its SAs"
+    );
     // A stop leaves nothing; a crash leaves SAs, which the next start
     // removes, sparing the foreign one.
     assert!(read("state-stopped.txt")?.trim().is_empty());

@@ -18,7 +18,9 @@
 # xesp removes its SAs, policies and interface; after a SIGKILL, a new xesp
 # removes what the dead one left, and leaves a foreign SA (reqid 5) alone;
 # the nftables table is there while xesp runs, gone after a stop, and
-# replaced (not doubled) by the start after a SIGKILL.
+# replaced (not doubled) by the start after a SIGKILL; `xesp reload` adds a
+# second tunnel (its xfrm interface, if_id 2, in the table) and removes it,
+# with no ping through Tunnel0 lost and Tunnel0's SAs kept.
 #
 # Environment: RESULTS (writable directory), XESP_BIN, PINGS, SUCCESS_STATUS,
 # MSS_ONPREM, MSS_AZURE.
@@ -166,6 +168,36 @@ wait_for "both rekeys counted" 60 rekeyed
 "$XESP_BIN" status --json -s "$RUN/onprem.sock" > "$RESULTS/status-rekeyed.json"
 ip -n "$A" -s xfrm state > "$RESULTS/state-rekeyed.txt"
 echo "== rekeyed"
+
+# Reload: a tunnel added (to a peer that never answers) and removed again,
+# each under 40 pings through Tunnel0 at 20 per second, none lost; Tunnel0
+# keeps its SAs.
+spis() { ip -n "$A" xfrm state | grep -o 'spi 0x[0-9a-f]*' | sort; }
+spis > "$RESULTS/spis-before-reload.txt"
+cp "$RUN/onprem.toml" "$RUN/onprem-one.toml"
+cat >> "$RUN/onprem.toml" <<CONF
+
+[[tunnel]]
+name = "Tunnel1"
+remote = "203.0.113.99"
+address = "172.16.0.3"
+CONF
+reload_under_ping() { # NAME
+    ip netns exec "$A" ping -c 40 -i 0.05 -W 3 -I 10.0.0.1 10.2.0.1 > "$RESULTS/ping-$1.txt" &
+    PING=$!
+    sleep 0.5
+    "$XESP_BIN" reload -s "$RUN/onprem.sock" > "$RESULTS/$1.txt" 2>&1 || fail "$1: $(cat "$RESULTS/$1.txt")"
+    wait "$PING" || fail "pings during $1: $(cat "$RESULTS/ping-$1.txt")"
+}
+reload_under_ping reload-add
+ip -d -n "$A" link show Tunnel1 > "$RESULTS/tunnel1-added.txt" || fail "no Tunnel1 after the reload"
+nft_a list table inet xesp > "$RESULTS/nft-added.txt"
+cp "$RUN/onprem-one.toml" "$RUN/onprem.toml"
+reload_under_ping reload-remove
+ip -n "$A" link show Tunnel1 > /dev/null 2>&1 && fail "Tunnel1 is left after its removal"
+nft_a list table inet xesp > "$RESULTS/nft-removed.txt"
+spis > "$RESULTS/spis-after-reload.txt"
+echo "== reloaded"
 
 # Stop: nothing of xesp's is left.
 kill -TERM "$PID_onprem"

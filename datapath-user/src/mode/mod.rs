@@ -15,6 +15,7 @@
 //! socket.
 
 mod backend;
+mod slots;
 pub mod sockets;
 mod workers;
 pub mod xdp;
@@ -146,8 +147,7 @@ pub trait Datapath: Send {
     /// Adds tunnel `t` while running (`xesp reload`): its interface (no
     /// carrier until its connection routes an SA) in the lowest free slot,
     /// whose index it returns and which stays its index. The other tunnels
-    /// keep their SAs and indexes. A mode that cannot (`xfrm`: its
-    /// interfaces and policies are made at start) says so.
+    /// keep their SAs and indexes. A mode that cannot says so.
     fn add_tunnel(&mut self, t: &TunnelConfig) -> Result<u32, DatapathError> {
         Err(DatapathError::Config(format!(
             "{}: this datapath adds tunnels only at a restart",

@@ -57,6 +57,11 @@ use crate::{
     xfrm::{self, ExpireEvents, SaId, Xfrm, XfrmError, XfrmSa, tunnel_policies},
 };
 
+use super::{
+    TunnelConfig,
+    slots::{drain_routes, free_slot},
+};
+
 fn backend_error(e: XfrmError) -> BackendError {
     BackendError::System(e.to_string())
 }
@@ -87,7 +92,14 @@ pub struct XfrmDatapath {
     xfrm: Xfrm,
     rtnl: Rtnl,
     events: ExpireEvents,
-    tunnels: Vec<Interface>,
+    /// Tunnel N's interface is `tunnels[N]`; `None`: a slot freed by a
+    /// removed tunnel (`xesp reload`), so that the others keep their
+    /// indexes, if_ids and reqids.
+    tunnels: Vec<Option<Interface>>,
+    /// The DMZ interface's index (the xfrm interfaces' underlying link).
+    link: u32,
+    tunnel_mtu: u16,
+    mss_clamp: u16,
     sas: HashMap<(Direction, u32, u32), Installed>,
     /// Inbound SPIs handed out, not installed yet.
     reserved: HashSet<u32>,
@@ -105,7 +117,60 @@ fn key(direction: Direction, tunnel: u32, spi: u32) -> (Direction, u32, u32) {
     (direction, tunnel, spi)
 }
 
+/// Creates tunnel `t`'s xfrm interface for slot `slot` (if_id `slot + 1`,
+/// reqid [`xfrm::reqid`]`(slot)`) on `link`, with its /32 address, down
+/// until the tunnel is up. An interface of that name is replaced.
+fn tunnel_interface(
+    rtnl: &mut Rtnl,
+    link: u32,
+    slot: usize,
+    t: &TunnelConfig,
+    mtu: u16,
+) -> Result<Interface, DatapathError> {
+    let old = ifindex(&t.name);
+    if old != 0 {
+        log::warn!("{}: an interface of that name exists: replaced", t.name);
+        xfrm::delete_interface(old).map_err(xfrm_error(&t.name))?;
+    }
+    let if_id = slot as u32 + 1;
+    let ifindex = xfrm::create_interface(&t.name, if_id, link)
+        .map_err(xfrm_error(&format!("creating {}", t.name)))?;
+    let v6 = format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", t.name);
+    if std::path::Path::new(&v6).exists() {
+        std::fs::write(&v6, "1").map_err(io_err(format!("{}: turning IPv6 off", t.name)))?;
+    }
+    rtnl.replace_address(ifindex, t.address, 32)?;
+    log::info!(
+        "{}: xfrm interface (if_id {if_id}) with {}/32, peer {}, down until the tunnel is up",
+        t.name,
+        t.address,
+        t.peer
+    );
+    Ok(Interface {
+        name: t.name.clone(),
+        ifindex,
+        mtu,
+        if_id,
+        reqid: xfrm::reqid(slot as u32).map_err(xfrm_error(&t.name))?,
+    })
+}
+
 impl XfrmDatapath {
+    /// The MSS clamp's table again, on the interfaces there are now.
+    fn clamp_interfaces(&self) -> Result<(), DatapathError> {
+        let names: Vec<&str> = self
+            .tunnels
+            .iter()
+            .flatten()
+            .map(|t| t.name.as_str())
+            .collect();
+        if names.is_empty() {
+            return Ok(nft_mss::remove()?);
+        }
+        nft_mss::install(&names, self.mss_clamp)?;
+        Ok(())
+    }
+
     pub fn start(
         cfg: &DatapathConfig,
         udp4500: Arc<UdpSocket>,
@@ -138,33 +203,13 @@ impl XfrmDatapath {
         let mut rtnl = Rtnl::open()?;
         let mut tunnels = Vec::new();
         for (i, t) in cfg.tunnels.iter().enumerate() {
-            let old = ifindex(&t.name);
-            if old != 0 {
-                log::warn!("{}: an interface of that name exists: replaced", t.name);
-                xfrm::delete_interface(old).map_err(xfrm_error(&t.name))?;
-            }
-            let if_id = i as u32 + 1;
-            let ifindex = xfrm::create_interface(&t.name, if_id, link)
-                .map_err(xfrm_error(&format!("creating {}", t.name)))?;
-            let v6 = format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", t.name);
-            if std::path::Path::new(&v6).exists() {
-                std::fs::write(&v6, "1")
-                    .map_err(io_err(format!("{}: turning IPv6 off", t.name)))?;
-            }
-            rtnl.replace_address(ifindex, t.address, 32)?;
-            log::info!(
-                "{}: xfrm interface (if_id {if_id}) with {}/32, peer {}, down until the tunnel is up",
-                t.name,
-                t.address,
-                t.peer
-            );
-            tunnels.push(Interface {
-                name: t.name.clone(),
-                ifindex,
-                mtu: cfg.tunnel_mtu,
-                if_id,
-                reqid: xfrm::reqid(i as u32).map_err(xfrm_error(&t.name))?,
-            });
+            tunnels.push(Some(tunnel_interface(
+                &mut rtnl,
+                link,
+                i,
+                t,
+                cfg.tunnel_mtu,
+            )?));
         }
         xfrm::set_espinudp(&*udp4500).map_err(xfrm_error("UDP_ENCAP on UDP 4500"))?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -175,6 +220,9 @@ impl XfrmDatapath {
             events,
             closed: vec![TunnelTotals::default(); tunnels.len()],
             tunnels,
+            link,
+            tunnel_mtu: cfg.tunnel_mtu,
+            mss_clamp: cfg.mss_clamp,
             sas: HashMap::new(),
             reserved: HashSet::new(),
             rng: SystemRandom::new(),
@@ -239,6 +287,7 @@ impl XfrmBackend<'_> {
         self.dp
             .tunnels
             .get(tunnel as usize)
+            .and_then(Option::as_ref)
             .ok_or(BackendError::NoTunnel(tunnel))
     }
 
@@ -472,24 +521,77 @@ impl super::Datapath for XfrmDatapath {
             .map(|(totals, t)| TunnelCounters {
                 totals,
                 xdp: None,
-                interface: rtnl
-                    .link_stats64(t.ifindex)
-                    .map(|s| InterfaceCounters {
-                        rx_packets: s.rx_packets,
-                        rx_bytes: s.rx_bytes,
-                        rx_errors: s.rx_errors,
-                        rx_dropped: s.rx_dropped,
-                        tx_packets: s.tx_packets,
-                        tx_bytes: s.tx_bytes,
-                        tx_errors: s.tx_errors,
-                        tx_dropped: s.tx_dropped,
-                    })
-                    .inspect_err(|e| log::warn!("{}: statistics: {e}", t.name))
-                    .ok(),
+                interface: t.as_ref().and_then(|t| {
+                    rtnl.link_stats64(t.ifindex)
+                        .map(|s| InterfaceCounters {
+                            rx_packets: s.rx_packets,
+                            rx_bytes: s.rx_bytes,
+                            rx_errors: s.rx_errors,
+                            rx_dropped: s.rx_dropped,
+                            tx_packets: s.tx_packets,
+                            tx_bytes: s.tx_bytes,
+                            tx_errors: s.tx_errors,
+                            tx_dropped: s.tx_dropped,
+                        })
+                        .inspect_err(|e| log::warn!("{}: statistics: {e}", t.name))
+                        .ok()
+                }),
             })
             .collect();
         xdp::dmz_status(&self.dmz, &mut st);
         st
+    }
+
+    /// Its xfrm interface in the lowest free slot (whose if_id and reqid
+    /// follow from it), and the MSS clamp's table again with it.
+    fn add_tunnel(&mut self, t: &TunnelConfig) -> Result<u32, DatapathError> {
+        if self.tunnels.iter().flatten().any(|i| i.name == t.name) {
+            return Err(DatapathError::Config(format!(
+                "tunnel {} exists already",
+                t.name
+            )));
+        }
+        let slot = free_slot(&self.tunnels)?;
+        let iface = tunnel_interface(&mut self.rtnl, self.link, slot, t, self.tunnel_mtu)?;
+        if slot == self.tunnels.len() {
+            self.tunnels.push(None);
+            self.closed.push(TunnelTotals::default());
+        }
+        self.tunnels[slot] = Some(iface);
+        self.closed[slot] = TunnelTotals::default();
+        self.clamp_interfaces()?;
+        log::info!("{}: added as tunnel {slot}", t.name);
+        Ok(slot as u32)
+    }
+
+    /// Its interface down until no ECMP route goes through it, then its
+    /// SAs and policies (by its reqid), its interface, and its name from
+    /// the MSS clamp's table.
+    fn remove_tunnel(&mut self, tunnel: u32) -> Result<(), DatapathError> {
+        let Some(Some(iface)) = self.tunnels.get(tunnel as usize) else {
+            return Err(DatapathError::TunnelIndex(tunnel));
+        };
+        let (name, ifindex, reqid) = (iface.name.clone(), iface.ifindex, iface.reqid);
+        drain_routes(&name)?;
+        let keys: Vec<_> = self.sas.keys().filter(|k| k.1 == tunnel).copied().collect();
+        let mut backend = XfrmBackend { dp: self, tunnel };
+        for k in keys {
+            backend
+                .remove(k)
+                .map_err(|e| DatapathError::Config(format!("{name}: removing its SAs: {e}")))?;
+        }
+        self.xfrm
+            .flush_reqid(reqid)
+            .map_err(xfrm_error(&format!("{name}: its policies")))?;
+        xfrm::delete_interface(ifindex).map_err(xfrm_error(&format!("deleting {name}")))?;
+        self.tunnels[tunnel as usize] = None;
+        while self.tunnels.last().is_some_and(Option::is_none) {
+            self.tunnels.pop();
+            self.closed.pop();
+        }
+        self.clamp_interfaces()?;
+        log::info!("{name}: removed (tunnel {tunnel} is free)");
+        Ok(())
     }
 
     fn set_dmz(&mut self, allow: &[IpNet], pass_unclassified: bool) -> Result<(), DatapathError> {
@@ -505,7 +607,7 @@ impl super::Datapath for XfrmDatapath {
             Ok(f) => log::info!("removed {} SAs and {} policies", f.sas, f.policies),
             Err(e) => log::error!("removing the SAs and policies: {e}"),
         }
-        for t in &self.tunnels {
+        for t in self.tunnels.iter().flatten() {
             if let Err(e) = xfrm::delete_interface(t.ifindex) {
                 log::warn!("{}: deleting the interface: {e}", t.name);
             }

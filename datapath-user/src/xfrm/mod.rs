@@ -297,9 +297,18 @@ impl Xfrm {
     /// module's documentation) and nothing else: on stop, and on start
     /// after a crash.
     pub fn flush_ours(&mut self) -> Result<Flushed, XfrmError> {
+        self.flush_where(is_ours)
+    }
+
+    /// Removes the SAs and policies of reqid `reqid` (one tunnel's).
+    pub fn flush_reqid(&mut self, reqid: u32) -> Result<Flushed, XfrmError> {
+        self.flush_where(|r| r == reqid)
+    }
+
+    fn flush_where(&mut self, ours: impl Fn(u32) -> bool) -> Result<Flushed, XfrmError> {
         let mut flushed = Flushed::default();
         for p in self.dump_policies()? {
-            if p.policy.templates.iter().any(|t| is_ours(t.reqid)) {
+            if p.policy.templates.iter().any(|t| ours(t.reqid)) {
                 let req = format!("DELPOLICY index {} ({:?})", p.index, p.policy.dir);
                 if self.delete_policy_msg(&req, p.delete_message())? {
                     flushed.policies += 1;
@@ -307,7 +316,7 @@ impl Xfrm {
             }
         }
         for s in self.dump_sas()? {
-            if is_ours(s.reqid) && self.delete_sa(s.id)? {
+            if ours(s.reqid) && self.delete_sa(s.id)? {
                 flushed.sas += 1;
             }
         }

@@ -13,10 +13,9 @@
 //! * an unchanged tunnel: untouched, its SAs and traffic go on;
 //! * `device.bird_socket`: taken at once;
 //! * everything else (the device's addresses, interfaces, datapath, MTU,
-//!   MSS clamp, control socket; with `datapath = "xfrm"`, tunnels added,
-//!   removed, renamed or readdressed): named as needing a restart.
+//!   MSS clamp, control socket): named as needing a restart.
 
-use crate::config::{Config, DatapathMode, Tunnel};
+use crate::config::{Config, Tunnel};
 
 /// What a reload does.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -66,25 +65,13 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
     p.bird_socket_changed = o.bird_socket != n.bird_socket;
     p.dmz_changed =
         old.dmz_allow != new.dmz_allow || old.dmz_pass_unclassified != new.dmz_pass_unclassified;
-    let live = o.datapath != DatapathMode::Xfrm;
     let find = |c: &Config, name: &str| c.tunnels.iter().position(|t| t.name == name);
     for (i, a) in old.tunnels.iter().enumerate() {
         match find(new, &a.name) {
-            None if live => p.removed.push(i),
-            None => p.not_applied.push(format!(
-                "tunnel {} removed: restart xesp to remove it (datapath xfrm)",
-                a.name
-            )),
+            None => p.removed.push(i),
             Some(j) if a.address != new.tunnels[j].address => {
-                if live {
-                    p.removed.push(i);
-                    p.added.push(j);
-                } else {
-                    p.not_applied.push(format!(
-                        "tunnel {}: address {} -> {}: restart xesp to apply it (datapath xfrm)",
-                        a.name, a.address, new.tunnels[j].address
-                    ));
-                }
+                p.removed.push(i);
+                p.added.push(j);
             }
             Some(j) if ike_changed(a, &new.tunnels[j]) => p.reconfigured.push((i, j)),
             Some(_) => {}
@@ -92,14 +79,7 @@ pub fn plan(old: &Config, new: &Config) -> Plan {
     }
     for (j, b) in new.tunnels.iter().enumerate() {
         if find(old, &b.name).is_none() {
-            if live {
-                p.added.push(j);
-            } else {
-                p.not_applied.push(format!(
-                    "tunnel {} added: restart xesp to add it (datapath xfrm)",
-                    b.name
-                ));
-            }
+            p.added.push(j);
         }
     }
     p.added.sort_unstable();
@@ -217,25 +197,12 @@ address = "172.16.0.2"
     }
 
     #[test]
-    fn with_xfrm_tunnel_changes_need_a_restart() {
+    fn with_xfrm_tunnels_are_added_and_removed_live_too() {
         let xfrm = |t: &str| t.replace("[device]\n", "[device]\ndatapath = \"xfrm\"\n");
         let p = plan(&cfg(&xfrm(BASE)), &cfg(&xfrm(&tunnel0_only())));
-        assert!(p.removed.is_empty() && p.added.is_empty());
-        assert!(
-            p.not_applied[0].contains("tunnel Tunnel1 removed: restart xesp"),
-            "{p:?}"
-        );
+        assert_eq!((p.removed, p.added), (vec![1], vec![]));
         let p = plan(&cfg(&xfrm(&tunnel0_only())), &cfg(&xfrm(BASE)));
-        assert!(p.added.is_empty());
-        assert!(
-            p.not_applied[0].contains("tunnel Tunnel1 added: restart xesp"),
-            "{p:?}"
-        );
-        let readdressed = BASE.replace("address = \"172.16.0.2\"", "address = \"172.16.0.9\"");
-        let p = plan(&cfg(&xfrm(BASE)), &cfg(&xfrm(&readdressed)));
-        assert!(
-            p.not_applied[0].contains("tunnel Tunnel1: address"),
-            "{p:?}"
-        );
+        assert!(p.not_applied.is_empty(), "{p:?}");
+        assert_eq!((p.removed, p.added), (vec![], vec![1]));
     }
 }
