@@ -34,7 +34,7 @@ use std::{
 use aes::cipher::{BlockEncrypt, KeyInit, generic_array::GenericArray};
 
 use crate::{
-    alg::{Encr, Suite},
+    alg::Suite,
     crypto::{Cipher, CryptoError, Mac},
     policy::Selectors,
     replay::{ReplayError, ReplayWindow},
@@ -354,6 +354,7 @@ impl Life {
 
     /// Counts outbound packet `seq` of `bytes` octets in `hot`; checks the
     /// byte and packet limits when a threshold is crossed (rarely).
+    #[inline]
     fn account(&self, hot: &Hot, seq: u64, bytes: u64) {
         let total = hot.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
         let packets = seq.wrapping_sub(hot.unsent.load(Ordering::Relaxed));
@@ -367,10 +368,17 @@ impl Life {
     }
 
     /// Fires what totals of `packets` and `total` octets reach.
+    #[inline]
     fn check(&self, hot: &Hot, packets: u64, total: u64) {
-        if !Self::crossed(hot, packets, total) {
-            return;
+        if Self::crossed(hot, packets, total) {
+            self.fire_crossed(hot, packets, total);
         }
+    }
+
+    /// The slow path of [`Life::check`], once a threshold is crossed.
+    #[cold]
+    #[inline(never)]
+    fn fire_crossed(&self, hot: &Hot, packets: u64, total: u64) {
         let mut ev = lock(&self.events);
         let over = |l: &Limits| {
             if l.bytes.is_some_and(|b| total >= b) {
@@ -485,14 +493,34 @@ pub fn esp_aad(spi: u32, seq: u64, esn: bool) -> ([u8; 12], usize) {
     }
 }
 
-/// Padding so that payload + pad + trailer is a multiple of the cipher's
-/// block and of 4 (RFC 4303 §2.4).
-fn pad_len(encr: Encr, payload: usize) -> usize {
-    let block = encr.block_len().max(4);
-    // Blocks are powers of two (4, 8, 16): a mask, not a division (a 64-bit
-    // division is tens of cycles, on every packet).
-    let mask = block - 1;
-    (block - ((payload + ESP_TRAILER) & mask)) & mask
+/// The sizes of a suite that every packet needs, worked out once when the
+/// SA is created: the `Suite` methods match on its algorithms, a few
+/// instructions each, several times per packet.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    aead: bool,
+    iv: usize,
+    icv: usize,
+    /// The padding block, less one (blocks are powers of two: 4, 8, 16).
+    mask: usize,
+}
+
+impl Shape {
+    fn of(suite: Suite) -> Self {
+        Self {
+            aead: suite.encr.is_aead(),
+            iv: suite.encr.iv_len(),
+            icv: suite.icv_len(),
+            mask: suite.encr.block_len().max(4) - 1,
+        }
+    }
+
+    /// Padding so that payload + pad + trailer is a multiple of the
+    /// cipher's block and of 4 (RFC 4303 §2.4): a mask, not a division (a
+    /// 64-bit division is tens of cycles, on every packet).
+    fn pad(self, payload: usize) -> usize {
+        (self.mask + 1 - ((payload + ESP_TRAILER) & self.mask)) & self.mask
+    }
 }
 
 /// What encapsulation takes from the inner header.
@@ -508,6 +536,7 @@ pub struct OutboundSa {
     hot: Hot,
     spi: u32,
     suite: Suite,
+    shape: Shape,
     cipher: Cipher,
     mac: Option<Mac>,
     esn: bool,
@@ -548,6 +577,7 @@ impl OutboundSa {
             hot,
             spi: p.spi,
             suite: p.suite,
+            shape: Shape::of(p.suite),
             cipher,
             mac,
             esn: p.esn,
@@ -588,12 +618,12 @@ impl OutboundSa {
 
     /// Octets needed in front of the inner packet.
     pub fn headroom(&self) -> usize {
-        headroom(self.suite, &self.tunnel)
+        headroom(self.shape, &self.tunnel)
     }
 
     /// Octets needed behind an inner packet of `inner_len` octets.
     pub fn tailroom(&self, inner_len: usize) -> usize {
-        pad_len(self.suite.encr, inner_len) + ESP_TRAILER + self.suite.icv_len()
+        self.shape.pad(inner_len) + ESP_TRAILER + self.shape.icv
     }
 
     fn max_seq(&self) -> u64 {
@@ -654,7 +684,7 @@ impl OutboundSa {
         inner: Range<usize>,
     ) -> Result<Range<usize>, DropReason> {
         let mut iv = [0u8; 16];
-        let iv_len = self.suite.encr.iv_len();
+        let iv_len = self.shape.iv;
         let info = self.check(tunnel, buf, &inner)?;
         if self.hot.expired.load(Ordering::Relaxed) {
             return Err(self.drop(DropReason::Expired));
@@ -679,7 +709,7 @@ impl OutboundSa {
     ) -> Result<Range<usize>, DropReason> {
         let tunnel = self.tunnel;
         let info = self.check(&tunnel, buf, &inner)?;
-        if iv.len() != self.suite.encr.iv_len() {
+        if iv.len() != self.shape.iv {
             return Err(self.drop(DropReason::Malformed));
         }
         let next = self.hot.next_seq.get_mut();
@@ -704,7 +734,7 @@ impl OutboundSa {
         if inner.start > inner.end || inner.end > len {
             return Err(self.drop(DropReason::Malformed));
         }
-        if inner.start < headroom(self.suite, tunnel)
+        if inner.start < headroom(self.shape, tunnel)
             || len - inner.end < self.tailroom(inner.len())
         {
             return Err(self.drop(DropReason::NoRoom));
@@ -739,7 +769,7 @@ impl OutboundSa {
         seq: u64,
         iv: &[u8],
     ) -> Result<Range<usize>, DropReason> {
-        let encr = self.suite.encr;
+        let shape = self.shape;
         let inner_len = inner.len();
         if seq >= self.max_seq() / 8 * 7
             && !self.hot.seq_soft.load(Ordering::Relaxed)
@@ -747,7 +777,7 @@ impl OutboundSa {
         {
             self.life.fire(Expiry::Soft(Limit::Sequence), &self.hot);
         }
-        let pad = pad_len(encr, inner_len);
+        let pad = shape.pad(inner_len);
         let ct_start = inner.start;
         let ct_end = inner.end + pad + ESP_TRAILER;
         for (i, b) in buf[inner.end..inner.end + pad].iter_mut().enumerate() {
@@ -756,15 +786,15 @@ impl OutboundSa {
         buf[ct_end - 2] = pad as u8;
         buf[ct_end - 1] = next_header;
 
-        let iv_len = encr.iv_len();
+        let iv_len = shape.iv;
         let esp = ct_start - iv_len - ESP_HLEN;
         let start = esp - if tunnel.natt.is_some() { UDP_HLEN } else { 0 } - IPV4_HLEN;
         buf[esp..esp + 4].copy_from_slice(&self.spi.to_be_bytes());
         buf[esp + 4..esp + 8].copy_from_slice(&(seq as u32).to_be_bytes());
         buf[esp + 8..ct_start].copy_from_slice(iv);
-        let icv = self.suite.icv_len();
+        let icv = shape.icv;
         let seq_hi = ((seq >> 32) as u32).to_be_bytes();
-        if encr.is_aead() {
+        if shape.aead {
             let (aad, aad_len) = esp_aad(self.spi, seq, self.esn);
             let aad = &aad[..aad_len];
             // The IV from the caller, not read back from `buf`: a load of
@@ -832,9 +862,9 @@ impl OutboundSa {
     }
 }
 
-/// Octets an SA of `suite` needs in front of the inner packet.
-fn headroom(suite: Suite, tunnel: &Tunnel) -> usize {
-    IPV4_HLEN + if tunnel.natt.is_some() { UDP_HLEN } else { 0 } + ESP_HLEN + suite.encr.iv_len()
+/// Octets an SA of this `shape` needs in front of the inner packet.
+fn headroom(shape: Shape, tunnel: &Tunnel) -> usize {
+    IPV4_HLEN + if tunnel.natt.is_some() { UDP_HLEN } else { 0 } + ESP_HLEN + shape.iv
 }
 
 /// Where a decapsulated packet is.
@@ -867,6 +897,7 @@ pub struct InboundSa {
     window_size: u32,
     spi: u32,
     suite: Suite,
+    shape: Shape,
     cipher: Cipher,
     mac: Option<Mac>,
     esn: bool,
@@ -906,6 +937,7 @@ impl InboundSa {
             window_size: window.size(),
             spi: p.spi,
             suite: p.suite,
+            shape: Shape::of(p.suite),
             cipher,
             mac,
             esn: p.esn,
@@ -980,14 +1012,14 @@ impl InboundSa {
         if self.hot.expired.load(Ordering::Relaxed) {
             return Err(self.drop(DropReason::Expired));
         }
-        let encr = self.suite.encr;
-        let (iv_len, icv) = (encr.iv_len(), self.suite.icv_len());
+        let shape = self.shape;
+        let (iv_len, icv) = (shape.iv, shape.icv);
         let overhead = ESP_HLEN + iv_len + icv;
         let ct_start = esp.start + ESP_HLEN + iv_len;
         let Some(ct_len) = esp.len().checked_sub(overhead) else {
             return Err(self.drop(DropReason::Malformed));
         };
-        if ct_len < ESP_TRAILER || ct_len & (encr.block_len().max(4) - 1) != 0 {
+        if ct_len < ESP_TRAILER || ct_len & shape.mask != 0 {
             return Err(self.drop(DropReason::Malformed));
         }
         let ct_end = ct_start + ct_len;
@@ -1009,7 +1041,7 @@ impl InboundSa {
             }
         };
         let seq_hi = ((seq >> 32) as u32).to_be_bytes();
-        if encr.is_aead() {
+        if shape.aead {
             let (aad, aad_len) = esp_aad(self.spi, seq, self.esn);
             let aad = &aad[..aad_len];
             let (head, rest) = buf.split_at_mut(ct_start);

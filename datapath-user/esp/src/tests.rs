@@ -354,6 +354,31 @@ fn no_room_and_bad_inner_on_encapsulation() {
     assert_eq!(out.next_seq(), 1, "failed packets use no sequence number");
 }
 
+/// The room behind a packet (worked out once per SA from its suite): the
+/// padding brings payload and trailer to the cipher's block and to 4 (RFC
+/// 4303 §2.4), and the ICV follows; the headroom holds the outer headers
+/// and the IV.
+#[test]
+fn headroom_and_tailroom_follow_the_suite() {
+    for suite in suites() {
+        for natt in [false, true] {
+            let (out, _) = pair(suite, false, natt);
+            let udp = if natt { 8 } else { 0 };
+            assert_eq!(
+                out.headroom(),
+                20 + udp + 8 + suite.encr.iv_len(),
+                "{suite}"
+            );
+            let block = suite.encr.block_len().max(4);
+            for len in 20..100 {
+                let pad = out.tailroom(len) - 2 - suite.icv_len();
+                assert!(pad < block, "{suite} {len}");
+                assert_eq!((len + pad + 2) % block, 0, "{suite} {len}");
+            }
+        }
+    }
+}
+
 #[test]
 fn lifetimes_fire_once_each() {
     let suite = suites()[0];
