@@ -200,29 +200,21 @@ fn adds_and_removes_tunnels(datapath: &str) {
     assert_eq!(tunnel_names(&st), ["Tunnel0", "Tunnel1"]);
     assert_eq!(child_spis(&st, "Tunnel0"), spis0, "Tunnel0 kept its SAs");
     vnet_routes(&lab.ns.vnet, &[0, 1]).unwrap();
-    // Its up event names its SPIs as fields.
+    // Its up event names its SPIs as fields, and so does the IKE core's
+    // own message about the new CHILD_SA.
     let spis1 = child_spis(&st, "Tunnel1");
-    let up_line = log()
-        .lines()
-        .rev()
-        .find(|l| l.contains("Tunnel1: tunnel up"))
-        .map(str::to_string)
-        .unwrap_or_default();
-    assert!(
-        up_line.contains(&format!("spi=\"{}/", spis1[0])) && up_line.contains("ike_spi=\""),
-        "{up_line}"
-    );
-    // So does the IKE core's own message about the new CHILD_SA.
-    let child_line = log()
-        .lines()
-        .rev()
-        .find(|l| l.contains("Tunnel1: CHILD_SA established"))
-        .map(str::to_string)
-        .unwrap_or_default();
-    assert!(
-        child_line.contains(&format!("spi=\"{}/", spis1[0])) && child_line.contains("ike_spi=\""),
-        "{child_line}"
-    );
+    let log = log();
+    for event in ["Tunnel1: tunnel up", "Tunnel1: CHILD_SA established"] {
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains(event))
+            .unwrap_or_default();
+        assert!(
+            line.contains(&format!("spi=\"{}/", spis1[0])) && line.contains("ike_spi=\""),
+            "{event}: {line}"
+        );
+    }
     eprintln!(
         "{datapath}: Tunnel1 up, then BGP and ECMP, {:.1} s and {:.1} s after the reload \
          (checked once the 5 s of pings ended); no ping lost while it was removed and added",
