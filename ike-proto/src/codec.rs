@@ -746,6 +746,10 @@ fn emit_body(b: &Body, out: &mut Vec<u8>) {
     }
 }
 
+/// What [`Message::emit`] and the SK payload reserve for a message: an
+/// IKE_SA_INIT with a 2048-bit KE or an IKE_AUTH fits.
+pub(crate) const EMIT_CAPACITY: usize = 640;
+
 /// Emits a chain of payloads; returns the type of the first (for the header).
 pub fn emit_payloads(payloads: &[Payload], out: &mut Vec<u8>) -> PayloadType {
     for (i, p) in payloads.iter().enumerate() {
@@ -782,14 +786,16 @@ impl Message {
         Ok(Self { header, payloads })
     }
 
+    /// The message on the wire: the header, then the payloads, written in
+    /// one buffer sized for a typical message; the header's Next Payload
+    /// (octet 16) and Length (octets 24-27) are filled in last (§3.1).
     pub fn emit(&self) -> Vec<u8> {
-        let mut body = Vec::new();
-        let first = emit_payloads(&self.payloads, &mut body);
-        let mut out = Vec::with_capacity(HEADER_LEN + body.len());
-        let mut h = self.header;
-        h.next_payload = first;
-        h.emit(&mut out, HEADER_LEN + body.len());
-        out.extend_from_slice(&body);
+        let mut out = Vec::with_capacity(EMIT_CAPACITY);
+        self.header.emit(&mut out, 0);
+        let first = emit_payloads(&self.payloads, &mut out);
+        out[16] = first.0;
+        let len = out.len() as u32;
+        out[24..HEADER_LEN].copy_from_slice(&len.to_be_bytes());
         out
     }
 

@@ -6,6 +6,8 @@
 
 use std::sync::Mutex;
 
+use zeroize::{Zeroize, Zeroizing};
+
 /// The random source failed; nothing random was produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the random number generator failed")]
@@ -18,11 +20,42 @@ pub trait Random: Send + Sync {
 }
 
 /// The operating system's generator (getrandom), through ring.
-pub struct SystemRandom(ring::rand::SystemRandom);
+///
+/// Each read is a system call, and an IKE_SA setup makes a dozen, most of
+/// a few octets. Requests of at most 16 octets (SPIs, IVs, rekey jitter)
+/// are served from a pool that one read of 32 octets fills (what the
+/// kernel serves at the cost of one); every octet is handed out once and
+/// wiped from the pool as it goes. Larger requests (nonces, private
+/// values, secrets) are read directly.
+pub struct SystemRandom {
+    os: ring::rand::SystemRandom,
+    pool: Mutex<Pool>,
+}
+
+/// Requests up to this many octets come from the pool.
+const POOLED: usize = 16;
+/// The pool's size.
+const POOL: usize = 32;
+
+/// Octets read from the system and not handed out yet: `octets[used..]`.
+struct Pool {
+    octets: Zeroizing<[u8; POOL]>,
+    used: usize,
+}
 
 impl SystemRandom {
     pub fn new() -> Self {
-        Self(ring::rand::SystemRandom::new())
+        Self {
+            os: ring::rand::SystemRandom::new(),
+            pool: Mutex::new(Pool {
+                octets: Zeroizing::new([0; POOL]),
+                used: POOL,
+            }),
+        }
+    }
+
+    fn read(&self, out: &mut [u8]) -> Result<(), RandomError> {
+        ring::rand::SecureRandom::fill(&self.os, out).map_err(|_| RandomError)
     }
 }
 
@@ -34,7 +67,20 @@ impl Default for SystemRandom {
 
 impl Random for SystemRandom {
     fn fill(&self, out: &mut [u8]) -> Result<(), RandomError> {
-        ring::rand::SecureRandom::fill(&self.0, out).map_err(|_| RandomError)
+        if out.len() > POOLED {
+            return self.read(out);
+        }
+        let mut pool = self.pool.lock().map_err(|_| RandomError)?;
+        if POOL - pool.used < out.len() {
+            self.read(&mut pool.octets[..])?;
+            pool.used = 0;
+        }
+        let at = pool.used;
+        let taken = &mut pool.octets[at..at + out.len()];
+        out.copy_from_slice(taken);
+        taken.zeroize();
+        pool.used += out.len();
+        Ok(())
     }
 }
 
@@ -72,6 +118,21 @@ impl Random for SeededRandom {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_system_pool_hands_each_octet_out_once() {
+        let rng = SystemRandom::new();
+        let mut small = [[0u8; 8]; 8];
+        for s in &mut small {
+            rng.fill(s).unwrap();
+        }
+        for (i, a) in small.iter().enumerate() {
+            assert!(small[i + 1..].iter().all(|b| a != b));
+        }
+        let mut big = [0u8; 64];
+        rng.fill(&mut big).unwrap();
+        assert!(big.iter().any(|b| *b != 0));
+    }
 
     #[test]
     fn a_seed_replays_and_seeds_differ() {

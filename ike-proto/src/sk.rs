@@ -8,8 +8,8 @@ use xesp_esp::{
 };
 
 use super::codec::{
-    Body, DecodeError, HEADER_LEN, Header, Message, Payload, PayloadType, emit_payloads,
-    parse_payloads,
+    Body, DecodeError, EMIT_CAPACITY, HEADER_LEN, Header, Message, Payload, PayloadType,
+    emit_payloads, parse_payloads,
 };
 
 /// Errors protecting or unprotecting SK{}.
@@ -68,7 +68,7 @@ impl SkCipher {
         inner: &[Payload],
         rng: &dyn Random,
     ) -> Result<Vec<u8>, SkError> {
-        let mut plain = Vec::new();
+        let mut plain = Vec::with_capacity(EMIT_CAPACITY);
         let first = emit_payloads(inner, &mut plain);
         self.seal_plain(header, first, plain, rng)
     }

@@ -382,10 +382,11 @@ pub(super) struct SaId(u64);
 
 /// A connection's IKE_SAs by handle, oldest first. Handles stay valid
 /// through one input: dead SAs leave only in [`SaTable::reap`], which the
-/// connection calls when an input is done.
+/// connection calls when an input is done. Each IKE_SA is boxed: it holds
+/// two keyed ciphers (kilobytes), and a map node holds eleven values.
 #[derive(Default)]
 pub(super) struct SaTable {
-    sas: BTreeMap<SaId, IkeSa>,
+    sas: BTreeMap<SaId, Box<IkeSa>>,
     /// Responder IKE_SAs waiting for IKE_AUTH (half-open), by the
     /// initiator's SPI: a flood's state, counted and found without a scan.
     half_open: HashMap<u64, SaId>,
@@ -399,13 +400,16 @@ impl SaTable {
         if sa.role == Role::Responder && sa.state == IkeState::InitDone {
             self.half_open.insert(sa.spi_i, id);
         }
-        self.sas.insert(id, sa);
+        self.sas.insert(id, Box::new(sa));
         id
     }
 
     /// The half-open IKE_SA that `spi_i` started.
     pub(super) fn half_open(&self, spi_i: u64) -> Option<&IkeSa> {
-        self.half_open.get(&spi_i).and_then(|id| self.sas.get(id))
+        self.half_open
+            .get(&spi_i)
+            .and_then(|id| self.sas.get(id))
+            .map(|sa| &**sa)
     }
 
     /// How many IKE_SAs are half-open.
@@ -418,7 +422,7 @@ impl SaTable {
     }
 
     pub(super) fn iter(&self) -> impl DoubleEndedIterator<Item = &IkeSa> {
-        self.sas.values()
+        self.sas.values().map(|sa| &**sa)
     }
 
     #[cfg(test)]
