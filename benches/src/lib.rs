@@ -7,6 +7,7 @@
 //! * `xesp-loadgen` ([`serve`], [`peer`], [`traffic`]): the ends of
 //!   `cargo xtask bench`, which measures whole devices in namespaces.
 
+pub mod afxdp;
 pub mod peer;
 pub mod serve;
 pub mod traffic;

@@ -10,11 +10,16 @@ use std::{
     time::Instant,
 };
 
-use datapath_user::xdp::{XdpAttach, XdpPrograms};
+use datapath_user::{
+    netlink::{Rtnl, ifindex},
+    nexthop::NextHops,
+    xdp::{XdpAttach, XdpPrograms},
+};
 use serde_json::{Value, json};
 use xesp_common::{SinkCounter, bench};
 
 use crate::{
+    afxdp::{self, Framed, XskSender},
     peer::{Peer, PeerSettings},
     traffic::{self, Prepared},
 };
@@ -115,6 +120,35 @@ impl Request {
     }
 }
 
+/// How the generator hands its packets to the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sender {
+    /// Whole frames on an AF_XDP socket's TX ring (see [`crate::afxdp`]).
+    AfXdp,
+    /// Datagrams with `sendmmsg(2)` on UDP sockets, through the IP stack.
+    Sendmmsg,
+}
+
+impl Sender {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::AfXdp => "afxdp",
+            Self::Sendmmsg => "sendmmsg",
+        }
+    }
+}
+
+impl std::str::FromStr for Sender {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "afxdp" => Ok(Self::AfXdp),
+            "sendmmsg" => Ok(Self::Sendmmsg),
+            o => Err(format!("sender {o:?} is not afxdp or sendmmsg")),
+        }
+    }
+}
+
 /// How this end is set up.
 #[derive(Debug, Clone)]
 pub struct ServeSettings {
@@ -124,6 +158,8 @@ pub struct ServeSettings {
     pub peer: Option<PeerSettings>,
     /// On the LAN side: the host address plaintext leaves from.
     pub lan_host: Ipv4Addr,
+    /// How packets are sent.
+    pub sender: Sender,
 }
 
 struct End {
@@ -137,6 +173,15 @@ struct End {
     plain_prepared: bool,
     prepared: Vec<Prepared>,
     expected_spis: Vec<u32>,
+    sender: Sender,
+    sink_if: String,
+    /// With the AF_XDP sender: what was prepared, as frames, per tunnel.
+    framed: Vec<Framed>,
+    /// AF_XDP senders opened so far (interface, queue = tunnel).
+    xsk: Vec<XskSender>,
+    /// Next hops of the frames' destinations, and the interfaces' counters.
+    hops: Option<NextHops>,
+    rtnl: Option<Rtnl>,
 }
 
 impl End {
@@ -195,23 +240,103 @@ impl End {
                 .collect(),
         };
         let n: usize = self.prepared.iter().map(|p| p.datagrams.len()).sum();
+        self.framed.clear();
+        if self.sender == Sender::AfXdp {
+            self.frame_prepared()?;
+        }
         Ok(json!({"prepared": n, "seconds": t0.elapsed().as_secs_f64()}))
     }
 
-    fn send(&mut self, rate: Option<u64>) -> Result<Value, String> {
-        let mut jobs = Vec::new();
-        for (t, p) in self.prepared.iter().enumerate() {
-            let sock = match &self.peer {
-                Some(peer) if !self.plain_prepared => peer.esp_socket(t),
-                _ => self.plain.get(t),
-            }
-            .ok_or_else(|| format!("no socket for tunnel {t}"))?;
-            jobs.push((sock, p));
+    /// The socket tunnel `t`'s prepared datagrams leave from.
+    fn socket(&self, t: usize) -> Option<&UdpSocket> {
+        match &self.peer {
+            Some(peer) if !self.plain_prepared => peer.esp_socket(t),
+            _ => self.plain.get(t),
         }
-        let (sent, seconds) =
-            traffic::send_parallel(&jobs, rate.map(|r| r as f64)).map_err(|e| e.to_string())?;
+    }
+
+    /// Turns what was prepared into frames for the AF_XDP senders, as the
+    /// kernel would have built them for each tunnel's socket.
+    fn frame_prepared(&mut self) -> Result<(), String> {
+        if self.hops.is_none() {
+            self.hops = Some(NextHops::new().map_err(|e| format!("rtnetlink: {e}"))?);
+        }
+        let mut framed = Vec::new();
+        for (t, p) in self.prepared.iter().enumerate() {
+            let src = match self.socket(t).map(UdpSocket::local_addr) {
+                Some(Ok(std::net::SocketAddr::V4(a))) => a,
+                _ => return Err(format!("no IPv4 socket for tunnel {t}")),
+            };
+            let Some(hops) = self.hops.as_mut() else {
+                break;
+            };
+            framed.push(afxdp::frame_all(hops, src, p).map_err(|e| format!("tunnel {t}: {e}"))?);
+        }
+        // The datagrams are in the frames now.
         self.prepared.clear();
-        Ok(json!({"sent": sent, "seconds": seconds}))
+        self.framed = framed;
+        Ok(())
+    }
+
+    /// Packets the sink's interface (which the generator sends on) dropped on transmit.
+    fn tx_dropped(&mut self) -> u64 {
+        if self.rtnl.is_none() {
+            self.rtnl = Rtnl::open().ok();
+        }
+        let i = ifindex(&self.sink_if);
+        self.rtnl.as_mut().map_or(0, |r| afxdp::tx_dropped(r, i))
+    }
+
+    fn send_afxdp(&mut self, rate: Option<u64>) -> Result<Value, String> {
+        for (t, f) in self.framed.iter().enumerate() {
+            let Some(eg) = &f.egress else { continue };
+            let q = t as u32;
+            if !self.xsk.iter().any(|x| x.iface == eg.iface && x.queue == q) {
+                self.xsk.push(XskSender::open(&eg.iface, q)?);
+            }
+        }
+        let mut jobs = Vec::new();
+        let mut senders: Vec<Option<&mut XskSender>> = self.xsk.iter_mut().map(Some).collect();
+        for (t, f) in self.framed.iter().enumerate() {
+            let Some(eg) = &f.egress else { continue };
+            let x = senders
+                .iter_mut()
+                .find(|x| {
+                    x.as_ref()
+                        .is_some_and(|x| x.iface == eg.iface && x.queue == t as u32)
+                })
+                .and_then(Option::take)
+                .ok_or_else(|| format!("no AF_XDP sender for tunnel {t}"))?;
+            jobs.push((t, x, f));
+        }
+        let r = afxdp::send_parallel(jobs, rate.map(|r| r as f64));
+        self.framed.clear();
+        Ok(
+            json!({"sent": r.count.sent, "seconds": r.seconds, "not_sent": r.count.not_sent,
+            "kicks": r.count.kicks}),
+        )
+    }
+
+    fn send(&mut self, rate: Option<u64>) -> Result<Value, String> {
+        let dropped0 = self.tx_dropped();
+        let mut v = if self.sender == Sender::AfXdp {
+            self.send_afxdp(rate)?
+        } else {
+            let mut jobs = Vec::new();
+            for (t, p) in self.prepared.iter().enumerate() {
+                let sock = self
+                    .socket(t)
+                    .ok_or_else(|| format!("no socket for tunnel {t}"))?;
+                jobs.push((sock, p));
+            }
+            let (sent, seconds) =
+                traffic::send_parallel(&jobs, rate.map(|r| r as f64)).map_err(|e| e.to_string())?;
+            self.prepared.clear();
+            json!({"sent": sent, "seconds": seconds})
+        };
+        v["sender"] = json!(self.sender.name());
+        v["tx_dropped"] = json!(self.tx_dropped().saturating_sub(dropped0));
+        Ok(v)
     }
 
     fn counters(&self) -> Result<Value, String> {
@@ -270,6 +395,12 @@ pub fn run(s: ServeSettings) -> Result<(), String> {
         plain_prepared: true,
         prepared: Vec::new(),
         expected_spis: Vec::new(),
+        sender: s.sender,
+        sink_if: s.sink_if.clone(),
+        framed: Vec::new(),
+        xsk: Vec::new(),
+        hops: None,
+        rtnl: None,
     };
     // stdin on its own thread; the main thread serves the IKE peer between commands.
     let (tx, rx) = mpsc::channel::<String>();
@@ -419,5 +550,13 @@ mod tests {
             "clamped, not overflowing"
         );
         assert!(Request::parse("").is_err());
+    }
+
+    #[test]
+    fn senders_parse_by_name() {
+        for s in [Sender::AfXdp, Sender::Sendmmsg] {
+            assert_eq!(s.name().parse::<Sender>(), Ok(s));
+        }
+        assert!("sendmsg".parse::<Sender>().unwrap_err().contains("afxdp"));
     }
 }

@@ -1,5 +1,7 @@
 //! The benchmark's packets and how they are sent: pre-built, in batches of
-//! [`BATCH`] with `sendmmsg(2)`, one thread per tunnel pinned to its own CPU.
+//! [`BATCH`] with `sendmmsg(2)`, one thread per tunnel pinned to its own CPU
+//! (`--sender sendmmsg`; the default sender, [`crate::afxdp`], puts the same
+//! packets as whole frames on AF_XDP TX rings, with the same pacing).
 //!
 //! Every plaintext packet is IPv4 + UDP to [`bench::PORT`] whose payload
 //! starts with [`bench::MAGIC`], so the sink can tell intact packets from
@@ -115,7 +117,7 @@ pub fn due(start: Instant, n: u64, rate: Option<f64>) -> Instant {
 
 /// Waits until `t`: sleeps while it is far, spins the last stretch (a
 /// sleep's timer slack would make the pace uneven).
-fn wait_until(t: Instant) {
+pub fn wait_until(t: Instant) {
     loop {
         let now = Instant::now();
         if now >= t {

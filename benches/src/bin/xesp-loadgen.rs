@@ -5,7 +5,7 @@ use std::{net::Ipv4Addr, path::PathBuf, process::ExitCode};
 use clap::{Parser, Subcommand};
 use xesp_benches::{
     peer::PeerSettings,
-    serve::{self, ServeSettings},
+    serve::{self, Sender, ServeSettings},
 };
 
 /// Traffic generator, sink and IKE peer of `cargo xtask bench`.
@@ -45,6 +45,10 @@ enum Cmd {
         /// ESP proposal the peer accepts.
         #[arg(long, default_value = "aes256gcm16")]
         esp: String,
+        /// How the generator sends: afxdp (whole frames on an AF_XDP TX
+        /// ring, bypassing this end's IP stack) or sendmmsg (UDP sockets).
+        #[arg(long, default_value = "afxdp")]
+        sender: Sender,
     },
 }
 
@@ -58,6 +62,7 @@ fn main() -> ExitCode {
         psk_file,
         ike,
         esp,
+        sender,
     } = cmd;
     let peer = if peer.is_empty() {
         None
@@ -85,6 +90,7 @@ fn main() -> ExitCode {
         sink_if,
         peer,
         lan_host,
+        sender,
     }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

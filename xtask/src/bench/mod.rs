@@ -15,7 +15,9 @@
 //! without the delivered rate falling.
 //!
 //! Each trial sends a fixed number of pre-built packets as fast as the
-//! generator can (batched `sendmmsg`, one thread per tunnel on its own CPU)
+//! generator can (whole frames on an AF_XDP TX ring, or with `--sender
+//! sendmmsg` batched `sendmmsg` on UDP sockets; one thread per tunnel on
+//! its own CPU)
 //! and counts at the sink what arrives intact until nothing more does:
 //! delivered packets per second over that time, Gbit/s of inner packets,
 //! loss, and the device's CPU time per delivered packet (its threads'
@@ -74,6 +76,11 @@ pub struct BenchArgs {
     /// SO_PREFER_BUSY_POLL); xesp and null run without.
     #[arg(long, default_value = "50/64")]
     pub busy_poll: String,
+    /// How the generator sends: afxdp (pre-built frames on an AF_XDP TX
+    /// ring per tunnel, bypassing the sending end's IP stack) or sendmmsg
+    /// (batched sendmmsg on UDP sockets, the stack builds the headers).
+    #[arg(long, default_value = "afxdp", value_parser = ["afxdp", "sendmmsg"])]
+    pub sender: String,
 }
 
 /// Offered load of the overload steps, in percent of the measured peak.
@@ -175,7 +182,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let bins = ends::build_release()?;
     let built = started.elapsed();
     eprintln!(
-        "[bench] {packets} packets per trial, {repeat} repetition(s); report in {}",
+        "[bench] {packets} packets per trial, {repeat} repetition(s), sent with {}; report in {}",
+        args.sender,
         out.display()
     );
     let topo = Topology::build()?;
@@ -191,6 +199,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "lanh0".into(),
             "--lan-host".into(),
             LAN_HOST.to_string(),
+            "--sender".into(),
+            args.sender.clone(),
         ],
         &out.join("loadgen-lan.log"),
     )?;
@@ -254,6 +264,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     suite.ike_proposal().into(),
                     "--esp".into(),
                     suite.esp_proposal().into(),
+                    "--sender".into(),
+                    args.sender.clone(),
                 ],
                 &out.join(format!("loadgen-az-{}-{}.log", kind.label(), suite.name())),
             )?;
@@ -330,10 +342,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                             Some(rate),
                         )?;
                         eprintln!(
-                            "[bench      overload {pct:>3}%] offered {:>9.0} (asked {rate:.0}) delivered {:>9.0} pkt/s, loss {:.1}%",
+                            "[bench      overload {pct:>3}%] offered {:>9.0} (asked {rate:.0}) delivered {:>9.0} pkt/s, loss {:.1}%, not sent {}, dropped on send {}",
                             m.offered_pps,
                             m.pps,
-                            100.0 * (1.0 - m.delivered as f64 / m.sent.max(1) as f64)
+                            100.0 * (1.0 - m.delivered as f64 / m.sent.max(1) as f64),
+                            m.not_sent,
+                            m.tx_dropped
                         );
                         eprintln!("[bench      counted] {}", diag::drops_line(&m.counters));
                         steps.push(report::Step {
@@ -441,6 +455,11 @@ pub struct Measured {
     pub seconds: f64,
     /// How fast the generator offered them.
     pub offered_pps: f64,
+    /// Packets the generator could not hand to the kernel.
+    pub not_sent: u64,
+    /// Packets the generator's interface dropped on transmit (its peer's
+    /// queue full), counted in `sent`.
+    pub tx_dropped: u64,
     pub pps: f64,
     /// The device's threads' CPU time (none for kernel forwarding).
     pub cpu_ns: Option<u64>,
@@ -533,6 +552,8 @@ fn trial(
         bad: bad - b0,
         seconds,
         offered_pps: sent as f64 / send_secs,
+        not_sent: sent_reply["not_sent"].as_u64().unwrap_or(0),
+        tx_dropped: sent_reply["tx_dropped"].as_u64().unwrap_or(0),
         pps: if seconds > 0.0 {
             bulk as f64 / seconds
         } else {
