@@ -87,20 +87,7 @@ pub fn frame(
     f[6..12].copy_from_slice(&macs.0);
     f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
     let h = &mut f[ETH_HLEN..];
-    h[0] = 0x45;
-    h[2..4].copy_from_slice(&(ip_len as u16).to_be_bytes());
-    h[6] = 0x40; // DF
-    h[8] = 64;
-    h[9] = 17;
-    h[12..16].copy_from_slice(&src.ip().octets());
-    h[16..20].copy_from_slice(&dst.ip().octets());
-    let sum = traffic::ipv4_checksum(&h[..20]);
-    h[10..12].copy_from_slice(&sum.to_be_bytes());
-    let udp_len = (ip_len - 20) as u16;
-    h[20..22].copy_from_slice(&src.port().to_be_bytes());
-    h[22..24].copy_from_slice(&dst.port().to_be_bytes());
-    h[24..26].copy_from_slice(&udp_len.to_be_bytes());
-    h[28..].copy_from_slice(payload);
+    traffic::write_ipv4_udp(h, src, dst, payload);
     let sum = udp_checksum(*src.ip(), *dst.ip(), &h[20..]);
     h[26..28].copy_from_slice(&sum.to_be_bytes());
     Ok(f)

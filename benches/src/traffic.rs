@@ -70,7 +70,15 @@ pub fn write_inner(
 ) -> Range<usize> {
     let p = payload(size, n);
     let len = IP_UDP_HLEN + p.len();
-    let h = &mut buf[at..at + len];
+    write_ipv4_udp(&mut buf[at..at + len], src, dst, &p);
+    at..at + len
+}
+
+/// Writes into `h` (exactly [`IP_UDP_HLEN`] octets longer than `payload`,
+/// at most 65,535 in all) an IPv4 header (DF, TTL 64, its checksum), a UDP
+/// header from `src` to `dst` with a zero checksum, and `payload`.
+pub fn write_ipv4_udp(h: &mut [u8], src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) {
+    let len = h.len();
     h.fill(0);
     h[0] = 0x45;
     h[2..4].copy_from_slice(&(len as u16).to_be_bytes());
@@ -84,8 +92,7 @@ pub fn write_inner(
     h[20..22].copy_from_slice(&src.port().to_be_bytes());
     h[22..24].copy_from_slice(&dst.port().to_be_bytes());
     h[24..26].copy_from_slice(&((len - 20) as u16).to_be_bytes());
-    h[28..].copy_from_slice(&p);
-    at..at + len
+    h[28..].copy_from_slice(payload);
 }
 
 /// The IPv4 header checksum (RFC 791) of a header whose checksum field is 0.

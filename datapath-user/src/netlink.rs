@@ -152,47 +152,43 @@ impl Rtnl {
     /// The statistics of interface `ifindex`: its `IFLA_STATS64`
     /// (`rtnl_link_stats64`, include/uapi/linux/if_link.h).
     pub fn link_stats64(&mut self, ifindex: u32) -> Result<Stats64, NetlinkError> {
-        const REQ: &str = "link statistics";
-        let mut msg = LinkMessage::default();
-        msg.header.index = ifindex;
-        match self.ask(REQ, RouteNetlinkMessage::GetLink(msg))? {
-            RouteNetlinkMessage::NewLink(l) => l
-                .attributes
-                .into_iter()
-                .find_map(|a| match a {
-                    LinkAttribute::Stats64(s) => Some(s),
-                    _ => None,
-                })
-                .ok_or(NetlinkError::Decode {
-                    request: REQ,
-                    detail: format!("interface {ifindex} has no IFLA_STATS64"),
-                }),
-            other => Err(NetlinkError::Decode {
-                request: REQ,
-                detail: format!("unexpected {other:?}"),
-            }),
-        }
+        self.link_attribute("link statistics", ifindex, "IFLA_STATS64", |a| match a {
+            LinkAttribute::Stats64(s) => Some(s),
+            _ => None,
+        })
     }
 
     /// The hardware address of interface `ifindex`.
     pub fn link_mac(&mut self, ifindex: u32) -> Result<[u8; 6], NetlinkError> {
-        const REQ: &str = "link get";
+        self.link_attribute("link get", ifindex, "MAC", |a| match a {
+            LinkAttribute::Address(m) => <[u8; 6]>::try_from(m.as_slice()).ok(),
+            _ => None,
+        })
+    }
+
+    /// `ip link show <ifindex>`: the first of its attributes that `pick`
+    /// takes (`what` names it in the error when there is none).
+    fn link_attribute<T>(
+        &mut self,
+        request: &'static str,
+        ifindex: u32,
+        what: &str,
+        pick: impl FnMut(LinkAttribute) -> Option<T>,
+    ) -> Result<T, NetlinkError> {
         let mut msg = LinkMessage::default();
         msg.header.index = ifindex;
-        match self.ask(REQ, RouteNetlinkMessage::GetLink(msg))? {
-            RouteNetlinkMessage::NewLink(l) => l
-                .attributes
-                .iter()
-                .find_map(|a| match a {
-                    LinkAttribute::Address(m) => <[u8; 6]>::try_from(m.as_slice()).ok(),
-                    _ => None,
-                })
-                .ok_or(NetlinkError::Decode {
-                    request: REQ,
-                    detail: format!("interface {ifindex} has no MAC"),
-                }),
+        match self.ask(request, RouteNetlinkMessage::GetLink(msg))? {
+            RouteNetlinkMessage::NewLink(l) => {
+                l.attributes
+                    .into_iter()
+                    .find_map(pick)
+                    .ok_or(NetlinkError::Decode {
+                        request,
+                        detail: format!("interface {ifindex} has no {what}"),
+                    })
+            }
             other => Err(NetlinkError::Decode {
-                request: REQ,
+                request,
                 detail: format!("unexpected {other:?}"),
             }),
         }
