@@ -202,8 +202,8 @@ impl Driver {
                         level,
                         sa_log::About {
                             exchange,
-                            ike_spi: ike_spi.as_deref(),
-                            spi: spi.as_deref(),
+                            ike_spi,
+                            spi,
                         },
                         &message,
                     ),

@@ -6,7 +6,10 @@
 
 use std::net::IpAddr;
 
-use ike_proto::{connection::Level, status::ConnStatus};
+use ike_proto::{
+    connection::{ChildSpis, IkeSpis, Level},
+    status::ConnStatus,
+};
 
 /// The tunnel has an outbound SA: its routed CHILD_SA's SPIs, its IKE_SA's.
 pub fn tunnel_up(tunnel: &str, peer: IpAddr, st: &ConnStatus) {
@@ -58,23 +61,22 @@ pub fn expiry(tunnel: &str, peer: IpAddr, spi: u32, direction: &str, hard: bool,
 
 /// What a message of the IKE core is about, as fields of its line.
 #[derive(Debug, Default, Clone, Copy)]
-pub struct About<'a> {
+pub struct About {
     /// The exchange, when it is about one.
     pub exchange: Option<&'static str>,
     /// The IKE_SA whose message or timer it comes from.
-    pub ike_spi: Option<&'a str>,
+    pub ike_spi: Option<IkeSpis>,
     /// The CHILD_SA it is about.
-    pub spi: Option<&'a str>,
+    pub spi: Option<ChildSpis>,
 }
 
 /// A message of the IKE core about tunnel `tunnel` (its text starts with
 /// the tunnel's name already), with what it is about as fields.
-pub fn core_message(tunnel: &str, peer: IpAddr, level: Level, about: About<'_>, message: &str) {
-    let About {
-        exchange,
-        ike_spi,
-        spi,
-    } = about;
+pub fn core_message(tunnel: &str, peer: IpAddr, level: Level, about: About, message: &str) {
+    // As strings, like the other SPI fields (quoted in the text format).
+    let ike_spi = about.ike_spi.map(|s| s.to_string());
+    let spi = about.spi.map(|s| s.to_string());
+    let (ike_spi, spi, exchange) = (ike_spi.as_deref(), spi.as_deref(), about.exchange);
     match level {
         Level::Debug => tracing::debug!(tunnel, %peer, exchange, ike_spi, spi, "{message}"),
         Level::Info => tracing::info!(tunnel, %peer, exchange, ike_spi, spi, "{message}"),
@@ -177,7 +179,10 @@ mod tests {
                 Level::Error,
                 About {
                     exchange: Some("IKE_AUTH"),
-                    ike_spi: Some("0011223344556677/8899aabbccddeeff"),
+                    ike_spi: Some(IkeSpis {
+                        initiator: 0x0011_2233_4455_6677,
+                        responder: 0x8899_aabb_ccdd_eeff,
+                    }),
                     spi: None,
                 },
                 "Tunnel0: IKE_AUTH: authentication of peer failed",
@@ -194,7 +199,10 @@ mod tests {
                 peer,
                 Level::Info,
                 About {
-                    spi: Some("c0ffee01/0badf00d"),
+                    spi: Some(ChildSpis {
+                        inbound: 0xc0ff_ee01,
+                        outbound: Some(0x0bad_f00d),
+                    }),
                     ..About::default()
                 },
                 "Tunnel0: CHILD_SA c0ffee01_i 0badf00d_o deleted",

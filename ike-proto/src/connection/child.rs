@@ -24,7 +24,7 @@ impl Connection {
         self.out.log_child(
             Level::Info,
             &self.cfg,
-            child_spis(c.spi_in, Some(c.spi_out)),
+            (c.spi_in, Some(c.spi_out)),
             format!(
                 "CHILD_SA {what}: SPIs {:08x}_i {:08x}_o, {}, {} === {}",
                 c.spi_in,
@@ -162,7 +162,7 @@ impl Connection {
         self.out.log_child(
             Level::Info,
             &self.cfg,
-            child_spis(spi_in, None),
+            (spi_in, None),
             format!("the peer deleted CHILD_SA {spi_in:08x}_i; its route stays for a new one"),
         );
     }
@@ -198,7 +198,7 @@ impl Connection {
             self.out.log_child(
                 Level::Info,
                 &self.cfg,
-                child_spis(spi_in, None),
+                (spi_in, None),
                 format!(
                     "no new CHILD_SA within {} s of the peer's DELETE of {spi_in:08x}_i",
                     CARRIER_GRACE.as_secs()
@@ -211,7 +211,7 @@ impl Connection {
         self.out.log_child(
             Level::Warn,
             &self.cfg,
-            child_spis(spi_in, Some(c.spi_out)),
+            (spi_in, Some(c.spi_out)),
             format!("CHILD_SA {spi_in:08x}_i reached its hard {why} lifetime"),
         );
         self.remove_child(i, spi_in, backend);
@@ -286,7 +286,7 @@ impl Connection {
         self.out.log_child(
             Level::Info,
             &self.cfg,
-            child_spis(c.spi_in, Some(c.spi_out)),
+            (c.spi_in, Some(c.spi_out)),
             format!("CHILD_SA {:08x}_i {:08x}_o deleted", c.spi_in, c.spi_out),
         );
     }

@@ -93,13 +93,10 @@ pub enum Event {
         /// `CREATE_CHILD_SA`, `INFORMATIONAL`, RFC 7296 §3.1), when it is
         /// about one: a structured field of the daemon's logs.
         exchange: Option<&'static str>,
-        /// The SPIs of the IKE_SA whose message or timer it comes from,
-        /// initiator's/responder's in hex (§3.1; the responder's is zeros
-        /// before the peer chose it).
-        ike_spi: Option<String>,
-        /// The CHILD_SA it is about: inbound/outbound SPI in hex (§3.3.1),
-        /// or the inbound one alone.
-        spi: Option<String>,
+        /// The IKE_SA whose message or timer it comes from.
+        ike_spi: Option<IkeSpis>,
+        /// The CHILD_SA it is about.
+        spi: Option<ChildSpis>,
     },
     /// The tunnel's outbound traffic has an SA.
     TunnelUp { tunnel: u32 },
@@ -108,6 +105,38 @@ pub enum Event {
     /// A message was dropped before it changed anything (counted in
     /// [`ConnStats::invalid_messages`]).
     Rejected { from: SocketAddr, reason: Reject },
+}
+
+/// An IKE_SA's SPIs (§3.1; the responder's is 0 before the peer chose it),
+/// shown as `initiator/responder` in hex.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IkeSpis {
+    pub initiator: u64,
+    pub responder: u64,
+}
+
+impl std::fmt::Display for IkeSpis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}/{:016x}", self.initiator, self.responder)
+    }
+}
+
+/// A CHILD_SA's SPIs (§3.3.1): the inbound one, and the outbound one when
+/// it is known; shown as `inbound/outbound` in hex, or the inbound alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChildSpis {
+    pub inbound: u32,
+    pub outbound: Option<u32>,
+}
+
+impl std::fmt::Display for ChildSpis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:08x}", self.inbound)?;
+        match self.outbound {
+            Some(o) => write!(f, "/{o:08x}"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The longest wait between two attempts of an initiator.
@@ -121,14 +150,14 @@ const REKEY_RETRY_LATER: Duration = Duration::from_secs(10);
 struct Out {
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
-    /// The IKE_SA (initiator's and responder's SPI) whose message or timer
-    /// is being handled: its logs carry it.
-    ike_spi: Option<(u64, u64)>,
+    /// The IKE_SA whose message or timer is being handled: its logs
+    /// carry it.
+    ike_spi: Option<IkeSpis>,
 }
 
 impl Out {
     fn log(&mut self, level: Level, cfg: &PeerConfig, msg: impl Into<String>) {
-        self.push_log(level, cfg, None, msg.into());
+        self.push(level, cfg, None, None, msg.into());
     }
 
     /// A log event about `exchange`.
@@ -139,23 +168,20 @@ impl Out {
         cfg: &PeerConfig,
         msg: impl Into<String>,
     ) {
-        self.push_log(level, cfg, Some(exchange), msg.into());
+        self.push(level, cfg, Some(exchange), None, msg.into());
     }
 
-    /// A log event about the CHILD_SA whose SPIs are `spi` (see
-    /// [`child_spis`]).
-    fn log_child(&mut self, level: Level, cfg: &PeerConfig, spi: String, msg: impl Into<String>) {
-        self.push(level, cfg, None, Some(spi), msg.into());
-    }
-
-    fn push_log(
+    /// A log event about the CHILD_SA of inbound SPI `inbound` (and
+    /// `outbound`, when known).
+    fn log_child(
         &mut self,
         level: Level,
         cfg: &PeerConfig,
-        exchange: Option<&'static str>,
-        msg: String,
+        (inbound, outbound): (u32, Option<u32>),
+        msg: impl Into<String>,
     ) {
-        self.push(level, cfg, exchange, None, msg);
+        let spi = ChildSpis { inbound, outbound };
+        self.push(level, cfg, None, Some(spi), msg.into());
     }
 
     fn push(
@@ -163,25 +189,16 @@ impl Out {
         level: Level,
         cfg: &PeerConfig,
         exchange: Option<&'static str>,
-        spi: Option<String>,
+        spi: Option<ChildSpis>,
         msg: String,
     ) {
         self.events.push_back(Event::Log {
             level,
             message: format!("{}: {msg}", cfg.name),
             exchange,
-            ike_spi: self.ike_spi.map(|(i, r)| format!("{i:016x}/{r:016x}")),
+            ike_spi: self.ike_spi,
             spi,
         });
-    }
-}
-
-/// A CHILD_SA's SPIs as its log events carry them: `inbound/outbound`, or
-/// the inbound one alone.
-fn child_spis(spi_in: u32, spi_out: Option<u32>) -> String {
-    match spi_out {
-        Some(o) => format!("{spi_in:08x}/{o:08x}"),
-        None => format!("{spi_in:08x}"),
     }
 }
 
@@ -313,7 +330,10 @@ impl Connection {
             if self.sas[i].state == IkeState::Dead {
                 continue;
             }
-            self.out.ike_spi = Some((self.sas[i].spi_i, self.sas[i].spi_r));
+            self.out.ike_spi = Some(IkeSpis {
+                initiator: self.sas[i].spi_i,
+                responder: self.sas[i].spi_r,
+            });
             for timer in self.sas[i].timers.expire(now) {
                 if self.sas[i].state == IkeState::Dead {
                     break;

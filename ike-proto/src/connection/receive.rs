@@ -37,7 +37,10 @@ impl Connection {
     ) -> Verdict {
         let msg = Message::parse(data)?;
         let h = msg.header;
-        self.out.ike_spi = Some((h.spi_i, h.spi_r));
+        self.out.ike_spi = Some(IkeSpis {
+            initiator: h.spi_i,
+            responder: h.spi_r,
+        });
         if h.exchange == ExchangeType::IKE_SA_INIT {
             return if h.is_response() {
                 self.init_response(now, local_port, remote, data, &msg, backend)
@@ -238,7 +241,7 @@ impl Connection {
                     self.out.log_child(
                         Level::Error,
                         &self.cfg,
-                        child_spis(c.spi_in, Some(c.spi_out)),
+                        (c.spi_in, Some(c.spi_out)),
                         format!("moving SA {spi:08x} to {remote}: {e}"),
                     );
                 }

@@ -371,7 +371,11 @@ fn log_events_carry_their_spis() {
                 spi,
                 exchange,
                 ..
-            } if message.contains(what) => Some((ike_spi.clone(), spi.clone(), *exchange)),
+            } if message.contains(what) => Some((
+                ike_spi.map(|s| s.to_string()),
+                spi.map(|s| s.to_string()),
+                *exchange,
+            )),
             _ => None,
         })
     };
