@@ -1,6 +1,7 @@
 //! What the datapaths that add and remove tunnels live (`xesp reload`)
-//! share: the choice of a tunnel's index, and taking a removed tunnel's
-//! interface out of the routes before it is deleted.
+//! share: the choice of a tunnel's index, a tunnel interface's settings,
+//! and taking a removed tunnel's interface out of the routes before it is
+//! deleted.
 
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,24 @@ pub(super) fn free_slot<T>(tuns: &[Option<T>]) -> Result<usize, DatapathError> {
         return Err(DatapathError::TunnelIndex(i as u32));
     }
     Ok(i)
+}
+
+/// Sets `net.<setting>` (e.g. `ipv6/conf/<name>/disable_ipv6`) to 1 for
+/// tunnel interface `name`; `what` says what for an error. Nothing when the
+/// kernel has no such setting (IPv6 compiled out).
+pub(super) fn set_interface_flag(
+    name: &str,
+    setting: &str,
+    what: &str,
+) -> Result<(), DatapathError> {
+    let path = format!("/proc/sys/net/{setting}");
+    if std::path::Path::new(&path).exists() {
+        std::fs::write(&path, "1").map_err(|source| DatapathError::Io {
+            what: format!("{name}: {what}"),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 /// How long a removed tunnel's routes may take to move to the other

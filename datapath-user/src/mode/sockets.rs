@@ -18,7 +18,7 @@ use super::{
     DatapathConfig, DatapathStatus, IkeSink, SaExpiry, TunnelConfig, TunnelCounters,
     backend::{SpiAllocator, UserBackend},
     io_err,
-    slots::{drain_routes, free_slot},
+    slots::{drain_routes, free_slot, set_interface_flag},
 };
 use crate::{
     DatapathError,
@@ -50,17 +50,18 @@ fn tunnel_device(
     // the kernel's FIB (and XDP's bpf_fib_lookup) passes over its next hops
     // meanwhile, in an ECMP route too, so that a tunnel being added (or one
     // whose SA is gone) is never chosen before the routing daemon sees it.
-    let linkdown = format!("/proc/sys/net/ipv4/conf/{name}/ignore_routes_with_linkdown");
-    if std::path::Path::new(&linkdown).exists() {
-        std::fs::write(&linkdown, "1")
-            .map_err(io_err(format!("{name}: ignore_routes_with_linkdown")))?;
-    }
+    set_interface_flag(
+        name,
+        &format!("ipv4/conf/{name}/ignore_routes_with_linkdown"),
+        "ignore_routes_with_linkdown",
+    )?;
     // The tunnels carry IPv4 selectors only: without this the device's own
     // IPv6 (router solicitations, MLD) would go in and count as no_selector.
-    let v6 = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
-    if std::path::Path::new(&v6).exists() {
-        std::fs::write(&v6, "1").map_err(io_err(format!("{name}: turning IPv6 off")))?;
-    }
+    set_interface_flag(
+        name,
+        &format!("ipv6/conf/{name}/disable_ipv6"),
+        "turning IPv6 off",
+    )?;
     rtnl.set_link_up(ifindex, u32::from(mtu))?;
     rtnl.replace_address(ifindex, addr, 32)?;
     Ok(tun)

@@ -59,7 +59,7 @@ use crate::{
 
 use super::{
     TunnelConfig,
-    slots::{drain_routes, free_slot},
+    slots::{drain_routes, free_slot, set_interface_flag},
 };
 
 fn backend_error(e: XfrmError) -> BackendError {
@@ -135,10 +135,11 @@ fn tunnel_interface(
     let if_id = slot as u32 + 1;
     let ifindex = xfrm::create_interface(&t.name, if_id, link)
         .map_err(xfrm_error(&format!("creating {}", t.name)))?;
-    let v6 = format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", t.name);
-    if std::path::Path::new(&v6).exists() {
-        std::fs::write(&v6, "1").map_err(io_err(format!("{}: turning IPv6 off", t.name)))?;
-    }
+    set_interface_flag(
+        &t.name,
+        &format!("ipv6/conf/{}/disable_ipv6", t.name),
+        "turning IPv6 off",
+    )?;
     rtnl.replace_address(ifindex, t.address, 32)?;
     log::info!(
         "{}: xfrm interface (if_id {if_id}) with {}/32, peer {}, down until the tunnel is up",
