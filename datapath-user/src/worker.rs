@@ -101,8 +101,9 @@ pub enum Counter {
     /// socket, one TX submission and at most one kick per TX ring).
     Batches,
     /// System calls: `poll()` waits for RX (made only after an idle round),
-    /// `sendto()` kicks of a TX ring (in copy mode the kernel sends at most
-    /// 32 frames per kick), fill-ring wakeups, `XDP_STATISTICS` reads, and
+    /// `sendto()` kicks of a TX ring (in copy mode the kernel sends 32
+    /// frames per kick, or a ring's worth where it takes
+    /// `XDP_MAX_TX_SKB_BUDGET`), fill-ring wakeups, `XDP_STATISTICS` reads, and
     /// busy polls of the RX queues (busy polling only).
     RxPolls,
     TxKicks,
@@ -302,7 +303,8 @@ impl Worker {
     /// is on, take a batch from each RX ring (no more than the TX ring it
     /// feeds can take), process it in place and hand its frames' worth back
     /// to the fill ring, then submit each TX ring's batch with one kick
-    /// (copy mode: one per 32 frames, the kernel's limit per `sendto()`),
+    /// (copy mode: one per 32 frames on kernels before 6.17, the limit per
+    /// `sendto()` there),
     /// reap completions and refill the fill rings. `poll()` only after an
     /// idle round, for a millisecond while frames are still in flight.
     pub fn run(mut self, stop: Arc<AtomicBool>) {
