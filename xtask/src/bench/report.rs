@@ -206,14 +206,32 @@ fn fmt_pct(x: Option<f64>) -> String {
     }
 }
 
-/// One step of offered load.
+/// One step of offered load, measured as often as the flat-out trials.
 #[derive(Debug, Clone, Serialize)]
 pub struct Step {
-    /// Offered load asked for, in percent of the flat-out peak.
+    /// Offered load asked for, in percent of the flat-out median.
     pub percent: u32,
     pub asked_pps: f64,
+    /// Delivered packets/s over the repetitions.
+    pub delivered_pps: Spread,
+    /// The repetition whose delivered rate is the median.
     #[serde(flatten)]
     pub m: Measured,
+}
+
+impl Step {
+    /// The step from its repetitions (at least one).
+    pub fn new(percent: u32, asked_pps: f64, mut reps: Vec<Measured>) -> Option<Self> {
+        let delivered_pps = Spread::of(reps.iter().map(|m| m.pps));
+        reps.sort_by(|a, b| a.pps.total_cmp(&b.pps));
+        let m = reps.get(reps.len().checked_sub(1)? / 2)?.clone();
+        Some(Self {
+            percent,
+            asked_pps,
+            delivered_pps,
+            m,
+        })
+    }
 }
 
 /// A case measured under offered load stepped from 50% to 200% of its peak.
@@ -223,13 +241,14 @@ pub struct Overload {
     pub suite: Suite,
     pub direction: Direction,
     pub size: usize,
-    /// The best delivered packets/s of the flat-out repetitions.
+    /// The median delivered packets/s of the flat-out repetitions.
     pub flat_out_pps: f64,
     pub steps: Vec<Step>,
 }
 
 impl Overload {
-    /// The peak: the best delivered rate seen, flat out or at any step.
+    /// The peak: the best median delivered rate, flat out or at any step
+    /// (medians, so that one lucky repetition does not set the bar).
     pub fn peak(&self) -> f64 {
         self.steps
             .iter()
@@ -351,7 +370,16 @@ impl Report {
                     o.flat_out_pps
                 );
                 for st in &o.steps {
-                    let _ = write!(s, " {:.0} → {:.0} |", st.m.offered_pps, st.m.pps);
+                    let d = &st.delivered_pps;
+                    if d.min < d.max {
+                        let _ = write!(
+                            s,
+                            " {:.0} → {:.0} ({:.0}–{:.0}) |",
+                            st.m.offered_pps, st.m.pps, d.min, d.max
+                        );
+                    } else {
+                        let _ = write!(s, " {:.0} → {:.0} |", st.m.offered_pps, st.m.pps);
+                    }
                 }
                 let _ = writeln!(s, " {} |", fmt_pct(o.at_top()));
             }
@@ -373,7 +401,8 @@ impl Report {
              work in softirq on the sending CPU is not counted. null fwd: xesp's datapath with the ESP work \
              replaced by adding/removing as many octets (a benchmark-only build). marginal CPU: xesp's CPU \
              per packet minus the null forwarder's. Overload steps: the generator paced at a share of the \
-             flat-out rate; the peak is the best delivered rate seen flat out or at any step. Build {:.0} s, \
+             flat-out median, each step repeated as the flat-out trials, median offered → median delivered \
+             (min–max); the peak is the best median delivered, flat out or at any step. Build {:.0} s, \
              run {:.0} s.",
             self.build_seconds, self.total_seconds
         );
@@ -647,11 +676,7 @@ mod tests {
             trial(DutKind::StrongSwan, 64, 1, 100.0, 1000),
         ];
         compare(&mut t);
-        let step = |percent, pps| Step {
-            percent,
-            asked_pps: 0.0,
-            m: m(pps, None, 1),
-        };
+        let step = |percent, pps| Step::new(percent, 0.0, vec![m(pps, None, 1)]).unwrap();
         let o = vec![Overload {
             dut: DutKind::Xesp,
             suite: Suite::Gcm256,
