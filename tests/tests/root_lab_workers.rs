@@ -15,13 +15,57 @@ use xtask::{
     netns::wait_until,
 };
 
+/// Queue 0's worker is pinned to the last CPU this test may use
+/// (`XESP_AF_XDP_CPUS`).
+fn pinned_cpu() -> usize {
+    *datapath_user::mode::cpus::allowed_cpus().last().unwrap()
+}
+
 fn lab(fault: &str) -> Lab {
     Lab::up(LabConfig {
         onprem: OnpremMode::Xesp,
-        xesp_env: vec![("XESP_FAULT_INJECT".into(), fault.into())],
+        xesp_env: vec![
+            ("XESP_FAULT_INJECT".into(), fault.into()),
+            ("XESP_AF_XDP_CPUS".into(), pinned_cpu().to_string()),
+        ],
         ..LabConfig::default()
     })
     .unwrap()
+}
+
+/// `Cpus_allowed_list` of each AF_XDP worker thread (by name) of the xesp
+/// processes started with `XESP_AF_XDP_CPUS` set.
+fn worker_cpus() -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        let environ = std::fs::read(p.path().join("environ")).unwrap_or_default();
+        if !environ
+            .split(|b| *b == 0)
+            .any(|e| e.starts_with(b"XESP_AF_XDP_CPUS="))
+        {
+            continue;
+        }
+        for t in std::fs::read_dir(p.path().join("task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if !name.starts_with("xsk-q") {
+                continue;
+            }
+            let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+            let cpus = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            found.push((name.trim().to_string(), cpus));
+        }
+    }
+    found.sort();
+    found
 }
 
 /// A worker counter from `xesp status --json` (pairs of name and value).
@@ -66,6 +110,18 @@ fn root_workers_dead_at_start_are_restarted_and_carry_traffic() {
     let (x, _) = lab.xesp.as_ref().unwrap();
     let log = std::fs::read_to_string(x.log()).unwrap();
     assert!(log.contains("ended (panicked"), "the death is logged");
+    // The restarted worker runs where XESP_AF_XDP_CPUS says (the lab's
+    // interfaces have one queue).
+    let cpu = pinned_cpu().to_string();
+    let workers = worker_cpus();
+    assert!(
+        workers.iter().any(|(n, c)| n == "xsk-q0" && *c == cpu),
+        "queue 0's worker pinned to CPU {cpu}: {workers:?}"
+    );
+    assert!(
+        log.contains(&format!("queue 0 on CPU {cpu}")),
+        "the pinning is logged"
+    );
 }
 
 #[test]

@@ -15,6 +15,7 @@
 //! socket.
 
 mod backend;
+pub mod cpus;
 mod slots;
 pub mod sockets;
 mod workers;

@@ -15,6 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use super::cpus::{WorkerCpus, pin_current_thread};
 use crate::{
     DatapathError,
     slowpath::SlowPath,
@@ -63,6 +64,7 @@ pub struct Workers {
     /// Workers that ended and were started again.
     restarts: AtomicU64,
     busy_poll: Option<BusyPoll>,
+    cpus: WorkerCpus,
 }
 
 impl Workers {
@@ -85,6 +87,10 @@ impl Workers {
                 bp.budget
             );
         }
+        let cpus = WorkerCpus::from_env()?;
+        if !cpus.is_empty() {
+            log::info!("AF_XDP workers: {cpus}");
+        }
         let mut w = Self {
             counters: Arc::new(WorkerCounters::default()),
             slots: Vec::new(),
@@ -94,6 +100,7 @@ impl Workers {
             stop: Arc::new(AtomicBool::new(false)),
             restarts: AtomicU64::new(0),
             busy_poll,
+            cpus,
         };
         w.restart(queues, xdp)?;
         Ok(w)
@@ -189,9 +196,15 @@ impl Workers {
         let fault = injected_fault(self.slots[i].starts);
         self.slots[i].starts += 1;
         let stop = self.stop.clone();
+        let cpu = self.cpus.of(q);
         let handle = std::thread::Builder::new()
             .name(format!("xsk-q{q}"))
             .spawn(move || {
+                if let Some(cpu) = cpu
+                    && let Err(e) = pin_current_thread(cpu)
+                {
+                    log::warn!("AF_XDP worker of queue {q}: runs unpinned, CPU {cpu}: {e}");
+                }
                 if fault {
                     panic!("injected fault ({FAULT_ENV})");
                 }
