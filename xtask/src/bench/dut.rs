@@ -311,20 +311,6 @@ pub fn vnet_half(t: usize) -> &'static str {
 
 /// The workers' busy polling setting (datapath-user's `BusyPoll::ENV`).
 const BUSY_POLL_ENV: &str = "XESP_AF_XDP_BUSY_POLL";
-/// The workers' CPUs (datapath-user's `WorkerCpus::ENV`).
-const CPUS_ENV: &str = "XESP_AF_XDP_CPUS";
-
-/// Each queue's worker on a CPU other than its generator's: the generator
-/// of tunnel (and queue) t runs on CPU t (modulo the CPUs), so the worker of
-/// queue q goes to CPU q + 1. The generator stands for another machine; an
-/// unpinned worker, woken by the receive softirq on the generator's CPU,
-/// would often share that CPU with it.
-fn worker_cpus() -> String {
-    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let v: Vec<String> = (0..n).map(|q| ((q + 1) % n).to_string()).collect();
-    v.join(",")
-}
-
 fn start_xesp(
     topo: &Topology,
     suite: Suite,
@@ -374,7 +360,6 @@ allow_legacy = true
         .arg(&conf)
         .env("RUST_LOG", "info")
         .env(BUSY_POLL_ENV, busy_poll)
-        .env(CPUS_ENV, worker_cpus())
         .stdout(log.try_clone()?)
         .stderr(log);
     let mut d = Daemon::spawn("xesp under test", &mut cmd)?;

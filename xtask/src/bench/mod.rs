@@ -291,8 +291,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             }
             for (dir, size, tunnels) in cases {
                 k += 1;
-                let mut reps = Vec::new();
-                for _ in 0..repeat {
+                // One trial of this case, flat out or at `rate`.
+                let mut measure = |rate: Option<f64>| -> Result<Measured> {
                     let (gen_end, sink_end) = ends_for(dir, &mut lan, &mut az);
                     let m = trial(
                         gen_end,
@@ -302,11 +302,24 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                         size,
                         tunnels,
                         packets,
-                        None,
+                        rate,
                     )?;
+                    if let Some(rate) = rate {
+                        eprintln!(
+                            "[bench      overload] offered {:>9.0} (asked {rate:.0}) delivered {:>9.0} pkt/s, loss {:.1}%, not sent {}, dropped on send {}",
+                            m.offered_pps,
+                            m.pps,
+                            100.0 * (1.0 - m.delivered as f64 / m.sent.max(1) as f64),
+                            m.not_sent,
+                            m.tx_dropped
+                        );
+                    }
                     eprintln!("[bench      counted] {}", diag::drops_line(&m.counters));
-                    reps.push(m);
-                }
+                    Ok(m)
+                };
+                let reps = (0..repeat)
+                    .map(|_| measure(None))
+                    .collect::<Result<Vec<_>>>()?;
                 let (seal, open) = raw
                     .iter()
                     .find(|r| r.0 == size)
@@ -332,30 +345,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                     let mut steps = Vec::new();
                     for pct in OVERLOAD_STEPS {
                         let rate = peak * f64::from(pct) / 100.0;
-                        let mut reps = Vec::new();
-                        for _ in 0..repeat {
-                            let (gen_end, sink_end) = ends_for(dir, &mut lan, &mut az);
-                            let m = trial(
-                                gen_end,
-                                sink_end,
-                                (&topo, &d, &bins.xesp),
-                                dir,
-                                size,
-                                tunnels,
-                                packets,
-                                Some(rate),
-                            )?;
-                            eprintln!(
-                                "[bench      overload {pct:>3}%] offered {:>9.0} (asked {rate:.0}) delivered {:>9.0} pkt/s, loss {:.1}%, not sent {}, dropped on send {}",
-                                m.offered_pps,
-                                m.pps,
-                                100.0 * (1.0 - m.delivered as f64 / m.sent.max(1) as f64),
-                                m.not_sent,
-                                m.tx_dropped
-                            );
-                            eprintln!("[bench      counted] {}", diag::drops_line(&m.counters));
-                            reps.push(m);
-                        }
+                        eprintln!("[bench      overload {pct:>3}%]");
+                        let reps = (0..repeat)
+                            .map(|_| measure(Some(rate)))
+                            .collect::<Result<Vec<_>>>()?;
                         steps.extend(report::Step::new(pct, rate, reps));
                     }
                     overload.push(report::Overload {
