@@ -209,15 +209,11 @@ fn sockaddr(a: SocketAddrV4) -> libc::sockaddr_in {
 }
 
 /// Pins the calling thread to `cpu` (modulo the CPUs there are), so that
-/// the interface's transmit queue chosen by XPS is that CPU's.
+/// the interface's transmit queue chosen by XPS is that CPU's. Best effort:
+/// an unpinned generator still sends.
 pub fn pin_to_cpu(cpu: usize) {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-    // SAFETY: cpu_set_t is plain data; sched_setaffinity reads it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu % n, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
+    let _ = datapath_user::mode::cpus::pin_current_thread(cpu % n);
 }
 
 /// Sends each thread's datagrams on its own CPU at the same time, each at
