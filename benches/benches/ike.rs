@@ -4,8 +4,9 @@
 //! the bound a setup cannot beat is each side's key generation and
 //! agreement, two of each per setup. `cargo bench -p xesp-benches --bench ike`.
 //!
-//! After criterion's figures, a summary measured the same way for each
-//! group: setups/s, the DH bound, and their ratio (the goal is >= 0.8).
+//! After criterion's figures, a summary for each group: setups/s, the DH
+//! bound, and their ratio (the goal is >= 0.8), the two measured in
+//! alternating 50 ms slices so that a busy machine's drift falls on both.
 
 use std::{
     hint::black_box,
@@ -128,22 +129,40 @@ fn benches(c: &mut Criterion) {
     }
 }
 
-/// Runs `f` for about `for_how_long`; returns its calls per second.
-fn rate(for_how_long: Duration, mut f: impl FnMut()) -> f64 {
-    f(); // warm
+/// Calls per second of `a` and of `b`, measured in alternating slices of
+/// `slice` for about `for_how_long` in all: a busy machine's drift falls on
+/// both alike, so their ratio holds where two measurements one after the
+/// other would not.
+fn paired_rates(
+    for_how_long: Duration,
+    slice: Duration,
+    mut a: impl FnMut(),
+    mut b: impl FnMut(),
+) -> (f64, f64) {
+    a(); // warm
+    b();
+    let (mut na, mut ta, mut nb, mut tb) = (0u64, Duration::ZERO, 0u64, Duration::ZERO);
     let start = Instant::now();
-    let mut n = 0u64;
     while start.elapsed() < for_how_long {
-        f();
-        n += 1;
+        for (f, n, t) in [
+            (&mut a as &mut dyn FnMut(), &mut na, &mut ta),
+            (&mut b as &mut dyn FnMut(), &mut nb, &mut tb),
+        ] {
+            let s = Instant::now();
+            while s.elapsed() < slice {
+                f();
+                *n += 1;
+            }
+            *t += s.elapsed();
+        }
     }
-    n as f64 / start.elapsed().as_secs_f64()
+    (na as f64 / ta.as_secs_f64(), nb as f64 / tb.as_secs_f64())
 }
 
 /// Setups/s next to the DH bound, measured one after the other in this run.
 fn summary() {
     let quick = std::env::args().any(|a| a == "--quick" || a == "--test");
-    let d = Duration::from_millis(if quick { 300 } else { 2000 });
+    let d = Duration::from_millis(if quick { 600 } else { 4000 });
     let rng = Arc::new(SystemRandom::new());
     println!(
         "\nIKE_SA setups per second on one core (both peers on this thread) vs the DH bound\n\
@@ -152,13 +171,17 @@ fn summary() {
     );
     for (group, proposal) in GROUPS {
         let public = peer_public(group, &rng);
-        let dh = rate(d, || {
-            black_box(dh_side(group, &public, &rng));
-        });
         let cfgs = configs(proposal);
-        let setups = rate(d, || {
-            black_box(setup(&cfgs, &rng));
-        });
+        let (dh, setups) = paired_rates(
+            d,
+            Duration::from_millis(50),
+            || {
+                black_box(dh_side(group, &public, &rng));
+            },
+            || {
+                black_box(setup(&cfgs, &rng));
+            },
+        );
         let bound = dh / 2.0;
         let r = setups / bound;
         println!(

@@ -6,6 +6,7 @@
 //! has no global state.
 
 use core::fmt;
+use std::sync::OnceLock;
 
 use crypto_bigint::{
     Encoding, U1024, U2048, Uint,
@@ -498,21 +499,34 @@ pub fn child_keymat(
 }
 
 /// A pre-shared key. Its Debug and Display never show it.
+///
+/// It keeps prf(PSK, "Key Pad for IKEv2") (§2.15) for each PRF once it has
+/// computed it: every AUTH of every IKE_SA of a tunnel starts from that
+/// value, and the configuration holding the key outlives them all.
 #[derive(Clone)]
-pub struct Psk(Zeroizing<Vec<u8>>);
+pub struct Psk {
+    key: Zeroizing<Vec<u8>>,
+    /// Indexed by the PRF's position in [`Prf::ALL`].
+    pads: [OnceLock<Zeroizing<Vec<u8>>>; 4],
+}
 
 impl Psk {
     pub fn new(bytes: &[u8]) -> Self {
-        Self(Zeroizing::new(bytes.to_vec()))
+        Self {
+            key: Zeroizing::new(bytes.to_vec()),
+            pads: Default::default(),
+        }
     }
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.key.len()
     }
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.key.is_empty()
     }
-    pub(crate) fn expose(&self) -> &[u8] {
-        &self.0
+    /// prf(PSK, "Key Pad for IKEv2"), computed once per PRF.
+    fn pad(&self, prf: Prf) -> &[u8] {
+        let at = Prf::ALL.iter().position(|p| *p == prf).unwrap_or(0);
+        self.pads[at].get_or_init(|| Zeroizing::new(prf.prf(&self.key, &[b"Key Pad for IKEv2"])))
     }
 }
 
@@ -520,7 +534,7 @@ impl Psk {
 impl PartialEq for Psk {
     fn eq(&self, other: &Self) -> bool {
         use subtle::ConstantTimeEq;
-        self.0.len() == other.0.len() && bool::from(self.0.ct_eq(&other.0))
+        self.key.len() == other.key.len() && bool::from(self.key.ct_eq(&other.key))
     }
 }
 
@@ -541,9 +555,8 @@ pub fn psk_auth(
     sk_p: &[u8],
     id_body: &[u8],
 ) -> Vec<u8> {
-    let key = Zeroizing::new(prf.prf(psk.expose(), &[b"Key Pad for IKEv2"]));
     let maced_id = prf.prf(sk_p, &[id_body]);
-    prf.prf(&key, &[first_message, peer_nonce, &maced_id])
+    prf.prf(psk.pad(prf), &[first_message, peer_nonce, &maced_id])
 }
 
 /// Checks a received AUTH in constant time.
@@ -553,22 +566,59 @@ pub fn psk_auth_ok(expected: &[u8], received: &[u8]) -> bool {
 
 /// NAT detection hash (§2.23): SHA-1(SPIi | SPIr | IP | port).
 pub fn nat_detection_hash(spi_i: u64, spi_r: u64, addr: std::net::IpAddr, port: u16) -> [u8; 20] {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
-    ctx.update(&spi_i.to_be_bytes());
-    ctx.update(&spi_r.to_be_bytes());
+    use sha1::Digest;
+    let mut h = sha1::Sha1::new();
+    h.update(spi_i.to_be_bytes());
+    h.update(spi_r.to_be_bytes());
     match addr {
-        std::net::IpAddr::V4(a) => ctx.update(&a.octets()),
-        std::net::IpAddr::V6(a) => ctx.update(&a.octets()),
+        std::net::IpAddr::V4(a) => h.update(a.octets()),
+        std::net::IpAddr::V6(a) => h.update(a.octets()),
     }
-    ctx.update(&port.to_be_bytes());
-    let mut out = [0u8; 20];
-    out.copy_from_slice(ctx.finish().as_ref());
-    out
+    h.update(port.to_be_bytes());
+    h.finalize().into()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn psk_auth_is_the_two_prfs_of_section_2_15_for_every_prf() {
+        let psk = Psk::new(b"a shared secret");
+        for prf in Prf::ALL {
+            let pad = prf.prf(b"a shared secret", &[b"Key Pad for IKEv2"]);
+            let want = prf.prf(&pad, &[b"first", b"nonce", &prf.prf(b"sk_p", &[b"id"])]);
+            // Twice: the second from the kept pad.
+            for _ in 0..2 {
+                assert_eq!(
+                    psk_auth(prf, &psk, b"first", b"nonce", b"sk_p", b"id"),
+                    want,
+                    "{prf}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn nat_detection_hash_is_sha1_of_spis_address_and_port() {
+        let hex = |h: [u8; 20]| h.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let v4 = "192.0.2.1".parse().unwrap();
+        assert_eq!(
+            hex(nat_detection_hash(
+                0x0102030405060708,
+                0x1112131415161718,
+                v4,
+                500
+            )),
+            "d798d986143f878f70765e0e869c80bbc375f701"
+        );
+        // The responder's SPI is zero in the initiator's first request.
+        let v6 = "::1".parse().unwrap();
+        assert_eq!(
+            hex(nat_detection_hash(0x0102030405060708, 0, v6, 4500)),
+            "66d99eeaa11aee4b3d90371d177f1d979c2f15fb"
+        );
+    }
 
     #[test]
     fn every_group_agrees_with_itself() {

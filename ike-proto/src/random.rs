@@ -21,21 +21,21 @@ pub trait Random: Send + Sync {
 
 /// The operating system's generator (getrandom), through ring.
 ///
-/// Each read is a system call, and an IKE_SA setup makes a dozen, most of
-/// a few octets. Requests of at most 16 octets (SPIs, IVs, rekey jitter)
-/// are served from a pool that one read of 32 octets fills (what the
-/// kernel serves at the cost of one); every octet is handed out once and
-/// wiped from the pool as it goes. Larger requests (nonces, private
-/// values, secrets) are read directly.
+/// Each read is a system call, and an IKE_SA setup draws a dozen times,
+/// most of a few octets. Requests of at most 32 octets (SPIs, IVs, nonces,
+/// rekey jitter) are served from a pool that one read of 256 octets fills
+/// (the kernel serves that at about the cost of 32), so a setup makes about
+/// one read; every octet is handed out once and wiped from the pool as it
+/// goes. Larger requests (private values, secrets) are read directly.
 pub struct SystemRandom {
     os: ring::rand::SystemRandom,
     pool: Mutex<Pool>,
 }
 
 /// Requests up to this many octets come from the pool.
-const POOLED: usize = 16;
+const POOLED: usize = 32;
 /// The pool's size.
-const POOL: usize = 32;
+const POOL: usize = 256;
 
 /// Octets read from the system and not handed out yet: `octets[used..]`.
 struct Pool {

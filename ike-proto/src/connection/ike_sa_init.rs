@@ -13,49 +13,59 @@ use super::*;
 const COOKIE_SECRET_LIFETIME: Duration = Duration::from_secs(120);
 
 /// Stateless cookies (§2.6): `version | SHA-256(secret | Ni | IPi | SPIi)`.
+/// The first secret is drawn when the first cookie is needed: a tunnel
+/// that never meets a flood (and an initiator never) draws none.
 pub(super) struct Cookies {
-    secret: [u8; 32],
+    secret: Option<[u8; 32]>,
     previous: Option<[u8; 32]>,
     version: u8,
     born: Instant,
 }
 
 impl Cookies {
-    pub(super) fn new(rng: &dyn Random, now: Instant) -> Self {
-        let mut secret = [0u8; 32];
-        let _ = rng.fill(&mut secret);
+    pub(super) fn new(now: Instant) -> Self {
         Self {
-            secret,
+            secret: None,
             previous: None,
             version: 0,
             born: now,
         }
     }
 
-    /// Rotates the secret once it is old.
+    /// Draws the first secret, or rotates the secret once it is old.
     fn refresh(&mut self, rng: &dyn Random, now: Instant) {
-        if now.saturating_duration_since(self.born) < COOKIE_SECRET_LIFETIME {
+        let old = now.saturating_duration_since(self.born) >= COOKIE_SECRET_LIFETIME;
+        if self.secret.is_some() && !old {
             return;
         }
         let mut next = [0u8; 32];
         let _ = rng.fill(&mut next);
-        self.previous = Some(std::mem::replace(&mut self.secret, next));
-        self.version = self.version.wrapping_add(1);
+        if let Some(current) = self.secret.replace(next) {
+            self.previous = Some(current);
+            self.version = self.version.wrapping_add(1);
+        }
         self.born = now;
     }
 
+    /// A cookie of the current secret ([`Cookies::refresh`] draws it first).
     fn make(&self, ni: &[u8], ip: IpAddr, spi_i: u64) -> Vec<u8> {
-        cookie(self.version, &self.secret, ni, ip, spi_i)
+        cookie(
+            self.version,
+            &self.secret.unwrap_or_default(),
+            ni,
+            ip,
+            spi_i,
+        )
     }
 
     /// Whether `got` is a cookie of the current or the previous secret,
     /// compared in constant time.
     fn verify(&self, got: &[u8], ni: &[u8], ip: IpAddr, spi_i: u64) -> bool {
-        let Some(&version) = got.first() else {
+        let (Some(&version), Some(current)) = (got.first(), &self.secret) else {
             return false;
         };
         let secret = if version == self.version {
-            &self.secret
+            current
         } else if version == self.version.wrapping_sub(1)
             && let Some(p) = &self.previous
         {
@@ -532,9 +542,14 @@ mod tests {
     fn a_cookie_verifies_only_for_its_initiator_and_two_secrets() {
         let rng = SeededRandom::new(5);
         let t0 = Instant::now();
-        let mut c = Cookies::new(&rng, t0);
+        let mut c = Cookies::new(t0);
         let (ni, ip, spi) = ([7u8; 32], IpAddr::V4(Ipv4Addr::new(203, 0, 113, 11)), 42);
+        // No secret drawn yet: nothing verifies.
+        let blind = cookie(0, &[0; 32], &ni, ip, spi);
+        assert!(!c.verify(&blind, &ni, ip, spi), "no secret yet");
+        c.refresh(&rng, t0);
         let cookie = c.make(&ni, ip, spi);
+        assert_ne!(cookie, blind, "a drawn secret");
         assert!(c.verify(&cookie, &ni, ip, spi));
         let other = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 12));
         assert!(!c.verify(&cookie, &ni, other, spi), "another address");

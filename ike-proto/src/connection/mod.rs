@@ -192,9 +192,13 @@ impl Out {
         spi: Option<ChildSpis>,
         msg: String,
     ) {
+        let mut message = String::with_capacity(cfg.name.len() + 2 + msg.len());
+        message.push_str(&cfg.name);
+        message.push_str(": ");
+        message.push_str(&msg);
         self.events.push_back(Event::Log {
             level,
-            message: format!("{}: {msg}", cfg.name),
+            message,
             exchange,
             ike_spi: self.ike_spi,
             spi,
@@ -223,7 +227,7 @@ pub struct Connection {
 
 impl Connection {
     pub fn new(cfg: Arc<PeerConfig>, rng: Arc<dyn Random>, now: Instant) -> Self {
-        let cookies = Cookies::new(&*rng, now);
+        let cookies = Cookies::new(now);
         let next_attempt = cfg.initiator.then_some(now);
         Self {
             cfg,
