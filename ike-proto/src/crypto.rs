@@ -93,22 +93,25 @@ impl Prf {
     pub fn prf_plus(self, key: &[u8], seed: &[&[u8]], len: usize) -> Zeroizing<Vec<u8>> {
         let k = hmac::Key::new(self.alg(), key);
         let mut out = Zeroizing::new(Vec::with_capacity(len + self.output_len()));
-        let mut t: Vec<u8> = Vec::new();
+        // Tn-1, wiped when dropped: it is key material.
+        let mut t = Zeroizing::new([0u8; 64]);
+        let mut t_len = 0;
         let mut n: u8 = 1;
         while out.len() < len {
             let mut ctx = hmac::Context::with_key(&k);
-            ctx.update(&t);
+            ctx.update(&t[..t_len]);
             for s in seed {
                 ctx.update(s);
             }
             ctx.update(&[n]);
-            t.zeroize();
-            t = ctx.sign().as_ref().to_vec();
-            out.extend_from_slice(&t);
+            let tag = ctx.sign();
+            let tn = tag.as_ref();
+            t[..tn.len()].copy_from_slice(tn);
+            t_len = tn.len();
+            out.extend_from_slice(tn);
             // 255 blocks is the most prf+ can make (§2.13); nothing here asks for that much.
             n = n.wrapping_add(1);
         }
-        t.zeroize();
         out.truncate(len);
         out
     }

@@ -131,8 +131,8 @@ pub(super) struct IkeSa {
     pub(super) state: IkeState,
     pub(super) suite: Option<IkeSuite>,
     pub(super) keys: Option<IkeKeys>,
-    pub(super) sk_out: Option<SkCipher>,
-    pub(super) sk_in: Option<SkCipher>,
+    pub(super) sk_out: Option<Box<SkCipher>>,
+    pub(super) sk_in: Option<Box<SkCipher>>,
     pub(super) ni: Vec<u8>,
     pub(super) nr: Vec<u8>,
     pub(super) dh: Option<DhPrivate>,
@@ -313,8 +313,8 @@ impl IkeSa {
             Role::Initiator => (&keys.sk_ei, &keys.sk_ai, &keys.sk_er, &keys.sk_ar),
             Role::Responder => (&keys.sk_er, &keys.sk_ar, &keys.sk_ei, &keys.sk_ai),
         };
-        self.sk_out = Some(SkCipher::new(suite.suite(), e_out, a_out)?);
-        self.sk_in = Some(SkCipher::new(suite.suite(), e_in, a_in)?);
+        self.sk_out = Some(Box::new(SkCipher::new(suite.suite(), e_out, a_out)?));
+        self.sk_in = Some(Box::new(SkCipher::new(suite.suite(), e_in, a_in)?));
         self.suite = Some(suite);
         self.keys = Some(keys);
         Ok(())
