@@ -17,7 +17,7 @@ use ring::{agreement, hmac};
 use crate::random::Random;
 use subtle::{ConstantTimeEq, ConstantTimeGreater, ConstantTimeLess};
 use xesp_esp::alg::Suite;
-use zeroize::{Zeroize, Zeroizing};
+use zeroize::Zeroizing;
 
 /// Errors of the IKE cryptography.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
