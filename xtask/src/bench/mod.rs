@@ -10,10 +10,14 @@
 //! the kernel forwarding the inner packets (no IPsec, no XDP), the stack's
 //! ceiling; and strongSwan 5.9.8 with kernel-libipsec.
 //!
-//! xesp and the null forwarder are also measured with offered load paced
-//! at 50% to 200% of the flat-out median (one tunnel, each step repeated as
-//! the flat-out trials): overload must be shed without the delivered rate
-//! falling.
+//! The repetitions go round the devices: in each round every device is
+//! started in turn and measured once in each of its cases, so that what
+//! drifts during a run falls on all of them alike. xesp and the null
+//! forwarder are then measured with offered load paced at 50% to 200% of
+//! their flat-out median (one tunnel, each step repeated as the flat-out
+//! trials): overload must be shed without the delivered rate falling.
+//! Logs and configurations go to `round<n>/` and `overload/` in the report
+//! folder.
 //!
 //! Each trial sends a fixed number of pre-built packets as fast as the
 //! generator can (whole frames on an AF_XDP TX ring, or with `--sender
@@ -215,174 +219,134 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             v["open_ns"].as_f64().unwrap_or(f64::NAN),
         ));
     }
-    let mut trials = Vec::new();
-    let mut overload = Vec::new();
-    let mut k = 0;
-    for &kind in &kinds {
-        let suites: &[Suite] = if kind.has_suite() {
-            &Suite::ALL
-        } else {
-            &Suite::ALL[..1]
-        };
-        for &suite in suites {
-            let cases: Vec<(Direction, usize, usize)> = [Direction::Encrypt, Direction::Decrypt]
+    let run = Run {
+        topo: &topo,
+        bins: &bins,
+        psk: &psk,
+        psk_file: &psk_file,
+        args,
+        packets,
+    };
+    // Each device and suite with the cases it is measured in.
+    let sessions: Vec<(DutKind, Suite, Vec<Case>)> = kinds
+        .iter()
+        .flat_map(|&kind| {
+            let suites: &[Suite] = if kind.has_suite() {
+                &Suite::ALL
+            } else {
+                &Suite::ALL[..1]
+            };
+            suites.iter().map(move |&suite| (kind, suite))
+        })
+        .map(|(kind, suite)| {
+            let cases = [Direction::Encrypt, Direction::Decrypt]
                 .into_iter()
                 .flat_map(|d| SIZES.into_iter().map(move |s| (d, s)))
                 .flat_map(|(d, s)| TUNNELS.into_iter().map(move |t| (d, s, t)))
                 .filter(|&(d, s, t)| wanted(suite, d, s, t))
-                .collect();
-            if cases.is_empty() {
-                continue;
-            }
-            eprintln!(
-                "[bench] {} with {}: starting{}",
-                kind.label(),
-                if kind.has_suite() {
-                    suite.label()
-                } else {
-                    "no IPsec"
-                },
-                if kind.has_tunnels() {
-                    ", tunnels coming up"
-                } else {
-                    ""
+                .collect::<Vec<_>>();
+            (kind, suite, cases)
+        })
+        .filter(|(_, _, cases)| !cases.is_empty())
+        .collect();
+    // The repetitions go round the devices: every device has one flat-out
+    // trial of each case per round, so what drifts during the run (other
+    // work on the host, the CPUs' clocks) falls on all of them alike and
+    // their ratios hold.
+    let mut reps: Vec<Vec<Vec<Measured>>> = sessions
+        .iter()
+        .map(|(_, _, cases)| vec![Vec::new(); cases.len()])
+        .collect();
+    let mut trials = Vec::new();
+    let mut k = 0;
+    for round in 1..=repeat {
+        for ((kind, suite, cases), reps) in sessions.iter().zip(&mut reps) {
+            let place = out.join(format!("round{round}"));
+            let mut up = Up::start(&run, &mut lan, *kind, *suite, &place)?;
+            for (&(dir, size, tunnels), case_reps) in cases.iter().zip(reps.iter_mut()) {
+                let m = up.measure(dir, size, tunnels, None)?;
+                eprintln!(
+                    "[bench round {round}/{repeat}] {} {}: {:.0} pkt/s",
+                    kind.label(),
+                    case_name(*suite, dir, size, tunnels),
+                    m.pps
+                );
+                case_reps.push(m);
+                if round < repeat {
+                    continue;
                 }
-            );
-            let mut az = End::start(
-                "DMZ",
-                &topo.az,
-                &bins.loadgen,
-                &[
-                    "--sink-if".into(),
-                    "az0".into(),
-                    "--peer".into(),
-                    format!("{},{}", PEERS[0], PEERS[1]),
-                    "--dut".into(),
-                    DUT_PUBLIC.to_string(),
-                    "--psk-file".into(),
-                    psk_file.display().to_string(),
-                    "--ike".into(),
-                    suite.ike_proposal().into(),
-                    "--esp".into(),
-                    suite.esp_proposal().into(),
-                    "--sender".into(),
-                    args.sender.clone(),
-                ],
-                &out.join(format!("loadgen-az-{}-{}.log", kind.label(), suite.name())),
-            )?;
-            let mut d = Dut::start(kind, &topo, suite, &psk, (&bins, &args.busy_poll), &out)?;
-            if kind.has_tunnels() {
-                wait_tunnels(&mut az, &mut d)?;
-            }
-            d.route(&topo)?;
-            // Warm up both directions (caches, neighbour entries, first frames).
-            for dir in [Direction::Encrypt, Direction::Decrypt] {
-                let (gen_end, sink_end) = ends_for(dir, &mut lan, &mut az);
-                trial(
-                    gen_end,
-                    sink_end,
-                    (&topo, &d, &bins.xesp),
-                    dir,
-                    64,
-                    2,
-                    2000,
-                    None,
-                )?;
-            }
-            for (dir, size, tunnels) in cases {
                 k += 1;
-                // One trial of this case, flat out or at `rate`.
-                let mut measure = |rate: Option<f64>| -> Result<Measured> {
-                    let (gen_end, sink_end) = ends_for(dir, &mut lan, &mut az);
-                    let m = trial(
-                        gen_end,
-                        sink_end,
-                        (&topo, &d, &bins.xesp),
-                        dir,
-                        size,
-                        tunnels,
-                        packets,
-                        rate,
-                    )?;
-                    if let Some(rate) = rate {
-                        eprintln!(
-                            "[bench      overload] offered {:>9.0} (asked {rate:.0}) delivered {:>9.0} pkt/s, loss {:.1}%, not sent {}, dropped on send {}",
-                            m.offered_pps,
-                            m.pps,
-                            100.0 * (1.0 - m.delivered as f64 / m.sent.max(1) as f64),
-                            m.not_sent,
-                            m.tx_dropped
-                        );
-                    }
-                    eprintln!("[bench      counted] {}", diag::drops_line(&m.counters));
-                    Ok(m)
-                };
-                let reps = (0..repeat)
-                    .map(|_| measure(None))
-                    .collect::<Result<Vec<_>>>()?;
                 let (seal, open) = raw
                     .iter()
                     .find(|r| r.0 == size)
                     .map_or((f64::NAN, f64::NAN), |r| (r.1, r.2));
                 let t = Trial::new(
-                    kind,
-                    suite,
+                    *kind,
+                    *suite,
                     dir,
                     size,
                     tunnels,
-                    reps,
+                    std::mem::take(case_reps),
                     match dir {
                         Direction::Encrypt => seal,
                         Direction::Decrypt => open,
                     },
                 );
                 eprintln!("[bench {k:>3}] {}", t.progress_line());
-                let peak = t.pps.median;
                 trials.push(t);
-                // Offered load stepped around the peak just measured, each
-                // step repeated as the flat-out trial (medians judge).
-                if !args.no_overload && kind.has_workers() && tunnels == 1 && peak > 0.0 {
-                    let mut steps = Vec::new();
-                    for pct in OVERLOAD_STEPS {
-                        let rate = peak * f64::from(pct) / 100.0;
-                        eprintln!("[bench      overload {pct:>3}%]");
-                        let reps = (0..repeat)
-                            .map(|_| measure(Some(rate)))
-                            .collect::<Result<Vec<_>>>()?;
-                        steps.extend(report::Step::new(pct, rate, reps));
-                    }
-                    overload.push(report::Overload {
-                        dut: kind,
-                        suite,
-                        direction: dir,
-                        size,
-                        flat_out_pps: peak,
-                        steps,
-                    });
-                }
-                if !d.is_running() {
-                    bail!(
-                        "{} stopped during the run; see {}",
-                        kind.label(),
-                        d.dir().display()
-                    );
-                }
             }
-            let samples = az.request("counters")?;
-            eprintln!(
-                "[bench] {} with {}: ESP samples checked by the peer: {}{}",
-                kind.label(),
-                suite.label(),
-                samples["samples"],
-                if matches!(kind, DutKind::Null | DutKind::NullBusyPoll) {
-                    " (all invalid, as they must be: the null forwarder encrypts nothing)"
-                } else {
-                    ""
-                }
-            );
-            d.stop(&topo);
-            drop(az);
+            up.finish()?;
         }
+    }
+    // Offered load stepped around each peak just measured (one tunnel), each
+    // step repeated as the flat-out trials (medians judge).
+    let mut overload = Vec::new();
+    for (kind, suite, cases) in &sessions {
+        let stepped: Vec<(Case, f64)> = cases
+            .iter()
+            .filter(|&&(_, _, tunnels)| tunnels == 1)
+            .filter_map(|&(dir, size, tunnels)| {
+                trials
+                    .iter()
+                    .find(|t| {
+                        t.dut == *kind
+                            && t.suite == *suite
+                            && t.direction == dir
+                            && t.size == size
+                            && t.tunnels == tunnels
+                    })
+                    .map(|t| ((dir, size, tunnels), t.pps.median))
+            })
+            .filter(|&(_, peak)| peak > 0.0)
+            .collect();
+        if args.no_overload || !kind.has_workers() || stepped.is_empty() {
+            continue;
+        }
+        let mut up = Up::start(&run, &mut lan, *kind, *suite, &out.join("overload"))?;
+        for ((dir, size, tunnels), peak) in stepped {
+            let mut steps = Vec::new();
+            for pct in OVERLOAD_STEPS {
+                let rate = peak * f64::from(pct) / 100.0;
+                eprintln!(
+                    "[bench      overload {pct:>3}%] {} {}",
+                    kind.label(),
+                    case_name(*suite, dir, size, tunnels)
+                );
+                let reps = (0..repeat)
+                    .map(|_| up.measure(dir, size, tunnels, Some(rate)))
+                    .collect::<Result<Vec<_>>>()?;
+                steps.extend(report::Step::new(pct, rate, reps));
+            }
+            overload.push(report::Overload {
+                dut: *kind,
+                suite: *suite,
+                direction: dir,
+                size,
+                flat_out_pps: peak,
+                steps,
+            });
+        }
+        up.finish()?;
     }
     drop(lan);
     let r = report::Report::new(
@@ -404,6 +368,167 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         out.join("throughput.png").display()
     );
     Ok(())
+}
+
+/// A case: direction, inner packet size, tunnels.
+type Case = (Direction, usize, usize);
+
+/// What every session of the run shares.
+struct Run<'a> {
+    topo: &'a Topology,
+    bins: &'a ends::Binaries,
+    psk: &'a str,
+    psk_file: &'a std::path::Path,
+    args: &'a BenchArgs,
+    packets: u64,
+}
+
+/// One device with one ESP suite between the ends: the DMZ end's IKE peer
+/// started for the suite, the device started, its tunnels up, its routes
+/// set, both directions warmed up.
+struct Up<'r> {
+    run: &'r Run<'r>,
+    lan: &'r mut End,
+    az: End,
+    d: Dut,
+}
+
+impl<'r> Up<'r> {
+    /// Starts it; its logs and configuration go under `place`.
+    fn start(
+        run: &'r Run<'r>,
+        lan: &'r mut End,
+        kind: DutKind,
+        suite: Suite,
+        place: &std::path::Path,
+    ) -> Result<Self> {
+        let args = run.args;
+        std::fs::create_dir_all(place).with_context(|| format!("creating {}", place.display()))?;
+        eprintln!(
+            "[bench] {} with {}: starting{} ({})",
+            kind.label(),
+            if kind.has_suite() {
+                suite.label()
+            } else {
+                "no IPsec"
+            },
+            if kind.has_tunnels() {
+                ", tunnels coming up"
+            } else {
+                ""
+            },
+            place.display()
+        );
+        let mut az = End::start(
+            "DMZ",
+            &run.topo.az,
+            &run.bins.loadgen,
+            &[
+                "--sink-if".into(),
+                "az0".into(),
+                "--peer".into(),
+                format!("{},{}", PEERS[0], PEERS[1]),
+                "--dut".into(),
+                DUT_PUBLIC.to_string(),
+                "--psk-file".into(),
+                run.psk_file.display().to_string(),
+                "--ike".into(),
+                suite.ike_proposal().into(),
+                "--esp".into(),
+                suite.esp_proposal().into(),
+                "--sender".into(),
+                args.sender.clone(),
+            ],
+            &place.join(format!("loadgen-az-{}-{}.log", kind.label(), suite.name())),
+        )?;
+        let mut d = Dut::start(
+            kind,
+            run.topo,
+            suite,
+            run.psk,
+            (run.bins, &args.busy_poll),
+            place,
+        )?;
+        if kind.has_tunnels() {
+            wait_tunnels(&mut az, &mut d)?;
+        }
+        d.route(run.topo)?;
+        let mut up = Self { run, lan, az, d };
+        // Warm up both directions (caches, neighbour entries, first frames).
+        for dir in [Direction::Encrypt, Direction::Decrypt] {
+            up.trial(dir, 64, 2, 2000, None)?;
+        }
+        Ok(up)
+    }
+
+    fn trial(
+        &mut self,
+        dir: Direction,
+        size: usize,
+        tunnels: usize,
+        packets: u64,
+        rate: Option<f64>,
+    ) -> Result<Measured> {
+        let (gen_end, sink_end) = ends_for(dir, self.lan, &mut self.az);
+        trial(
+            gen_end,
+            sink_end,
+            (self.run.topo, &self.d, &self.run.bins.xesp),
+            dir,
+            size,
+            tunnels,
+            packets,
+            rate,
+        )
+    }
+
+    /// One trial of a case, flat out or at `rate` packets/s.
+    fn measure(
+        &mut self,
+        dir: Direction,
+        size: usize,
+        tunnels: usize,
+        rate: Option<f64>,
+    ) -> Result<Measured> {
+        let m = self.trial(dir, size, tunnels, self.run.packets, rate)?;
+        if let Some(rate) = rate {
+            eprintln!(
+                "[bench      overload] offered {:>9.0} (asked {rate:.0}) delivered {:>9.0} pkt/s, loss {:.1}%, not sent {}, dropped on send {}",
+                m.offered_pps,
+                m.pps,
+                100.0 * (1.0 - m.delivered as f64 / m.sent.max(1) as f64),
+                m.not_sent,
+                m.tx_dropped
+            );
+        }
+        eprintln!("[bench      counted] {}", diag::drops_line(&m.counters));
+        if !self.d.is_running() {
+            bail!(
+                "{} stopped during the run; see {}",
+                self.d.kind.label(),
+                self.d.dir().display()
+            );
+        }
+        Ok(m)
+    }
+
+    /// Says what the peer checked of the device's ESP, and stops both.
+    fn finish(mut self) -> Result<()> {
+        let samples = self.az.request("counters")?;
+        let kind = self.d.kind;
+        eprintln!(
+            "[bench] {}: ESP samples checked by the peer: {}{}",
+            kind.label(),
+            samples["samples"],
+            if matches!(kind, DutKind::Null | DutKind::NullBusyPoll) {
+                " (all invalid, as they must be: the null forwarder encrypts nothing)"
+            } else {
+                ""
+            }
+        );
+        self.d.stop(self.run.topo);
+        Ok(())
+    }
 }
 
 fn ends_for<'a>(dir: Direction, lan: &'a mut End, az: &'a mut End) -> (&'a mut End, &'a mut End) {
