@@ -13,9 +13,10 @@
 //! The repetitions go round the devices: in each round every device is
 //! started in turn and measured once in each of its cases, so that what
 //! drifts during a run falls on all of them alike. xesp and the null
-//! forwarder are then measured with offered load paced at 50% to 200% of
-//! their flat-out median (one tunnel, each step repeated as the flat-out
-//! trials): overload must be shed without the delivered rate falling.
+//! forwarder are then measured, in a session of their own, flat out again
+//! and with offered load paced at 50% to 200% of that flat-out median (one
+//! tunnel, each step repeated as the flat-out trials): overload must be
+//! shed without the delivered rate falling.
 //! Logs and configurations go to `round<n>/` and `overload/` in the report
 //! folder.
 //!
@@ -298,40 +299,35 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             up.finish()?;
         }
     }
-    // Offered load stepped around each peak just measured (one tunnel), each
-    // step repeated as the flat-out trials (medians judge).
+    // Offered load stepped around the peak (one tunnel), each step repeated
+    // as the flat-out trials (medians judge). The flat-out median that the
+    // steps are paced from is measured again in the same session, so that the
+    // steps are judged against what the device did at the same time.
     let mut overload = Vec::new();
     for (kind, suite, cases) in &sessions {
-        let stepped: Vec<(Case, f64)> = cases
+        let stepped: Vec<Case> = cases
             .iter()
-            .filter(|&&(_, _, tunnels)| tunnels == 1)
-            .filter_map(|&(dir, size, tunnels)| {
-                trials
-                    .iter()
-                    .find(|t| {
-                        t.dut == *kind
-                            && t.suite == *suite
-                            && t.direction == dir
-                            && t.size == size
-                            && t.tunnels == tunnels
-                    })
-                    .map(|t| ((dir, size, tunnels), t.pps.median))
-            })
-            .filter(|&(_, peak)| peak > 0.0)
+            .copied()
+            .filter(|&(_, _, tunnels)| tunnels == 1)
             .collect();
         if args.no_overload || !kind.has_workers() || stepped.is_empty() {
             continue;
         }
         let mut up = Up::start(&run, &mut lan, *kind, *suite, &out.join("overload"))?;
-        for ((dir, size, tunnels), peak) in stepped {
+        for (dir, size, tunnels) in stepped {
+            let name = case_name(*suite, dir, size, tunnels);
+            eprintln!("[bench      overload flat out] {} {name}", kind.label());
+            let flat = (0..repeat)
+                .map(|_| up.measure(dir, size, tunnels, None))
+                .collect::<Result<Vec<_>>>()?;
+            let peak = report::Spread::of(flat.iter().map(|m| m.pps)).median;
+            if peak.is_nan() || peak <= 0.0 {
+                continue;
+            }
             let mut steps = Vec::new();
             for pct in OVERLOAD_STEPS {
                 let rate = peak * f64::from(pct) / 100.0;
-                eprintln!(
-                    "[bench      overload {pct:>3}%] {} {}",
-                    kind.label(),
-                    case_name(*suite, dir, size, tunnels)
-                );
+                eprintln!("[bench      overload {pct:>3}%] {} {name}", kind.label());
                 let reps = (0..repeat)
                     .map(|_| up.measure(dir, size, tunnels, Some(rate)))
                     .collect::<Result<Vec<_>>>()?;
