@@ -457,6 +457,8 @@ impl<'r> Up<'r> {
         Ok(up)
     }
 
+    /// One trial: prepare, send (at `rate` packets/s, or flat out) while
+    /// watching the sink, wait until it is quiet.
     fn trial(
         &mut self,
         dir: Direction,
@@ -465,17 +467,73 @@ impl<'r> Up<'r> {
         packets: u64,
         rate: Option<f64>,
     ) -> Result<Measured> {
-        let (gen_end, sink_end) = ends_for(dir, self.lan, &mut self.az);
-        trial(
-            gen_end,
-            sink_end,
-            (self.run.topo, &self.d, &self.run.bins.xesp),
-            dir,
-            size,
-            tunnels,
-            packets,
-            rate,
-        )
+        let (gen_end, sink) = ends_for(dir, self.lan, &mut self.az);
+        let (topo, d, xesp) = (self.run.topo, &self.d, &self.run.bins.xesp);
+        gen_end.request(&format!(
+            "prepare {tunnels} {size} {packets} {}",
+            d.kind.dmz_mode()
+        ))?;
+        let kind = d.kind;
+        let (d0, b0, t0) = sink_counts(sink, dir, kind)?;
+        let cpu_of = || d.pid().map(cpu_ns);
+        let user_of = || d.pid().map(user_ns);
+        let diag0 = diag::snapshot(topo, d, xesp);
+        let cpu0 = cpu_of();
+        let user0 = user_of();
+        let start = Instant::now();
+        let send = match rate {
+            Some(r) => format!("send {}", r.round().max(1.0) as u64),
+            None => "send".to_string(),
+        };
+        let (sent_reply, timeline, (last, bad, per_tunnel)) = std::thread::scope(|s| {
+            let sender = s.spawn(|| gen_end.request(&send));
+            let mut last = (d0, b0, t0);
+            let mut last_change = start;
+            let mut timeline = vec![(Duration::ZERO, d0)];
+            loop {
+                std::thread::sleep(Duration::from_millis(5));
+                let now = sink_counts(sink, dir, kind)?;
+                if now.0 != last.0 {
+                    last = now;
+                    last_change = Instant::now();
+                    timeline.push((last_change - start, now.0));
+                }
+                let quiet = last_change.elapsed() > Duration::from_millis(300);
+                if (sender.is_finished() && quiet) || start.elapsed() > Duration::from_secs(60) {
+                    break;
+                }
+            }
+            let reply = sender
+                .join()
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("sender panicked")));
+            Ok::<_, anyhow::Error>((reply, timeline, last))
+        })?;
+        let sent_reply = sent_reply?;
+        let cpu = cpu_of().zip(cpu0).map(|(b, a)| b.saturating_sub(a));
+        let user = user_of().zip(user0).map(|(b, a)| b.saturating_sub(a));
+        let counters = diag::delta(&diag0, &diag::snapshot(topo, d, xesp));
+        let sent = sent_reply["sent"].as_u64().unwrap_or(0);
+        let send_secs = sent_reply["seconds"].as_f64().unwrap_or(f64::NAN);
+        let delivered = last - d0;
+        let (bulk, seconds) = bulk_rate(&timeline, d0);
+        Ok(Measured {
+            sent,
+            delivered,
+            bad: bad - b0,
+            seconds,
+            offered_pps: sent as f64 / send_secs,
+            not_sent: sent_reply["not_sent"].as_u64().unwrap_or(0),
+            tx_dropped: sent_reply["tx_dropped"].as_u64().unwrap_or(0),
+            pps: if seconds > 0.0 {
+                bulk as f64 / seconds
+            } else {
+                0.0
+            },
+            cpu_ns: cpu,
+            user_ns: user,
+            per_tunnel: [per_tunnel[0] - t0[0], per_tunnel[1] - t0[1]],
+            counters,
+        })
     }
 
     /// One trial of a case, flat out or at `rate` packets/s.
@@ -599,86 +657,6 @@ fn sink_counts(sink: &mut End, dir: Direction, kind: DutKind) -> Result<(u64, u6
             (t[0] + t[1], c("esp_unknown_spi"), t)
         }
         Direction::Decrypt => (c("plain_valid"), c("plain_invalid"), [0, 0]),
-    })
-}
-
-/// One trial: prepare, send (at `rate` packets/s, or flat out) while
-/// watching the sink, wait until it is quiet.
-#[allow(clippy::too_many_arguments)]
-fn trial(
-    gen_end: &mut End,
-    sink: &mut End,
-    (topo, d, xesp): (&Topology, &Dut, &std::path::Path),
-    dir: Direction,
-    size: usize,
-    tunnels: usize,
-    packets: u64,
-    rate: Option<f64>,
-) -> Result<Measured> {
-    gen_end.request(&format!(
-        "prepare {tunnels} {size} {packets} {}",
-        d.kind.dmz_mode()
-    ))?;
-    let kind = d.kind;
-    let (d0, b0, t0) = sink_counts(sink, dir, kind)?;
-    let cpu_of = || d.pid().map(cpu_ns);
-    let user_of = || d.pid().map(user_ns);
-    let diag0 = diag::snapshot(topo, d, xesp);
-    let cpu0 = cpu_of();
-    let user0 = user_of();
-    let start = Instant::now();
-    let send = match rate {
-        Some(r) => format!("send {}", r.round().max(1.0) as u64),
-        None => "send".to_string(),
-    };
-    let (sent_reply, timeline, (last, bad, per_tunnel)) = std::thread::scope(|s| {
-        let sender = s.spawn(|| gen_end.request(&send));
-        let mut last = (d0, b0, t0);
-        let mut last_change = start;
-        let mut timeline = vec![(Duration::ZERO, d0)];
-        loop {
-            std::thread::sleep(Duration::from_millis(5));
-            let now = sink_counts(sink, dir, kind)?;
-            if now.0 != last.0 {
-                last = now;
-                last_change = Instant::now();
-                timeline.push((last_change - start, now.0));
-            }
-            let quiet = last_change.elapsed() > Duration::from_millis(300);
-            if (sender.is_finished() && quiet) || start.elapsed() > Duration::from_secs(60) {
-                break;
-            }
-        }
-        let reply = sender
-            .join()
-            .unwrap_or_else(|_| Err(anyhow::anyhow!("sender panicked")));
-        Ok::<_, anyhow::Error>((reply, timeline, last))
-    })?;
-    let sent_reply = sent_reply?;
-    let cpu = cpu_of().zip(cpu0).map(|(b, a)| b.saturating_sub(a));
-    let user = user_of().zip(user0).map(|(b, a)| b.saturating_sub(a));
-    let counters = diag::delta(&diag0, &diag::snapshot(topo, d, xesp));
-    let sent = sent_reply["sent"].as_u64().unwrap_or(0);
-    let send_secs = sent_reply["seconds"].as_f64().unwrap_or(f64::NAN);
-    let delivered = last - d0;
-    let (bulk, seconds) = bulk_rate(&timeline, d0);
-    Ok(Measured {
-        sent,
-        delivered,
-        bad: bad - b0,
-        seconds,
-        offered_pps: sent as f64 / send_secs,
-        not_sent: sent_reply["not_sent"].as_u64().unwrap_or(0),
-        tx_dropped: sent_reply["tx_dropped"].as_u64().unwrap_or(0),
-        pps: if seconds > 0.0 {
-            bulk as f64 / seconds
-        } else {
-            0.0
-        },
-        cpu_ns: cpu,
-        user_ns: user,
-        per_tunnel: [per_tunnel[0] - t0[0], per_tunnel[1] - t0[1]],
-        counters,
     })
 }
 
