@@ -510,7 +510,7 @@ pub fn child_keymat(
 pub struct Psk {
     key: Zeroizing<Vec<u8>>,
     /// Indexed by the PRF's position in [`Prf::ALL`].
-    pads: [OnceLock<Zeroizing<Vec<u8>>>; 4],
+    pads: [OnceLock<Zeroizing<Vec<u8>>>; Prf::ALL.len()],
 }
 
 impl Psk {
