@@ -146,7 +146,9 @@ fn adds_and_removes_tunnels(datapath: &str, allowed: u32) {
     // rings full before they are bound.
     assert!(
         lost_removing <= allowed,
-        "{lost_removing} pings through Tunnel0 lost while Tunnel1 was removed:\n{pings}"
+        "{lost_removing} pings through Tunnel0 lost while Tunnel1 was removed:\n{pings}\n{}\n{}",
+        lab.status(),
+        log()
     );
     let st = assert_removed(&lab, 1);
     assert!(
@@ -177,7 +179,9 @@ fn adds_and_removes_tunnels(datapath: &str, allowed: u32) {
     // adds to the ECMP route as soon as the device is up.
     assert!(
         lost_adding <= allowed,
-        "{lost_adding} pings through Tunnel0 lost while Tunnel1 was added:\n{pings}"
+        "{lost_adding} pings through Tunnel0 lost while Tunnel1 was added:\n{pings}\n{}\n{}",
+        lab.status(),
+        log()
     );
     assert!(
         wait_until(Duration::from_secs(30), || tunnel(&status(&lab), "Tunnel1")

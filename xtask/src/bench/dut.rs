@@ -25,6 +25,9 @@ use crate::{
     netns::{Daemon, Netns, output, veth_queues, wait_until},
 };
 
+/// Receive and transmit queues of each veth pair.
+const QUEUES: u32 = 2;
+
 pub const LAN_HOST: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
 pub const DUT_PUBLIC: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 pub const PEERS: [Ipv4Addr; 2] = [
@@ -71,8 +74,8 @@ impl Topology {
             dut: Netns::create("bench-dut")?,
             az: Netns::create("bench-az")?,
         };
-        veth_queues(&t.lan, "lanh0", &t.dut, "lan0", 2)?;
-        veth_queues(&t.dut, "dmz0", &t.az, "az0", 2)?;
+        veth_queues(&t.lan, "lanh0", &t.dut, "lan0", QUEUES)?;
+        veth_queues(&t.dut, "dmz0", &t.az, "az0", QUEUES)?;
         for ns in [&t.lan, &t.dut, &t.az] {
             ns.ip(&["link", "set", "lo", "up"])?;
         }
@@ -311,6 +314,32 @@ pub fn vnet_half(t: usize) -> &'static str {
 
 /// The workers' busy polling setting (datapath-user's `BusyPoll::ENV`).
 const BUSY_POLL_ENV: &str = "XESP_AF_XDP_BUSY_POLL";
+/// The workers' CPUs (datapath-user's `WorkerCpus::ENV`).
+pub const WORKER_CPUS_ENV: &str = "XESP_AF_XDP_CPUS";
+
+/// Where xesp's workers run in the benchmark, as `XESP_AF_XDP_CPUS` says
+/// it: the caller's own setting if it has one, else queue q's worker on
+/// CPU q+1 (mod `cpus`). Tunnel q's generator runs on CPU q and the
+/// receive softirq that fills queue q runs there with it, so each worker
+/// gets the CPU that does not feed it, as the daemon's documentation
+/// advises for the NIC's interrupts. Unpinned, a worker follows its
+/// wake-ups onto the generator's CPU, and at 64 B the two then share it.
+/// [`worker_cpus`] for this process and machine.
+pub fn workers_here() -> String {
+    worker_cpus(
+        std::env::var(WORKER_CPUS_ENV).ok(),
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+    )
+}
+
+pub fn worker_cpus(from_env: Option<String>, cpus: usize) -> String {
+    from_env.unwrap_or_else(|| {
+        (0..QUEUES)
+            .map(|q| ((q as usize + 1) % cpus.max(1)).to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    })
+}
 fn start_xesp(
     topo: &Topology,
     suite: Suite,
@@ -360,6 +389,7 @@ allow_legacy = true
         .arg(&conf)
         .env("RUST_LOG", "info")
         .env(BUSY_POLL_ENV, busy_poll)
+        .env(WORKER_CPUS_ENV, workers_here())
         .stdout(log.try_clone()?)
         .stderr(log);
     let mut d = Daemon::spawn("xesp under test", &mut cmd)?;
@@ -430,4 +460,17 @@ pub fn write_secret(path: &Path, text: &str) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))?;
     std::io::Write::write_all(&mut f, text.as_bytes())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_cpus;
+
+    #[test]
+    fn each_worker_runs_off_the_cpu_that_feeds_its_queue() {
+        assert_eq!(worker_cpus(None, 2), "1,0");
+        assert_eq!(worker_cpus(None, 4), "1,2");
+        assert_eq!(worker_cpus(None, 1), "0,0");
+        assert_eq!(worker_cpus(Some("3".into()), 4), "3", "the caller's own");
+    }
 }

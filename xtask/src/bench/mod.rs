@@ -147,6 +147,33 @@ pub fn case_name(suite: Suite, dir: Direction, size: usize, tunnels: usize) -> S
     format!("{}/{d}/{size}/{tunnels}t", suite.name())
 }
 
+/// Every case of a suite (direction, size, tunnels), in the order they
+/// are measured.
+fn cases() -> impl Iterator<Item = (Direction, usize, usize)> {
+    [Direction::Encrypt, Direction::Decrypt]
+        .into_iter()
+        .flat_map(|d| SIZES.into_iter().map(move |s| (d, s)))
+        .flat_map(|(d, s)| TUNNELS.into_iter().map(move |t| (d, s, t)))
+}
+
+/// `--filter`'s text, refused if it names no case at all.
+fn check_filter(filter: Option<&str>) -> Result<()> {
+    let Some(f) = filter else { return Ok(()) };
+    let any = Suite::ALL
+        .into_iter()
+        .any(|suite| cases().any(|(d, s, t)| case_name(suite, d, s, t).contains(f)));
+    if !any {
+        let suites: Vec<&str> = Suite::ALL.iter().map(|s| s.name()).collect();
+        bail!(
+            "--filter {f:?} matches no case: names are <suite>/<encrypt|decrypt>/<size>/<tunnels>t, \
+             such as {} (suites: {}; sizes: {SIZES:?}; tunnels: {TUNNELS:?})",
+            case_name(Suite::Gcm256, Direction::Decrypt, 1400, 1),
+            suites.join(", ")
+        );
+    }
+    Ok(())
+}
+
 fn selected_kinds(args: &BenchArgs) -> Result<Vec<DutKind>> {
     if args.devices.is_empty() {
         return Ok(DutKind::DEFAULT.to_vec());
@@ -174,6 +201,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         .max(1000);
     let repeat = args.repeat.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
     let kinds = selected_kinds(args)?;
+    check_filter(args.filter.as_deref())?;
     let wanted = |suite, dir, size, tunnels| {
         args.filter
             .as_deref()
@@ -240,10 +268,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             suites.iter().map(move |&suite| (kind, suite))
         })
         .map(|(kind, suite)| {
-            let cases = [Direction::Encrypt, Direction::Decrypt]
-                .into_iter()
-                .flat_map(|d| SIZES.into_iter().map(move |s| (d, s)))
-                .flat_map(|(d, s)| TUNNELS.into_iter().map(move |t| (d, s, t)))
+            let cases = cases()
                 .filter(|&(d, s, t)| wanted(suite, d, s, t))
                 .collect::<Vec<_>>();
             (kind, suite, cases)
@@ -716,6 +741,21 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_filter_that_names_no_case_is_refused_with_the_names() {
+        assert!(check_filter(None).is_ok());
+        assert!(check_filter(Some("cbc256-sha1/decrypt/64/1t")).is_ok());
+        assert!(check_filter(Some("/2t")).is_ok());
+        let e = check_filter(Some("cbc256/decrypt"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"cbc256/decrypt\" matches no case"), "{e}");
+        assert!(
+            e.contains("cbc256-sha1") && e.contains("gcm256/decrypt/1400/1t"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn dates_from_days() {
