@@ -30,13 +30,9 @@ use crate::{
 };
 use ike_proto::backend::{Direction, SaBackend};
 
-/// Creates tunnel `name`'s TUN device with its /32 address, up, carrier off.
-fn tunnel_device(
-    rtnl: &mut Rtnl,
-    name: &str,
-    addr: std::net::Ipv4Addr,
-    mtu: u16,
-) -> Result<Tun, DatapathError> {
+/// Creates tunnel `name`'s TUN device, down, carrier off (see
+/// [`bring_up`]).
+fn tunnel_device(name: &str) -> Result<Tun, DatapathError> {
     let tun = Tun::create(name).map_err(io_err(format!("creating tunnel interface {name}")))?;
     let ifindex = ifindex(name);
     if ifindex == 0 {
@@ -62,9 +58,27 @@ fn tunnel_device(
         &format!("ipv6/conf/{name}/disable_ipv6"),
         "turning IPv6 off",
     )?;
+    Ok(tun)
+}
+
+/// Brings tunnel `name`'s device up with its /32 address: from then on the
+/// routing daemon puts its next hops into routes (without carrier at
+/// first, see [`tunnel_device`]).
+fn bring_up(
+    rtnl: &mut Rtnl,
+    name: &str,
+    addr: std::net::Ipv4Addr,
+    mtu: u16,
+) -> Result<(), DatapathError> {
+    let ifindex = ifindex(name);
+    if ifindex == 0 {
+        return Err(io_err(format!("finding interface {name}"))(
+            io::Error::last_os_error(),
+        ));
+    }
     rtnl.set_link_up(ifindex, u32::from(mtu))?;
     rtnl.replace_address(ifindex, addr, 32)?;
-    Ok(tun)
+    Ok(())
 }
 
 /// `now - base`: a tunnel's totals since its slot was given to it (the
@@ -110,12 +124,8 @@ impl SocketDatapath {
         let mut rtnl = Rtnl::open()?;
         let mut tuns = Vec::new();
         for t in &cfg.tunnels {
-            tuns.push(Some(Arc::new(tunnel_device(
-                &mut rtnl,
-                &t.name,
-                t.address,
-                cfg.tunnel_mtu,
-            )?)));
+            tuns.push(Some(Arc::new(tunnel_device(&t.name)?)));
+            bring_up(&mut rtnl, &t.name, t.address, cfg.tunnel_mtu)?;
             log::info!(
                 "{}: interface up with {}/32, peer {}",
                 t.name,
@@ -151,9 +161,17 @@ impl SocketDatapath {
     }
 
     /// Adds tunnel `t` (`xesp reload`): its device, in the lowest free
-    /// slot, whose index it returns. The socket paths start again with it
-    /// (packets wait in the sockets' queues meanwhile); the SAs stay.
+    /// slot, whose index it returns, then up. The socket paths start again
+    /// with it (packets wait in the sockets' queues meanwhile); the SAs stay.
     pub(super) fn add_tunnel(&mut self, t: &TunnelConfig) -> Result<u32, DatapathError> {
+        let slot = self.add_tunnel_down(t)?;
+        self.bring_up(t, slot)?;
+        Ok(slot)
+    }
+
+    /// [`SocketDatapath::add_tunnel`] with the device left down, for a
+    /// datapath that has more to do before routes may name it.
+    pub(super) fn add_tunnel_down(&mut self, t: &TunnelConfig) -> Result<u32, DatapathError> {
         if self.path.tuns.iter().flatten().any(|d| d.name() == t.name) {
             return Err(DatapathError::Config(format!(
                 "tunnel {} exists already",
@@ -161,13 +179,7 @@ impl SocketDatapath {
             )));
         }
         let slot = free_slot(&self.path.tuns)?;
-        let mut rtnl = Rtnl::open()?;
-        let dev = Arc::new(tunnel_device(
-            &mut rtnl,
-            &t.name,
-            t.address,
-            self.tunnel_mtu,
-        )?);
+        let dev = Arc::new(tunnel_device(&t.name)?);
         let mut tuns = self.path.tuns.clone();
         if slot == tuns.len() {
             tuns.push(None);
@@ -177,13 +189,19 @@ impl SocketDatapath {
         self.baselines
             .resize(self.path.tuns.len(), TunnelTotals::default());
         self.baselines[slot] = self.sadb.tunnel_totals(slot as u32);
+        Ok(slot as u32)
+    }
+
+    /// Brings added tunnel `t`'s device up, in `slot`.
+    pub(super) fn bring_up(&mut self, t: &TunnelConfig, slot: u32) -> Result<(), DatapathError> {
+        bring_up(&mut Rtnl::open()?, &t.name, t.address, self.tunnel_mtu)?;
         log::info!(
             "{}: added as tunnel {slot}, interface up with {}/32, peer {}",
             t.name,
             t.address,
             t.peer
         );
-        Ok(slot as u32)
+        Ok(())
     }
 
     /// Removes tunnel `slot`: its device down until no ECMP route goes

@@ -315,16 +315,25 @@ impl super::Datapath for XdpDatapath {
         change_dmz(&mut self.xdp, &mut self.allowed, allow, pass_unclassified)
     }
 
-    /// The tunnel's device, then the LAN program learns it (down until its
-    /// SA is routed), then the workers start again with its sockets. A
-    /// restart loses no packet of the other tunnels (see `Workers::stop`):
-    /// while no worker has a queue's sockets, the programs pass its ESP and
-    /// LAN traffic to the kernel, and so to the socket path.
+    /// The tunnel's device (down), then the LAN program learns it (not live
+    /// until its SA is routed), then the workers start again with its
+    /// sockets, and only then does the device come up. A restart loses no
+    /// packet of the other tunnels (see `Workers::stop`): while no worker
+    /// has a queue's sockets, the programs pass its ESP and LAN traffic to
+    /// the kernel, and so to the socket path. The device must not be up
+    /// meanwhile: the routing daemon then puts its next hop, without
+    /// carrier, into the ECMP route, and the kernel's forwarding here
+    /// dropped packets through that route although the next hop was marked
+    /// `dead linkdown` (pings passed to the stack during the restart
+    /// vanished, sent through no interface). Once the workers are back,
+    /// the LAN program moves a flow the route gives such a tunnel onto a
+    /// live one itself.
     fn add_tunnel(&mut self, t: &TunnelConfig) -> Result<u32, DatapathError> {
-        let slot = self.sockets.add_tunnel(t)?;
+        let slot = self.sockets.add_tunnel_down(t)?;
         self.xdp.set_tunnel_live(slot, false)?;
         self.xdp.set_tunnel_ifindex(ifindex(&t.name), slot)?;
         self.renew_workers()?;
+        self.sockets.bring_up(t, slot)?;
         Ok(slot)
     }
 
