@@ -52,6 +52,12 @@ use crate::setup;
 
 /// Options of `cargo xtask bench`.
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "xesp's AF_XDP workers run off the CPU that feeds their queue: \
+queue q's on CPU q+1, since tunnel q's generator and the receive softirq that fills \
+queue q run on CPU q. XESP_AF_XDP_CPUS in this command's environment chooses \
+instead (a comma-separated list, queue 0's first; empty: unpinned)."
+)]
 pub struct BenchArgs {
     /// A short run (a few minutes once built): fewer packets, one repetition.
     #[arg(long)]
