@@ -34,12 +34,7 @@ use ike_proto::backend::{Direction, SaBackend};
 /// [`bring_up`]).
 fn tunnel_device(name: &str) -> Result<Tun, DatapathError> {
     let tun = Tun::create(name).map_err(io_err(format!("creating tunnel interface {name}")))?;
-    let ifindex = ifindex(name);
-    if ifindex == 0 {
-        return Err(io_err(format!("finding interface {name}"))(
-            io::Error::last_os_error(),
-        ));
-    }
+    existing_ifindex(name)?;
     tun.set_carrier(false)
         .map_err(io_err(format!("{name}: carrier")))?;
     // A tunnel has carrier exactly while it has an outbound SA; with this
@@ -70,15 +65,20 @@ fn bring_up(
     addr: std::net::Ipv4Addr,
     mtu: u16,
 ) -> Result<(), DatapathError> {
-    let ifindex = ifindex(name);
-    if ifindex == 0 {
-        return Err(io_err(format!("finding interface {name}"))(
-            io::Error::last_os_error(),
-        ));
-    }
+    let ifindex = existing_ifindex(name)?;
     rtnl.set_link_up(ifindex, u32::from(mtu))?;
     rtnl.replace_address(ifindex, addr, 32)?;
     Ok(())
+}
+
+/// Interface `name`'s index, an error if there is none.
+fn existing_ifindex(name: &str) -> Result<u32, DatapathError> {
+    match ifindex(name) {
+        0 => Err(io_err(format!("finding interface {name}"))(
+            io::Error::last_os_error(),
+        )),
+        i => Ok(i),
+    }
 }
 
 /// `now - base`: a tunnel's totals since its slot was given to it (the

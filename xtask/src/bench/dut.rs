@@ -317,13 +317,6 @@ const BUSY_POLL_ENV: &str = "XESP_AF_XDP_BUSY_POLL";
 /// The workers' CPUs (datapath-user's `WorkerCpus::ENV`).
 pub const WORKER_CPUS_ENV: &str = "XESP_AF_XDP_CPUS";
 
-/// Where xesp's workers run in the benchmark, as `XESP_AF_XDP_CPUS` says
-/// it: the caller's own setting if it has one, else queue q's worker on
-/// CPU q+1 (mod `cpus`). Tunnel q's generator runs on CPU q and the
-/// receive softirq that fills queue q runs there with it, so each worker
-/// gets the CPU that does not feed it, as the daemon's documentation
-/// advises for the NIC's interrupts. Unpinned, a worker follows its
-/// wake-ups onto the generator's CPU, and at 64 B the two then share it.
 /// [`worker_cpus`] for this process and machine.
 pub fn workers_here() -> String {
     worker_cpus(
@@ -332,6 +325,13 @@ pub fn workers_here() -> String {
     )
 }
 
+/// Where xesp's workers run in the benchmark, as `XESP_AF_XDP_CPUS` says
+/// it: the caller's own setting if it has one, else queue q's worker on
+/// CPU q+1 (mod `cpus`). Tunnel q's generator runs on CPU q and the
+/// receive softirq that fills queue q runs there with it, so each worker
+/// gets the CPU that does not feed it, as the daemon's documentation
+/// advises for the NIC's interrupts. Unpinned, a worker follows its
+/// wake-ups onto the generator's CPU, and at 64 B the two then share it.
 pub fn worker_cpus(from_env: Option<String>, cpus: usize) -> String {
     from_env.unwrap_or_else(|| {
         (0..QUEUES)
@@ -340,6 +340,7 @@ pub fn worker_cpus(from_env: Option<String>, cpus: usize) -> String {
             .join(",")
     })
 }
+
 fn start_xesp(
     topo: &Topology,
     suite: Suite,
