@@ -76,6 +76,10 @@ pub struct Trial {
     /// The device's CPU time per delivered packet over the repetitions (none
     /// for kernel forwarding: it has no threads of its own).
     pub cpu_ns_per_packet: Spread,
+    /// The workers' system calls (receive polls, TX kicks, fill-ring
+    /// wake-ups, busy polls, statistics reads) per delivered packet, over
+    /// the repetitions (xesp and the null forwarder only).
+    pub syscalls_per_packet: Spread,
     /// Raw ring AES-256-GCM seal (encrypt) or open (decrypt) of this size.
     pub raw_aead_ns: f64,
     /// Packets/s over the null forwarder's in the same case (xesp only).
@@ -87,6 +91,24 @@ pub struct Trial {
     pub vs_kernel: Option<f64>,
     /// Packets/s over strongSwan's in the same case.
     pub vs_strongswan: Option<f64>,
+}
+
+/// The worker counters that count system calls (`syscall_*`).
+const SYSCALL_COUNTER: &str = ":syscall_";
+
+/// The workers' system calls per delivered packet; NaN for a device with
+/// no such counters (kernel forwarding, strongSwan).
+fn syscalls_per_packet(m: &Measured) -> f64 {
+    let mut counted = m
+        .counters
+        .iter()
+        .filter(|(k, _)| k.contains(SYSCALL_COUNTER))
+        .map(|(_, v)| *v)
+        .peekable();
+    if counted.peek().is_none() || m.delivered == 0 {
+        return f64::NAN;
+    }
+    counted.sum::<u64>() as f64 / m.delivered as f64
 }
 
 fn cpu_per_packet(m: &Measured) -> f64 {
@@ -122,6 +144,7 @@ impl Trial {
                 f64::NAN
             },
             cpu_ns_per_packet: Spread::of(reps.iter().map(cpu_per_packet)),
+            syscalls_per_packet: Spread::of(reps.iter().map(syscalls_per_packet)),
             pps,
             raw_aead_ns,
             vs_null: None,
@@ -325,12 +348,12 @@ impl Report {
             "## cargo xtask bench: {} packets per trial, {} repetition(s), median (min–max); {}\n",
             self.packets_per_trial, self.repetitions, self.machine
         );
-        s.push_str("| device | ESP | direction | size | tunnels | pkt/s | Gbit/s | loss | CPU ns/pkt | % of null fwd | marginal CPU ns | marginal / raw AEAD | vs kernel fwd | vs strongSwan |\n");
-        s.push_str("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        s.push_str("| device | ESP | direction | size | tunnels | pkt/s | Gbit/s | loss | CPU ns/pkt | syscalls/pkt | % of null fwd | marginal CPU ns | marginal / raw AEAD | vs kernel fwd | vs strongSwan |\n");
+        s.push_str("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
         for t in &self.trials {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {:.3} | {:.1}% | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {:.3} | {:.1}% | {} | {} | {} | {} | {} | {} | {} |",
                 t.dut.label(),
                 suite_label(t),
                 dir_name(t.direction),
@@ -340,6 +363,7 @@ impl Report {
                 t.gbps,
                 t.loss * 100.0,
                 t.cpu_ns_per_packet.show(0),
+                t.syscalls_per_packet.show(3),
                 fmt_pct(t.vs_null),
                 t.marginal_cpu_ns.map_or("-".into(), |m| format!("{m:.0}")),
                 fmt_ratio(t.marginal_vs_raw),
@@ -405,7 +429,9 @@ impl Report {
             s,
             "\npkt/s and Gbit/s: intact inner packets delivered per second, from the first sent until 99% of \
              them had arrived. CPU ns/pkt: the device's own threads (schedstat) per delivered packet; kernel \
-             work in softirq on the sending CPU is not counted. null fwd: xesp's datapath with the ESP work \
+             work in softirq on the sending CPU is not counted. syscalls/pkt: the workers' system calls \
+             (receive polls, TX kicks, fill-ring wake-ups, busy polls, statistics reads, from their \
+             syscall_* counters) per delivered packet. null fwd: xesp's datapath with the ESP work \
              replaced by adding/removing as many octets (a benchmark-only build). marginal CPU: xesp's CPU \
              per packet minus the null forwarder's. Overload steps: the generator paced at a share of the \
              flat-out median, each step repeated as the flat-out trials, median offered → median delivered \
@@ -638,6 +664,39 @@ mod tests {
         assert!(Spread::of([]).median.is_nan());
         assert_eq!(Spread::of([5.0]).show(0), "5");
         assert_eq!(Spread::of([1.0, 2.0, 3.0]).show(1), "2.0 (1.0–3.0)");
+    }
+
+    #[test]
+    fn system_calls_per_packet_sum_the_syscall_counters() {
+        let mut a = m(1000.0, Some(1), 1000);
+        for (k, v) in [
+            ("xesp:workers:syscall_tx_kicks", 200),
+            ("xesp:workers:syscall_rx_polls", 40),
+            ("xesp:workers:syscall_fill_wakeups", 10),
+            ("xesp:workers:batches", 9999),
+        ] {
+            a.counters.insert(k.into(), v);
+        }
+        let mut b = m(1000.0, Some(1), 500);
+        b.counters
+            .insert("xesp:workers:syscall_tx_kicks".into(), 50);
+        let t = Trial::new(
+            DutKind::Xesp,
+            Suite::Gcm256,
+            Direction::Decrypt,
+            64,
+            1,
+            vec![a, b],
+            100.0,
+        );
+        let s = t.syscalls_per_packet;
+        assert_eq!((s.min, s.max), (0.1, 0.25), "batches are no system call");
+        let kernel = trial(DutKind::Kernel, 64, 1, 1000.0, 0);
+        assert_eq!(
+            kernel.syscalls_per_packet.show(3),
+            "-",
+            "no workers, no figure"
+        );
     }
 
     #[test]
