@@ -1,7 +1,9 @@
 //! `xesp bgp-config --bird`: the routing daemon's side of the article's
 //! `router bgp 65010`, from `[bgp]` and the tunnels: one eBGP multihop
 //! session per tunnel's BGP peer sourced from Loopback0, a /32 to each peer
-//! through its tunnel interface, the on-prem networks advertised, and ECMP
+//! through its tunnel interface (unreachable when the interface is gone, so
+//! that a session never runs through another tunnel), the on-prem networks
+//! advertised, and ECMP
 //! over both tunnels (`maximum-paths 2`, BIRD's `merge paths`).
 
 use std::{fmt::Write as _, path::Path};
@@ -85,6 +87,15 @@ pub fn bird(cfg: &Config, log: Option<&Path>) -> Result<String, BgpConfigError> 
     for (_, name, peer) in &peers {
         let _ = writeln!(s, "    route {peer}/32 via \"{name}\";");
     }
+    s.push_str(
+        "}\n\n# A peer whose tunnel interface is gone (removed by a reload) is\n\
+         # unreachable, not reached through another tunnel whose VNet route covers\n\
+         # its address: its session ends with its tunnel. Below the routes above.\n\
+         protocol static xesp_peers_unreachable {\n    ipv4 { preference 10; };\n",
+    );
+    for (_, _, peer) in &peers {
+        let _ = writeln!(s, "    route {peer}/32 unreachable;");
+    }
     let _ = write!(
         s,
         "}}\n\n\
@@ -153,6 +164,7 @@ mod tests {
             "route 10.1.10.0/25 blackhole;",
             "route 10.2.0.228/32 via \"Tunnel0\";",
             "route 10.2.0.229/32 via \"Tunnel1\";",
+            "protocol static xesp_peers_unreachable {\n    ipv4 { preference 10; };\n    route 10.2.0.228/32 unreachable;\n    route 10.2.0.229/32 unreachable;\n}",
             "merge paths on;",
             "krt_prefsrc = 172.16.0.3;",
             "local 172.16.0.3 as 65010;",

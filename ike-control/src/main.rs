@@ -113,7 +113,8 @@ Example:
   xesp bgp-config --bird -c /etc/xesp/xesp.toml > /etc/bird/bird.conf && birdc configure
 
 BIRD peers with each tunnel's bgp_peer (eBGP multihop from bgp.source, Loopback0),
-routes each peer's /32 through its tunnel interface, advertises bgp.networks and
+routes each peer's /32 through its tunnel interface (unreachable once the interface
+is gone, so that a session ends with its tunnel), advertises bgp.networks and
 merges the routes learned over both tunnels into one ECMP route.")]
     BgpConfig {
         #[arg(short, long, default_value = "/etc/xesp/xesp.toml")]

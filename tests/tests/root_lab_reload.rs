@@ -2,8 +2,9 @@
 //! xdp and tun datapaths, strongSwan gateways, BIRD).
 //!
 //! 1. Tunnel1 left out of xesp.toml, reload: gateway 1's IKE_SA is gone
-//!    (the DELETE reached it), Tunnel1's interface too; Tunnel0 carries the
-//!    LAN. xesp now runs with Tunnel0 alone.
+//!    (the DELETE reached it), Tunnel1's interface too, and its BGP session
+//!    (its address unreachable, not routed through Tunnel0); Tunnel0
+//!    carries the LAN. xesp now runs with Tunnel0 alone.
 //! 2. Tunnel1 back in the file, reload under ping through Tunnel0: Tunnel1
 //!    comes up with gateway 1 (its IKE_SA there), BGP over it, on-prem's
 //!    ECMP route to the VNet gains its next hop; Tunnel0 keeps its SAs and
@@ -19,7 +20,7 @@ use serde_json::Value;
 use xtask::{
     lab::{
         Lab, LabConfig, OnpremMode,
-        topology::{LAN_HOSTS, VNET, vnet_routes},
+        topology::{GW_BGP, LAN_HOSTS, VNET, vnet_routes},
         xesp::XespSettings,
     },
     netns::wait_until,
@@ -154,6 +155,23 @@ fn adds_and_removes_tunnels(datapath: &str, allowed: u32) {
     assert!(
         wait_until(Duration::from_secs(20), || vnet_next_hops(&lab) == 1),
         "{}",
+        lab.status()
+    );
+    // Gateway 1's BGP session ends with its tunnel (the lab's hold time is
+    // 9 s): its address is unreachable, not routed through Tunnel0 by the
+    // VNet route that covers it.
+    let gw1_bgp = format!("{}/32", GW_BGP[1]);
+    let route = || {
+        lab.ns
+            .onprem
+            .exec("ip", &["route", "show", &gw1_bgp])
+            .unwrap_or_default()
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || bird.established() == 1
+            && route().starts_with("unreachable")),
+        "the BGP session with gateway 1 outlived Tunnel1 ({}):\n{}",
+        route(),
         lab.status()
     );
     let out = lab.ping_vm(LAN_HOSTS[0], 3).unwrap();
