@@ -3,8 +3,8 @@
 //! session per tunnel's BGP peer sourced from Loopback0, a /32 to each peer
 //! through its tunnel interface (unreachable when the interface is gone, so
 //! that a session never runs through another tunnel), the on-prem networks
-//! advertised, and ECMP
-//! over both tunnels (`maximum-paths 2`, BIRD's `merge paths`).
+//! advertised, and ECMP over both tunnels (`maximum-paths 2`, BIRD's
+//! `merge paths`).
 
 use std::{fmt::Write as _, path::Path};
 
