@@ -775,10 +775,10 @@ impl OutboundSa {
         let inner_len = inner.len();
         // Counted before the packet is written, not after: a locked
         // instruction waits until every store before it is done, and here
-        // there are none yet, while after the crypto it would wait for the
-        // ciphertext and ICV (the aead bench: 1.23-1.25x the raw AEAD at 64
-        // octets with the count after, 1.22x before; 1.14-1.15x and 1.12x
-        // at 512). A seal that fails takes the count back.
+        // only the IV's are pending, while after the crypto it would wait
+        // for the ciphertext and ICV (the aead bench: 1.23-1.25x the raw
+        // AEAD at 64 octets with the count after, 1.22x before; 1.14-1.15x
+        // and 1.12x at 512). A seal that fails takes the count back.
         self.life.account(&self.hot, seq, inner_len as u64);
         if seq >= self.max_seq() / 8 * 7
             && !self.hot.seq_soft.load(Ordering::Relaxed)
