@@ -29,7 +29,7 @@ use std::{
 };
 
 use xesp_esp::{
-    sa::Tunnel,
+    sa::{SeqLease, Tunnel},
     wire::{Outer, parse_outer},
 };
 
@@ -361,6 +361,7 @@ impl Worker {
                     tunnel: t,
                     dmz_ifindex: self.dmz_ifindex,
                     lan_ifindex: self.lan_ifindex,
+                    lease: None,
                 };
                 // No more than the outgoing TX ring can take (see Port::tx_room).
                 let room = self.port.tx_room(lan_tx).min(BATCH);
@@ -447,6 +448,9 @@ pub(crate) struct Ctx<'a> {
     pub(crate) tunnel: usize,
     pub(crate) dmz_ifindex: u32,
     pub(crate) lan_ifindex: u32,
+    /// Sequence numbers of the outbound SA this batch sends on, taken once
+    /// for the RX burst (see `SeqLease`); settled when the `Ctx` is dropped.
+    pub(crate) lease: Option<SeqLease<'a>>,
 }
 
 /// The IP packet after the Ethernet header of `f`: `(ethertype, range)`,
@@ -549,7 +553,14 @@ impl Ctx<'_> {
         if !self.prepare_inner(f, inner.clone()) {
             return Verdict::Drop;
         }
-        let Ok(outer) = entry.encapsulate(f.buf, inner) else {
+        let lease = match &mut self.lease {
+            Some(l) if l.is_of(&entry.sa) => l,
+            // Another SA than the last packet's (or the first packet): the
+            // old lease is settled as it is replaced.
+            slot => slot.insert(entry.sa.lease()),
+        };
+        lease.ahead(u64::from(f.ahead));
+        let Ok(outer) = lease.encapsulate_on(&entry.endpoints, f.buf, inner) else {
             return Verdict::Drop;
         };
         self.send_outer(f, outer, entry.endpoints, dmz_tx)

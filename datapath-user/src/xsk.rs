@@ -85,6 +85,9 @@ pub struct Frame<'a> {
     pub offset: usize,
     /// Packet length.
     pub len: usize,
+    /// Frames read from the RX ring with this one that are still to be
+    /// handled, this one included (for work taken once per burst).
+    pub ahead: u32,
 }
 
 impl Frame<'_> {
@@ -594,7 +597,7 @@ impl Port {
                     self.prefetch(&descs[i + PREFETCH_AHEAD]);
                 }
                 let desc = descs[i];
-                let verdict = self.handle(desc, &mut f);
+                let verdict = self.handle(desc, (n - i) as u32, &mut f);
                 self.settle(desc.addr - desc.addr % fs, verdict);
             }
             got += n as u32;
@@ -630,7 +633,12 @@ impl Port {
     }
 
     /// Hands the frame of a received descriptor to `f`.
-    fn handle(&mut self, desc: XdpDesc, f: &mut impl FnMut(&mut Frame<'_>) -> Verdict) -> Verdict {
+    fn handle(
+        &mut self,
+        desc: XdpDesc,
+        ahead: u32,
+        f: &mut impl FnMut(&mut Frame<'_>) -> Verdict,
+    ) -> Verdict {
         let fs = u64::from(self.config.frame_size);
         let base = desc.addr - desc.addr % fs;
         let offset = (desc.addr - base) as usize;
@@ -644,7 +652,12 @@ impl Port {
         let buf = unsafe {
             core::slice::from_raw_parts_mut(self.area.ptr.as_ptr().add(base as usize), fs as usize)
         };
-        f(&mut Frame { buf, offset, len })
+        f(&mut Frame {
+            buf,
+            offset,
+            len,
+            ahead,
+        })
     }
 
     /// Queues the frame at `base` for transmission, or frees it.

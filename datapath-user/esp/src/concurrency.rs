@@ -340,3 +340,164 @@ fn lifetimes_fire_once_under_contention() {
         [Expiry::Soft(Limit::Packets), Expiry::Hard(Limit::Packets)]
     );
 }
+
+/// `THREADS` threads encapsulate `per_thread` packets each on one SA
+/// through leases: each asks for a seeded random block (1 to 64) and seals
+/// a random number of packets in it, fewer than asked (the rest given back
+/// or skipped) or more (a second block). The numbers they got, sorted, and
+/// the refusals.
+fn hammer_leased(out: &OutboundSa, per_thread: usize, seed: u64) -> (Vec<u64>, Vec<DropReason>) {
+    let seqs = Mutex::new(Vec::new());
+    let refused = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let (seqs, refused) = (&seqs, &refused);
+            s.spawn(move || {
+                let mut rng = Rng(seed ^ (t as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                let (mut mine, mut no) = (Vec::new(), Vec::new());
+                let mut left = per_thread;
+                while left > 0 {
+                    let mut lease = out.lease();
+                    lease.ahead(rng.next() % 64 + 1);
+                    let k = ((rng.next() % 80) as usize + 1).min(left);
+                    for _ in 0..k {
+                        let (mut buf, r) = inner();
+                        match lease.encapsulate_on(&out.tunnel(), &mut buf, r) {
+                            Ok(outer) => mine.push(sealed(buf, outer).seq),
+                            Err(e) => no.push(e),
+                        }
+                    }
+                    left -= k;
+                }
+                seqs.lock().unwrap().extend(mine);
+                refused.lock().unwrap().extend(no);
+            });
+        }
+    });
+    let mut seqs = seqs.into_inner().unwrap();
+    seqs.sort_unstable();
+    (seqs, refused.into_inner().unwrap())
+}
+
+/// Leases of blocks from several threads: no number is sealed twice, the
+/// numbers only grow with gaps where a block was left, and the SA's packet
+/// and octet counts are exact once the leases are dropped.
+#[test]
+fn leases_from_several_threads_never_give_a_number_twice() {
+    for seed in [1u64, 0x5eed_1ea5e, 0xdead_beef] {
+        let out = OutboundSa::new(&params(false, 64, Lifetime::default()), Instant::now()).unwrap();
+        let n = 2000;
+        let (seqs, refused) = hammer_leased(&out, n, seed);
+        assert!(refused.is_empty(), "seed {seed:#x}: {refused:?}");
+        assert_eq!(seqs.len(), THREADS * n, "seed {seed:#x}");
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "seed {seed:#x}: a number sealed twice"
+        );
+        assert!(*seqs.last().unwrap() < out.next_seq(), "seed {seed:#x}");
+        let c = out.counters();
+        assert_eq!(c.packets, (THREADS * n) as u64, "seed {seed:#x}");
+        assert_eq!(c.bytes, (THREADS * n * 60) as u64, "seed {seed:#x}");
+    }
+}
+
+/// One lease at a time gives its unused numbers back; two interleaved, the
+/// first one's are skipped, never given again.
+#[test]
+fn a_lease_gives_back_what_nobody_took_after_it() {
+    let out = OutboundSa::new(&params(false, 64, Lifetime::default()), Instant::now()).unwrap();
+    let send = |lease: &mut crate::sa::SeqLease<'_>| {
+        let (mut buf, r) = inner();
+        let outer = lease.encapsulate_on(&out.tunnel(), &mut buf, r).unwrap();
+        sealed(buf, outer).seq
+    };
+    let mut a = out.lease();
+    a.ahead(32);
+    assert_eq!((send(&mut a), send(&mut a)), (1, 2));
+    assert_eq!(out.next_seq(), 33, "the block is taken at once");
+    drop(a);
+    assert_eq!(out.next_seq(), 3, "30 given back");
+    assert_eq!(out.counters().packets, 2);
+
+    let (mut a, mut b) = (out.lease(), out.lease());
+    a.ahead(10);
+    b.ahead(10);
+    assert_eq!(send(&mut a), 3);
+    assert_eq!(send(&mut b), 13);
+    drop(a); // 4..13 cannot go back: 13 was taken after them
+    assert_eq!(out.next_seq(), 23);
+    drop(b);
+    assert_eq!(out.next_seq(), 14, "b's rest given back");
+    assert_eq!(
+        out.counters().packets,
+        4,
+        "a's 9 skipped numbers are no packets"
+    );
+    assert_eq!(
+        out.encapsulate(&mut inner().0, HEADROOM..HEADROOM + 60)
+            .map(|_| ()),
+        Ok(())
+    );
+    assert_eq!(out.next_seq(), 15);
+}
+
+/// The end of the sequence space through leases under contention: the last
+/// numbers are sealed once each and never wrap, with and without ESN.
+#[test]
+fn leases_stop_exactly_at_the_end_of_the_sequence_space() {
+    for (esn, last) in [(false, u64::from(u32::MAX)), (true, u64::MAX)] {
+        let mut out =
+            OutboundSa::new(&params(esn, 64, Lifetime::default()), Instant::now()).unwrap();
+        let (mut buf, r) = inner();
+        let start = last - 1000;
+        out.encapsulate_with(&mut buf, r, start, &start.to_be_bytes())
+            .unwrap();
+        let (seqs, refused) = hammer_leased(&out, 600, 7);
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "esn {esn}: twice");
+        assert!(
+            seqs.iter().all(|s| (start + 1..=last).contains(s)),
+            "esn {esn}: only the numbers that were left"
+        );
+        assert_eq!(seqs.len() + refused.len(), THREADS * 600);
+        assert!(
+            refused
+                .iter()
+                .all(|r| matches!(r, DropReason::SequenceExhausted | DropReason::Expired)),
+            "esn {esn}"
+        );
+        let (mut b, r) = inner();
+        assert_eq!(out.encapsulate(&mut b, r), Err(DropReason::Expired));
+    }
+}
+
+/// A hard byte limit inside one lease fires at the packet that reaches it,
+/// before the lease's octets are added to the SA.
+#[test]
+fn a_lease_checks_the_byte_limit_per_packet() {
+    let life = Lifetime {
+        hard: Limits {
+            bytes: Some(600),
+            ..Limits::default()
+        },
+        ..Lifetime::default()
+    };
+    let out = OutboundSa::new(&params(false, 64, life), Instant::now()).unwrap();
+    let mut lease = out.lease();
+    lease.ahead(64);
+    let mut sent = 0;
+    while lease
+        .encapsulate_on(&out.tunnel(), &mut inner().0, HEADROOM..HEADROOM + 60)
+        .is_ok()
+    {
+        sent += 1;
+    }
+    // The tenth packet reaches 600 octets: it is sealed and fires the limit.
+    assert_eq!(sent, 10);
+    drop(lease);
+    assert_eq!(out.counters().bytes, 600);
+    assert_eq!(out.counters().packets, 10);
+    assert_eq!(
+        out.poll_expiry(Instant::now()),
+        Some(Expiry::Hard(Limit::Bytes))
+    );
+}

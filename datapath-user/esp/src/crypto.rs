@@ -142,20 +142,22 @@ impl Cipher {
             return unreachable_mode();
         };
         let nonce = gcm_nonce(salt, iv)?;
-        let icv = self.encr.aead_icv_len();
-        let split = in_out
-            .len()
-            .checked_sub(icv)
-            .ok_or(CryptoError::ShortForIcv {
+        let Some((text, tag_out)) = in_out.split_last_chunk_mut::<GCM_ICV>() else {
+            return Err(CryptoError::ShortForIcv {
                 len: in_out.len(),
-                icv,
-            })?;
-        let (text, tag_out) = in_out.split_at_mut(split);
-        let tag = key
-            .seal_in_place_separate_tag(nonce, aead::Aad::from(aad), text)
-            .map_err(|_| CryptoError::Authentication)?;
-        tag_out.copy_from_slice(tag.as_ref());
-        Ok(())
+                icv: GCM_ICV,
+            });
+        };
+        // Matched, not mapped: the tag goes from ring's return value
+        // straight to the packet, not through one more copy on the stack
+        // that the store of the ICV would wait for.
+        match key.seal_in_place_separate_tag(nonce, aead::Aad::from(aad), text) {
+            Ok(tag) => {
+                tag_out.copy_from_slice(tag.as_ref());
+                Ok(())
+            }
+            Err(_) => Err(CryptoError::Authentication),
+        }
     }
 
     /// AEAD-opens `in_out` = ciphertext followed by the ICV; on success the
@@ -226,6 +228,10 @@ fn check_cbc<C: BlockSizeUser>(iv: &[u8], buf: &[u8]) -> Result<usize, CryptoErr
 
 // Largest block size handled (AES).
 const MAX_BLOCK: usize = 16;
+
+/// The ICV of AES-GCM in ESP: the 16-octet tag (RFC 4106 §6), the only
+/// length ring produces.
+const GCM_ICV: usize = 16;
 
 fn cbc_encrypt<C: BlockEncrypt>(c: &C, iv: &[u8], buf: &mut [u8]) -> Result<(), CryptoError> {
     let bs = check_cbc::<C>(iv, buf)?;
