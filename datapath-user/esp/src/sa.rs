@@ -40,7 +40,7 @@ use crate::{
     replay::{ReplayError, ReplayWindow},
     wire::{
         ESP_HLEN, ESP_TRAILER, IPPROTO_ESP, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_NONE, IPPROTO_UDP,
-        IPV4_HLEN, IPV6_HLEN, UDP_HLEN, write_ipv4,
+        IPV4_HLEN, IPV6_HLEN, OUTER_TTL, UDP_HLEN,
     },
 };
 
@@ -675,6 +675,7 @@ impl OutboundSa {
             ahead: 1,
             bytes: 0,
             unsent: 0,
+            outer: OuterHeaders::new(&self.tunnel),
         }
     }
 
@@ -727,7 +728,8 @@ impl OutboundSa {
         let unsent = self.hot.unsent.get_mut();
         *unsent = unsent.wrapping_add(jumped).wrapping_sub(1);
         let bytes = inner.len() as u64;
-        let r = self.seal(&tunnel, buf, inner, info, seq, iv, 0);
+        let outer = OuterHeaders::new(&tunnel);
+        let r = self.seal(&outer, buf, inner, info, seq, iv, 0);
         match r {
             Ok(_) => *self.hot.bytes.get_mut() += bytes,
             Err(_) => *self.hot.unsent.get_mut() += 1,
@@ -771,7 +773,7 @@ impl OutboundSa {
     #[allow(clippy::too_many_arguments)]
     fn seal(
         &self,
-        tunnel: &Tunnel,
+        outer: &OuterHeaders,
         buf: &mut [u8],
         inner: Range<usize>,
         InnerInfo {
@@ -809,7 +811,7 @@ impl OutboundSa {
 
         let iv_len = shape.iv;
         let esp = ct_start - iv_len - ESP_HLEN;
-        let start = esp - if tunnel.natt.is_some() { UDP_HLEN } else { 0 } - IPV4_HLEN;
+        let start = esp - outer.len();
         buf[esp..esp + 4].copy_from_slice(&self.spi.to_be_bytes());
         buf[esp + 4..esp + 8].copy_from_slice(&(seq as u32).to_be_bytes());
         buf[esp + 8..ct_start].copy_from_slice(iv);
@@ -847,38 +849,97 @@ impl OutboundSa {
             }
         }
         let end = ct_end + icv;
-        let total = end - start;
-        let proto = if tunnel.natt.is_some() {
-            IPPROTO_UDP
-        } else {
-            IPPROTO_ESP
-        };
         // The identification only has to differ between the SA's packets in
         // flight (RFC 6864): the low half of the unique sequence number does.
-        write_ipv4(
-            &mut buf[start..start + IPV4_HLEN],
+        outer.write(
+            &mut buf[start..esp],
             tos,
-            total as u16,
+            (end - start) as u16,
             seq as u16,
             df,
-            proto,
-            tunnel.local,
-            tunnel.remote,
         );
-        if let Some(ports) = tunnel.natt {
-            let u = start + IPV4_HLEN;
-            buf[u..u + 2].copy_from_slice(&ports.local.to_be_bytes());
-            buf[u + 2..u + 4].copy_from_slice(&ports.remote.to_be_bytes());
-            buf[u + 4..u + 6].copy_from_slice(&((total - IPV4_HLEN) as u16).to_be_bytes());
-            // RFC 3948 §2.1: the checksum SHOULD be zero.
-            buf[u + 6..u + 8].copy_from_slice(&[0, 0]);
-        }
         Ok(start..end)
     }
 
     /// The next lifetime event, if any (call periodically with the time).
     pub fn poll_expiry(&self, now: Instant) -> Option<Expiry> {
         self.life.poll(now, &self.hot)
+    }
+}
+
+/// The outer IPv4 header and, with NAT-T, UDP header (RFC 3948 §2.1) in
+/// front of the packets to one tunnel, with the fields that stay the same
+/// written once, and summed once: the IPv4 checksum (RFC 1071) is a sum of
+/// 16-bit words, so per packet only the words that change are added.
+#[derive(Clone, Copy)]
+struct OuterHeaders {
+    tunnel: Tunnel,
+    bytes: [u8; IPV4_HLEN + UDP_HLEN],
+    /// The sum of the header's words that stay the same, not folded.
+    sum: u32,
+}
+
+impl OuterHeaders {
+    fn new(tunnel: &Tunnel) -> Self {
+        let mut bytes = [0u8; IPV4_HLEN + UDP_HLEN];
+        let proto = if tunnel.natt.is_some() {
+            IPPROTO_UDP
+        } else {
+            IPPROTO_ESP
+        };
+        bytes[0] = 0x45;
+        bytes[8] = OUTER_TTL;
+        bytes[9] = proto;
+        bytes[12..16].copy_from_slice(&tunnel.local.octets());
+        bytes[16..20].copy_from_slice(&tunnel.remote.octets());
+        if let Some(ports) = tunnel.natt {
+            bytes[20..22].copy_from_slice(&ports.local.to_be_bytes());
+            bytes[22..24].copy_from_slice(&ports.remote.to_be_bytes());
+            // The UDP checksum SHOULD be zero (RFC 3948 §2.1): it stays so.
+        }
+        let (s, d) = (u32::from(tunnel.local), u32::from(tunnel.remote));
+        let sum = 0x4500
+            + ((u32::from(OUTER_TTL) << 8) | u32::from(proto))
+            + (s >> 16)
+            + (s & 0xffff)
+            + (d >> 16)
+            + (d & 0xffff);
+        Self {
+            tunnel: *tunnel,
+            bytes,
+            sum,
+        }
+    }
+
+    fn len(&self) -> usize {
+        IPV4_HLEN
+            + if self.tunnel.natt.is_some() {
+                UDP_HLEN
+            } else {
+                0
+            }
+    }
+
+    /// Writes the headers into `h` (exactly [`OuterHeaders::len`] octets)
+    /// for an outer packet of `total` octets.
+    fn write(&self, h: &mut [u8], tos: u8, total: u16, id: u16, df: bool) {
+        let flags: u16 = if df { 0x4000 } else { 0 };
+        if let Ok(h) = <&mut [u8; IPV4_HLEN + UDP_HLEN]>::try_from(&mut *h) {
+            *h = self.bytes;
+            h[24..26].copy_from_slice(&(total - IPV4_HLEN as u16).to_be_bytes());
+        } else {
+            h[..IPV4_HLEN].copy_from_slice(&self.bytes[..IPV4_HLEN]);
+        }
+        h[1] = tos;
+        h[2..4].copy_from_slice(&total.to_be_bytes());
+        h[4..6].copy_from_slice(&id.to_be_bytes());
+        h[6..8].copy_from_slice(&flags.to_be_bytes());
+        // At most ten 16-bit words: two folds fit the sum in 16 bits.
+        let mut sum =
+            self.sum + u32::from(tos) + u32::from(total) + u32::from(id) + u32::from(flags);
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        h[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
     }
 }
 
@@ -920,6 +981,8 @@ pub struct SeqLease<'a> {
     /// packets that failed after.
     bytes: u64,
     unsent: u64,
+    /// The outer headers of the tunnel its last packet went to.
+    outer: OuterHeaders,
 }
 
 impl SeqLease<'_> {
@@ -961,7 +1024,18 @@ impl SeqLease<'_> {
             None => iv[..8].copy_from_slice(&seq.to_be_bytes()),
         }
         let bytes = inner.len() as u64;
-        let r = sa.seal(tunnel, buf, inner, info, seq, &iv[..iv_len], self.bytes);
+        if self.outer.tunnel != *tunnel {
+            self.outer = OuterHeaders::new(tunnel);
+        }
+        let r = sa.seal(
+            &self.outer,
+            buf,
+            inner,
+            info,
+            seq,
+            &iv[..iv_len],
+            self.bytes,
+        );
         match r {
             Ok(_) => self.bytes += bytes,
             Err(_) => self.unsent += 1,
