@@ -87,21 +87,54 @@ fn sealed(buf: Vec<u8>, outer: Range<usize>) -> Sealed {
     Sealed { buf, esp, seq }
 }
 
+/// How the threads of [`hammer`] take their sequence numbers.
+#[derive(Clone, Copy)]
+enum Take {
+    /// `OutboundSa::encapsulate`, packet by packet.
+    OneByOne,
+    /// Leases: each asks for a random block (1 to 64) and seals a random
+    /// number of packets in it, fewer than asked (the rest given back or
+    /// skipped) or more (a second block), drawn from `seed`.
+    Leased { seed: u64 },
+}
+
 /// `THREADS` threads encapsulate `per_thread` packets each on one SA; the
-/// sequence numbers they got, and how many were refused and why.
-fn hammer(out: &OutboundSa, per_thread: usize) -> (Vec<u64>, Vec<DropReason>) {
+/// sequence numbers they got, sorted, and how many were refused and why.
+fn hammer(out: &OutboundSa, per_thread: usize, take: Take) -> (Vec<u64>, Vec<DropReason>) {
     let seqs = Mutex::new(Vec::new());
     let refused = Mutex::new(Vec::new());
     std::thread::scope(|s| {
-        for _ in 0..THREADS {
-            s.spawn(|| {
+        for t in 0..THREADS {
+            let (seqs, refused) = (&seqs, &refused);
+            s.spawn(move || {
+                let seed = match take {
+                    Take::OneByOne => 1,
+                    Take::Leased { seed } => seed,
+                };
+                let mut rng = Rng(seed ^ (t as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
                 let (mut mine, mut no) = (Vec::new(), Vec::new());
-                for _ in 0..per_thread {
-                    let (mut buf, r) = inner();
-                    match out.encapsulate(&mut buf, r) {
-                        Ok(outer) => mine.push(sealed(buf, outer).seq),
-                        Err(e) => no.push(e),
+                let mut left = per_thread;
+                while left > 0 {
+                    let (mut lease, k) = match take {
+                        Take::OneByOne => (None, 1),
+                        Take::Leased { .. } => {
+                            let mut l = out.lease();
+                            l.ahead(rng.next() % 64 + 1);
+                            (Some(l), ((rng.next() % 80) as usize + 1).min(left))
+                        }
+                    };
+                    for _ in 0..k {
+                        let (mut buf, r) = inner();
+                        let done = match &mut lease {
+                            None => out.encapsulate(&mut buf, r),
+                            Some(l) => l.encapsulate_on(&out.tunnel(), &mut buf, r),
+                        };
+                        match done {
+                            Ok(outer) => mine.push(sealed(buf, outer).seq),
+                            Err(e) => no.push(e),
+                        }
                     }
+                    left -= k;
                 }
                 seqs.lock().unwrap().extend(mine);
                 refused.lock().unwrap().extend(no);
@@ -117,7 +150,7 @@ fn hammer(out: &OutboundSa, per_thread: usize) -> (Vec<u64>, Vec<DropReason>) {
 fn threads_sharing_an_outbound_sa_never_get_the_same_sequence_number() {
     let out = OutboundSa::new(&params(false, 64, Lifetime::default()), Instant::now()).unwrap();
     let n = 3000;
-    let (seqs, refused) = hammer(&out, n);
+    let (seqs, refused) = hammer(&out, n, Take::OneByOne);
     assert!(refused.is_empty(), "{refused:?}");
     let want: Vec<u64> = (1..=(THREADS * n) as u64).collect();
     assert_eq!(seqs, want, "each number once, none skipped");
@@ -135,7 +168,7 @@ fn sequence_exhaustion_is_exact_under_contention_with_and_without_esn() {
         let start = last - left;
         out.encapsulate_with(&mut buf, r, start, &start.to_be_bytes())
             .unwrap();
-        let (seqs, refused) = hammer(&out, 600);
+        let (seqs, refused) = hammer(&out, 600, Take::OneByOne);
         let want: Vec<u64> = (start + 1..=last).collect();
         assert_eq!(seqs, want, "esn {esn}: the last {left} numbers, once each");
         assert_eq!(refused.len(), THREADS * 600 - left as usize);
@@ -326,7 +359,7 @@ fn lifetimes_fire_once_under_contention() {
         },
     };
     let out = OutboundSa::new(&params(false, 64, life), Instant::now()).unwrap();
-    let (seqs, refused) = hammer(&out, 400);
+    let (seqs, refused) = hammer(&out, 400, Take::OneByOne);
     assert!(
         (1000..1000 + THREADS).contains(&seqs.len()),
         "{} sent",
@@ -341,44 +374,6 @@ fn lifetimes_fire_once_under_contention() {
     );
 }
 
-/// `THREADS` threads encapsulate `per_thread` packets each on one SA
-/// through leases: each asks for a seeded random block (1 to 64) and seals
-/// a random number of packets in it, fewer than asked (the rest given back
-/// or skipped) or more (a second block). The numbers they got, sorted, and
-/// the refusals.
-fn hammer_leased(out: &OutboundSa, per_thread: usize, seed: u64) -> (Vec<u64>, Vec<DropReason>) {
-    let seqs = Mutex::new(Vec::new());
-    let refused = Mutex::new(Vec::new());
-    std::thread::scope(|s| {
-        for t in 0..THREADS {
-            let (seqs, refused) = (&seqs, &refused);
-            s.spawn(move || {
-                let mut rng = Rng(seed ^ (t as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-                let (mut mine, mut no) = (Vec::new(), Vec::new());
-                let mut left = per_thread;
-                while left > 0 {
-                    let mut lease = out.lease();
-                    lease.ahead(rng.next() % 64 + 1);
-                    let k = ((rng.next() % 80) as usize + 1).min(left);
-                    for _ in 0..k {
-                        let (mut buf, r) = inner();
-                        match lease.encapsulate_on(&out.tunnel(), &mut buf, r) {
-                            Ok(outer) => mine.push(sealed(buf, outer).seq),
-                            Err(e) => no.push(e),
-                        }
-                    }
-                    left -= k;
-                }
-                seqs.lock().unwrap().extend(mine);
-                refused.lock().unwrap().extend(no);
-            });
-        }
-    });
-    let mut seqs = seqs.into_inner().unwrap();
-    seqs.sort_unstable();
-    (seqs, refused.into_inner().unwrap())
-}
-
 /// Leases of blocks from several threads: no number is sealed twice, the
 /// numbers only grow with gaps where a block was left, and the SA's packet
 /// and octet counts are exact once the leases are dropped.
@@ -387,7 +382,7 @@ fn leases_from_several_threads_never_give_a_number_twice() {
     for seed in [1u64, 0x5eed_1ea5e, 0xdead_beef] {
         let out = OutboundSa::new(&params(false, 64, Lifetime::default()), Instant::now()).unwrap();
         let n = 2000;
-        let (seqs, refused) = hammer_leased(&out, n, seed);
+        let (seqs, refused) = hammer(&out, n, Take::Leased { seed });
         assert!(refused.is_empty(), "seed {seed:#x}: {refused:?}");
         assert_eq!(seqs.len(), THREADS * n, "seed {seed:#x}");
         assert!(
@@ -452,7 +447,7 @@ fn leases_stop_exactly_at_the_end_of_the_sequence_space() {
         let start = last - 1000;
         out.encapsulate_with(&mut buf, r, start, &start.to_be_bytes())
             .unwrap();
-        let (seqs, refused) = hammer_leased(&out, 600, 7);
+        let (seqs, refused) = hammer(&out, 600, Take::Leased { seed: 7 });
         assert!(seqs.windows(2).all(|w| w[0] < w[1]), "esn {esn}: twice");
         assert!(
             seqs.iter().all(|s| (start + 1..=last).contains(s)),
