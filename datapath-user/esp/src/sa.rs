@@ -732,7 +732,10 @@ impl OutboundSa {
         let r = self.seal(&outer, buf, inner, info, seq, iv, 0);
         match r {
             Ok(_) => *self.hot.bytes.get_mut() += bytes,
-            Err(_) => *self.hot.unsent.get_mut() += 1,
+            Err(_) => {
+                let unsent = self.hot.unsent.get_mut();
+                *unsent = unsent.wrapping_add(1);
+            }
         }
         r
     }
@@ -959,9 +962,10 @@ const PADDING: [u8; 16] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16
 /// Numbers stay unique whatever the threads: each block is taken by one
 /// compare-and-swap that never passes the end of the space. The numbers a
 /// lease did not use go back to the SA if nobody took any after them (one
-/// thread per SA, the usual case), and are otherwise skipped: a gap in the
-/// sequence, which receivers accept (RFC 4303 §3.4.3 needs numbers unique
-/// and increasing, not dense). Two threads sending on one SA put their
+/// thread per SA, the usual case), and are otherwise skipped: RFC 4303
+/// §3.3.3 has the sender count up by one per packet, and to the receiver
+/// (§3.4.3) a skipped number is a packet lost, which its window accepts
+/// as it does any loss. Two threads sending on one SA put their
 /// blocks on the wire in either order, as their TX batches already did
 /// with numbers taken one by one, so the reordering a receiver's window
 /// sees is bounded by the batches either way.
