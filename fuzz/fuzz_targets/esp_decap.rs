@@ -43,7 +43,7 @@ fuzz_target!(|data: &[u8]| {
     let esn = mode & 2 != 0;
     let keymat = vec![0x5a; suite.keymat_len()];
     let now = Instant::now();
-    let Ok(mut inb) = InboundSa::new(&params(suite, &keymat, esn), now) else { return };
+    let Ok(inb) = InboundSa::new(&params(suite, &keymat, esn), now) else { return };
     let mut buf;
     if mode & 1 == 0 {
         buf = rest.to_vec();
@@ -55,7 +55,7 @@ fuzz_target!(|data: &[u8]| {
             return;
         }
         let (muts, inner) = rest.split_at(n * 3);
-        let Ok(mut out) = OutboundSa::new(&params(suite, &keymat, esn), now) else { return };
+        let Ok(out) = OutboundSa::new(&params(suite, &keymat, esn), now) else { return };
         buf = vec![0u8; 64 + inner.len() + 64];
         buf[64..64 + inner.len()].copy_from_slice(inner);
         let Ok(outer) = out.encapsulate(&mut buf, 64..64 + inner.len()) else { return };
