@@ -29,11 +29,8 @@ use std::{
 
 use xesp_esp::{
     alg::Suite,
-    sa::Tunnel,
-    wire::{
-        ESP_HLEN, ESP_TRAILER, IPPROTO_ESP, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_UDP, IPV4_HLEN,
-        UDP_HLEN, write_ipv4,
-    },
+    sa::{OuterHeaders, Tunnel},
+    wire::{ESP_HLEN, ESP_TRAILER, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HLEN},
 };
 
 use crate::{
@@ -50,7 +47,8 @@ const REFRESH: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shape {
     pub spi: u32,
-    pub tunnel: Tunnel,
+    /// The outer headers, written as xesp's leases write them.
+    pub outer: OuterHeaders,
     pub iv: usize,
     pub icv: usize,
     pub block: usize,
@@ -60,7 +58,7 @@ impl Shape {
     pub fn new(spi: u32, tunnel: Tunnel, suite: Suite) -> Self {
         Self {
             spi,
-            tunnel,
+            outer: OuterHeaders::new(&tunnel),
             iv: suite.encr.iv_len(),
             icv: suite.icv_len(),
             block: suite.encr.block_len().max(4),
@@ -68,14 +66,7 @@ impl Shape {
     }
 
     fn outer_head(&self) -> usize {
-        IPV4_HLEN
-            + if self.tunnel.natt.is_some() {
-                UDP_HLEN
-            } else {
-                0
-            }
-            + ESP_HLEN
-            + self.iv
+        self.outer.header_len() + ESP_HLEN + self.iv
     }
 
     fn pad(&self, inner_len: usize) -> usize {
@@ -133,29 +124,9 @@ pub fn wrap(
     buf[esp..esp + 4].copy_from_slice(&shape.spi.to_be_bytes());
     buf[esp + 4..esp + 8].copy_from_slice(&seq.to_be_bytes());
     buf[esp + 8..inner.start].fill(0);
-    let total = end - start;
-    let proto = if shape.tunnel.natt.is_some() {
-        IPPROTO_UDP
-    } else {
-        IPPROTO_ESP
-    };
-    write_ipv4(
-        &mut buf[start..start + IPV4_HLEN],
-        tos,
-        total as u16,
-        ip_id,
-        df,
-        proto,
-        shape.tunnel.local,
-        shape.tunnel.remote,
-    );
-    if let Some(ports) = shape.tunnel.natt {
-        let u = start + IPV4_HLEN;
-        buf[u..u + 2].copy_from_slice(&ports.local.to_be_bytes());
-        buf[u + 2..u + 4].copy_from_slice(&ports.remote.to_be_bytes());
-        buf[u + 4..u + 6].copy_from_slice(&((total - IPV4_HLEN) as u16).to_be_bytes());
-        buf[u + 6..u + 8].copy_from_slice(&[0, 0]);
-    }
+    shape
+        .outer
+        .write(&mut buf[start..esp], tos, (end - start) as u16, ip_id, df);
     Some(start..end)
 }
 
@@ -251,7 +222,7 @@ pub(crate) fn encrypt_to_dmz(ctx: &mut Ctx<'_>, f: &mut Frame<'_>, dmz_tx: SockI
         ctx.c.add(Counter::Malformed, 1);
         return Verdict::Drop;
     };
-    ctx.send_outer(f, outer, shape.tunnel, dmz_tx)
+    ctx.send_outer(f, outer, shape.outer.tunnel(), dmz_tx)
 }
 
 #[cfg(test)]
@@ -261,7 +232,7 @@ mod tests {
     use xesp_esp::{
         alg::{AesKeyBits, Encr, Integ},
         sa::{InboundSa, Lifetime, NattPorts, OutboundSa, SaParams},
-        wire::{Outer, parse_outer},
+        wire::{Outer, UDP_HLEN, parse_outer},
     };
 
     use super::*;

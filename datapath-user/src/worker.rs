@@ -557,7 +557,7 @@ impl Ctx<'_> {
             Some(l) if l.is_of(&entry.sa) => l,
             // Another SA than the last packet's (or the first packet): the
             // old lease is settled as it is replaced.
-            slot => slot.insert(entry.sa.lease()),
+            slot => slot.insert(entry.sa.lease_to(&entry.endpoints)),
         };
         lease.ahead(u64::from(f.ahead));
         let Ok(outer) = lease.encapsulate_on(&entry.endpoints, f.buf, inner) else {

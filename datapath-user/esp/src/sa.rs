@@ -40,7 +40,7 @@ use crate::{
     replay::{ReplayError, ReplayWindow},
     wire::{
         ESP_HLEN, ESP_TRAILER, IPPROTO_ESP, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_NONE, IPPROTO_UDP,
-        IPV4_HLEN, IPV6_HLEN, OUTER_TTL, UDP_HLEN,
+        IPV4_HLEN, IPV6_HLEN, Ipv4Header, UDP_HLEN,
     },
 };
 
@@ -642,13 +642,13 @@ impl OutboundSa {
     /// end of the space (with ESN it becomes 0 after `u64::MAX` and stays
     /// there): no number is ever given twice, whatever the threads.
     fn take_block(&self, n: u64) -> Result<(u64, u64), DropReason> {
-        let max = self.max_seq();
+        let (max, n) = (self.max_seq(), n.max(1));
         // `s..=max` are left: `max - s + 1` of them.
         let end = |s: u64| {
-            if n.max(1) > max - s {
+            if n > max - s {
                 max.wrapping_add(1)
             } else {
-                s + n.max(1)
+                s + n
             }
         };
         match self
@@ -668,6 +668,12 @@ impl OutboundSa {
     /// An empty lease of sequence numbers on this SA, for one thread's
     /// batch of packets (see [`SeqLease`]).
     pub fn lease(&self) -> SeqLease<'_> {
+        self.lease_to(&self.tunnel)
+    }
+
+    /// [`OutboundSa::lease`] with its outer headers ready for `tunnel`,
+    /// the outer addresses its packets will be given.
+    pub fn lease_to(&self, tunnel: &Tunnel) -> SeqLease<'_> {
         SeqLease {
             sa: self,
             next: 0,
@@ -675,7 +681,7 @@ impl OutboundSa {
             ahead: 1,
             bytes: 0,
             unsent: 0,
-            outer: OuterHeaders::new(&self.tunnel),
+            outer: OuterHeaders::new(tunnel),
         }
     }
 
@@ -703,7 +709,7 @@ impl OutboundSa {
         buf: &mut [u8],
         inner: Range<usize>,
     ) -> Result<Range<usize>, DropReason> {
-        self.lease().encapsulate_on(tunnel, buf, inner)
+        self.lease_to(tunnel).encapsulate_on(tunnel, buf, inner)
     }
 
     /// Encapsulates with a given sequence number and IV, for known-answer
@@ -814,7 +820,7 @@ impl OutboundSa {
 
         let iv_len = shape.iv;
         let esp = ct_start - iv_len - ESP_HLEN;
-        let start = esp - outer.len();
+        let start = esp - outer.header_len();
         buf[esp..esp + 4].copy_from_slice(&self.spi.to_be_bytes());
         buf[esp + 4..esp + 8].copy_from_slice(&(seq as u32).to_be_bytes());
         buf[esp + 8..ct_start].copy_from_slice(iv);
@@ -871,50 +877,42 @@ impl OutboundSa {
 }
 
 /// The outer IPv4 header and, with NAT-T, UDP header (RFC 3948 §2.1) in
-/// front of the packets to one tunnel, with the fields that stay the same
-/// written once, and summed once: the IPv4 checksum (RFC 1071) is a sum of
-/// 16-bit words, so per packet only the words that change are added.
-#[derive(Clone, Copy)]
-struct OuterHeaders {
+/// front of the packets to one tunnel, with what stays the same written
+/// once (see [`Ipv4Header`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OuterHeaders {
     tunnel: Tunnel,
-    bytes: [u8; IPV4_HLEN + UDP_HLEN],
-    /// The sum of the header's words that stay the same, not folded.
-    sum: u32,
+    ip: Ipv4Header,
+    /// The ports; the length is written per packet, and the checksum
+    /// SHOULD be zero (RFC 3948 §2.1): it stays so.
+    udp: [u8; UDP_HLEN],
 }
 
 impl OuterHeaders {
-    fn new(tunnel: &Tunnel) -> Self {
-        let mut bytes = [0u8; IPV4_HLEN + UDP_HLEN];
+    pub fn new(tunnel: &Tunnel) -> Self {
         let proto = if tunnel.natt.is_some() {
             IPPROTO_UDP
         } else {
             IPPROTO_ESP
         };
-        bytes[0] = 0x45;
-        bytes[8] = OUTER_TTL;
-        bytes[9] = proto;
-        bytes[12..16].copy_from_slice(&tunnel.local.octets());
-        bytes[16..20].copy_from_slice(&tunnel.remote.octets());
+        let mut udp = [0u8; UDP_HLEN];
         if let Some(ports) = tunnel.natt {
-            bytes[20..22].copy_from_slice(&ports.local.to_be_bytes());
-            bytes[22..24].copy_from_slice(&ports.remote.to_be_bytes());
-            // The UDP checksum SHOULD be zero (RFC 3948 §2.1): it stays so.
+            udp[..2].copy_from_slice(&ports.local.to_be_bytes());
+            udp[2..4].copy_from_slice(&ports.remote.to_be_bytes());
         }
-        let (s, d) = (u32::from(tunnel.local), u32::from(tunnel.remote));
-        let sum = 0x4500
-            + ((u32::from(OUTER_TTL) << 8) | u32::from(proto))
-            + (s >> 16)
-            + (s & 0xffff)
-            + (d >> 16)
-            + (d & 0xffff);
         Self {
             tunnel: *tunnel,
-            bytes,
-            sum,
+            ip: Ipv4Header::new(proto, tunnel.local, tunnel.remote),
+            udp,
         }
     }
 
-    fn len(&self) -> usize {
+    pub fn tunnel(&self) -> Tunnel {
+        self.tunnel
+    }
+
+    /// Octets of the headers: IPv4, and UDP with NAT-T.
+    pub fn header_len(&self) -> usize {
         IPV4_HLEN
             + if self.tunnel.natt.is_some() {
                 UDP_HLEN
@@ -923,26 +921,15 @@ impl OuterHeaders {
             }
     }
 
-    /// Writes the headers into `h` (exactly [`OuterHeaders::len`] octets)
+    /// Writes the headers into `h` (at least [`OuterHeaders::header_len`] octets)
     /// for an outer packet of `total` octets.
-    fn write(&self, h: &mut [u8], tos: u8, total: u16, id: u16, df: bool) {
-        let flags: u16 = if df { 0x4000 } else { 0 };
-        if let Ok(h) = <&mut [u8; IPV4_HLEN + UDP_HLEN]>::try_from(&mut *h) {
-            *h = self.bytes;
-            h[24..26].copy_from_slice(&(total - IPV4_HLEN as u16).to_be_bytes());
-        } else {
-            h[..IPV4_HLEN].copy_from_slice(&self.bytes[..IPV4_HLEN]);
+    pub fn write(&self, h: &mut [u8], tos: u8, total: u16, id: u16, df: bool) {
+        self.ip.write(h, tos, total, id, df);
+        if self.tunnel.natt.is_some() {
+            let u = &mut h[IPV4_HLEN..IPV4_HLEN + UDP_HLEN];
+            u.copy_from_slice(&self.udp);
+            u[4..6].copy_from_slice(&(total - IPV4_HLEN as u16).to_be_bytes());
         }
-        h[1] = tos;
-        h[2..4].copy_from_slice(&total.to_be_bytes());
-        h[4..6].copy_from_slice(&id.to_be_bytes());
-        h[6..8].copy_from_slice(&flags.to_be_bytes());
-        // At most ten 16-bit words: two folds fit the sum in 16 bits.
-        let mut sum =
-            self.sum + u32::from(tos) + u32::from(total) + u32::from(id) + u32::from(flags);
-        sum = (sum & 0xffff) + (sum >> 16);
-        sum = (sum & 0xffff) + (sum >> 16);
-        h[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
     }
 }
 

@@ -41,11 +41,8 @@ pub fn checksum(data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-/// Writes a 20-octet IPv4 header (no options) with its checksum.
-///
-/// The checksum (RFC 1071) is summed from the fields themselves, never read
-/// back from `h`: reading 16-bit words just written as single octets would
-/// stall the store-to-load forwarding of every packet.
+/// Writes a 20-octet IPv4 header (no options) with its checksum: one
+/// [`Ipv4Header`] used once.
 #[allow(clippy::too_many_arguments)]
 pub fn write_ipv4(
     h: &mut [u8],
@@ -57,33 +54,59 @@ pub fn write_ipv4(
     src: Ipv4Addr,
     dst: Ipv4Addr,
 ) {
-    let flags: u16 = if dont_fragment { 0x4000 } else { 0 };
-    let (s, d) = (u32::from(src), u32::from(dst));
-    let mut sum = (0x4500 | u32::from(tos))
-        + u32::from(total_len)
-        + u32::from(id)
-        + u32::from(flags)
-        + ((u32::from(OUTER_TTL) << 8) | u32::from(proto))
-        + (s >> 16)
-        + (s & 0xffff)
-        + (d >> 16)
-        + (d & 0xffff);
-    // Nine 16-bit terms: the first fold leaves at most 0xffff + 8, the
-    // second fits in 16 bits.
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    let mut out = [0u8; IPV4_HLEN];
-    out[0] = 0x45;
-    out[1] = tos;
-    out[2..4].copy_from_slice(&total_len.to_be_bytes());
-    out[4..6].copy_from_slice(&id.to_be_bytes());
-    out[6..8].copy_from_slice(&flags.to_be_bytes());
-    out[8] = OUTER_TTL;
-    out[9] = proto;
-    out[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-    out[12..16].copy_from_slice(&src.octets());
-    out[16..20].copy_from_slice(&dst.octets());
-    h[..IPV4_HLEN].copy_from_slice(&out);
+    Ipv4Header::new(proto, src, dst).write(h, tos, total_len, id, dont_fragment);
+}
+
+/// An outer IPv4 header (no options, TTL [`OUTER_TTL`]) for packets of one
+/// protocol between two addresses: the fields that stay the same are
+/// written, and their 16-bit words summed (RFC 1071), once; each packet
+/// adds only the words that change.
+///
+/// The checksum is summed from the fields themselves, never read back from
+/// the packet: reading 16-bit words just written as single octets would
+/// stall the store-to-load forwarding of every packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Header {
+    bytes: [u8; IPV4_HLEN],
+    /// The sum of the words that stay the same, not folded.
+    sum: u32,
+}
+
+impl Ipv4Header {
+    pub fn new(proto: u8, src: Ipv4Addr, dst: Ipv4Addr) -> Self {
+        let mut bytes = [0u8; IPV4_HLEN];
+        bytes[0] = 0x45;
+        bytes[8] = OUTER_TTL;
+        bytes[9] = proto;
+        bytes[12..16].copy_from_slice(&src.octets());
+        bytes[16..20].copy_from_slice(&dst.octets());
+        let (s, d) = (u32::from(src), u32::from(dst));
+        let sum = 0x4500
+            + ((u32::from(OUTER_TTL) << 8) | u32::from(proto))
+            + (s >> 16)
+            + (s & 0xffff)
+            + (d >> 16)
+            + (d & 0xffff);
+        Self { bytes, sum }
+    }
+
+    /// Writes the header into `h[..20]` for a packet of `total_len` octets.
+    pub fn write(&self, h: &mut [u8], tos: u8, total_len: u16, id: u16, dont_fragment: bool) {
+        let flags: u16 = if dont_fragment { 0x4000 } else { 0 };
+        let h = &mut h[..IPV4_HLEN];
+        h.copy_from_slice(&self.bytes);
+        h[1] = tos;
+        h[2..4].copy_from_slice(&total_len.to_be_bytes());
+        h[4..6].copy_from_slice(&id.to_be_bytes());
+        h[6..8].copy_from_slice(&flags.to_be_bytes());
+        // Nine 16-bit words: the first fold leaves at most 0xffff + 8, the
+        // second fits in 16 bits.
+        let mut sum =
+            self.sum + u32::from(tos) + u32::from(total_len) + u32::from(id) + u32::from(flags);
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        h[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    }
 }
 
 /// What an outer IPv4 packet carries, as far as ESP is concerned.
